@@ -1,0 +1,340 @@
+//! The `ScaledService` custom resource: the one API object users write.
+//!
+//! These Rust types are the single source of truth. The CRD YAML in `crds/` and in the
+//! Helm chart is generated from them (`cargo run -p snooze-crds --bin crdgen -- --write`),
+//! doc comments become `kubectl explain` text, and the CEL rules below are enforced by
+//! the API server at apply time.
+
+use std::time::Duration as StdDuration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "snooze.dev";
+pub const VERSION: &str = "v1alpha1";
+/// Finalizer that restores the workload's replicas when a ScaledService is deleted.
+pub const FINALIZER: &str = "snooze.dev/restore-replicas";
+/// Label on the objects the operator manages, naming the ScaledService.
+pub const LABEL_SCALED_SERVICE: &str = "snooze.dev/scaled-service";
+/// Field manager (server-side apply) and `endpointslice.kubernetes.io/managed-by` value.
+pub const MANAGER: &str = "snooze.dev/operator";
+
+/// A Go-style duration string, as Kubernetes writes them: `30s`, `5m`, `1h30m`, `250ms`.
+const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// Scale a workload to zero when nobody uses it, and back up on the first request.
+///
+/// The operator creates a Service named `<name>-snooze` (see `status.serviceName`) whose
+/// endpoints are the Snooze activators; point your ingress at it. The activator holds
+/// requests while the workload is at zero and forwards them to its ready pods.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "snooze.dev",
+    version = "v1alpha1",
+    kind = "ScaledService",
+    namespaced,
+    shortname = "ssvc",
+    status = "ScaledServiceStatus",
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.scaleTargetRef.name"}"#,
+    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minReplicas"}"#,
+    printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxReplicas"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.conditions[?(@.type==\"Active\")].status"}"#,
+    printcolumn = r#"{"name":"Last Request","type":"date","jsonPath":".status.lastRequestTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(cel, validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").field_path(".minReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct ScaledServiceSpec {
+    /// The workload to scale: any object with a `/scale` subresource in this namespace
+    /// (a Deployment first of all).
+    pub scale_target_ref: ScaleTargetRef,
+
+    /// Name of the existing Service, in this namespace, that selects the workload's pods.
+    /// Every port of it is served through the activator.
+    #[schemars(length(min = 1, max = 63))]
+    pub service: String,
+
+    /// Fewest replicas. 0 (the default) lets the workload sleep when idle.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_replicas: i32,
+
+    /// Most replicas the autoscaler may set.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_replicas: i32,
+
+    /// How long without any request (and nothing in flight) before the workload is
+    /// scaled to `minReplicas`, zero included. Go duration syntax: `30s`, `5m`, `1h`.
+    #[serde(default = "default_idle_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("idleTimeout must be a duration of at least 1s, such as 30s or 5m"))]
+    pub idle_timeout: Duration,
+
+    /// How the activator holds requests while no pod is ready.
+    #[serde(default)]
+    pub activation: ActivationSpec,
+
+    /// Request-driven scaling between 1 and `maxReplicas`.
+    #[serde(default)]
+    pub scaling: ScalingPolicy,
+}
+
+fn default_max_replicas() -> i32 {
+    1
+}
+fn default_idle_timeout() -> Duration {
+    StdDuration::from_secs(300).into()
+}
+
+/// Reference to the scaled workload.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleTargetRef {
+    /// API version of the workload, `apps/v1` by default.
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    /// Kind of the workload, `Deployment` by default.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Name of the workload.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+fn default_api_version() -> String {
+    "apps/v1".into()
+}
+fn default_kind() -> String {
+    "Deployment".into()
+}
+
+/// What the activator does with requests that find no ready pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivationSpec {
+    /// Longest a request waits for a ready pod; past it the client gets 504.
+    #[serde(default = "default_activation_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('1h')").message("activation.timeout must be between 1s and 1h"))]
+    pub timeout: Duration,
+
+    /// Most requests held for this service at once (per activator); more get 503 with
+    /// `Retry-After` at once.
+    #[serde(default = "default_max_queued")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_queued_requests: u32,
+
+    /// Most requests in flight to one pod; 0 means no limit. Requests over the limit
+    /// wait in the same queue as cold requests.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100000))]
+    pub pod_concurrency: u32,
+}
+
+impl Default for ActivationSpec {
+    fn default() -> Self {
+        Self {
+            timeout: default_activation_timeout(),
+            max_queued_requests: default_max_queued(),
+            pod_concurrency: 0,
+        }
+    }
+}
+
+fn default_activation_timeout() -> Duration {
+    StdDuration::from_secs(60).into()
+}
+fn default_max_queued() -> u32 {
+    1000
+}
+
+/// The load signal the autoscaler follows.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ScalingMetric {
+    /// Requests in flight per replica.
+    #[default]
+    #[serde(rename = "concurrency")]
+    Concurrency,
+    /// Requests per second per replica.
+    #[serde(rename = "rps")]
+    Rps,
+}
+
+/// How replicas follow the load between 1 and `maxReplicas`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingPolicy {
+    /// `concurrency` (in-flight requests per replica) or `rps` (requests per second per
+    /// replica).
+    #[serde(default)]
+    pub metric: ScalingMetric,
+    /// Target value of the metric per replica.
+    #[serde(default = "default_target")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub target: u32,
+    /// Replicas to start when a request wakes the workload from zero (at least
+    /// `minReplicas`, at most `maxReplicas`).
+    #[serde(default = "default_wake_replicas")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub wake_replicas: i32,
+}
+
+impl Default for ScalingPolicy {
+    fn default() -> Self {
+        Self {
+            metric: ScalingMetric::Concurrency,
+            target: default_target(),
+            wake_replicas: default_wake_replicas(),
+        }
+    }
+}
+
+fn default_target() -> u32 {
+    100
+}
+fn default_wake_replicas() -> i32 {
+    1
+}
+
+/// What the operator observed and did. Written only by the operator's leader.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaledServiceStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: target and Service found, routing programmed. `Active`: the workload
+    /// has ready replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Replicas of the workload (its `/scale` status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Ready endpoints of the backend Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Replicas the operator wants now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Replicas the workload had when Snooze took it over; restored on delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_replicas: Option<i32>,
+    /// Last time an activator saw a request for this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request_time: Option<Time>,
+    /// Last time the operator changed the replicas, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+    /// The Service the operator manages; point the ingress at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// The activator port assigned to each port of the backend Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortStatus>,
+}
+
+/// One port of the backend Service and the activator port that serves it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortStatus {
+    /// Name of the Service port (may be empty for a single unnamed port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The Service port.
+    pub port: i32,
+    /// The port the activators listen on for it.
+    pub activator_port: i32,
+    /// `appProtocol` of the Service port (for example `kubernetes.io/h2c`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+impl ScaledServiceSpec {
+    pub fn idle_timeout(&self) -> StdDuration {
+        self.idle_timeout.into()
+    }
+}
+
+impl ActivationSpec {
+    pub fn timeout(&self) -> StdDuration {
+        self.timeout.into()
+    }
+}
+
+impl ScaledService {
+    /// Name of the Service the operator manages for this ScaledService.
+    pub fn managed_service_name(&self) -> String {
+        managed_service_name(self.metadata.name.as_deref().unwrap_or_default())
+    }
+}
+
+pub fn managed_service_name(scaled_service: &str) -> String {
+    format!("{scaled_service}-snooze")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+    use serde_json::json;
+
+    fn spec(v: serde_json::Value) -> Result<(), String> {
+        ScaledServiceSpec::validate_cel(&v, None).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s: ScaledServiceSpec = serde_json::from_value(json!({
+            "scaleTargetRef": {"name": "web"}, "service": "web"
+        }))
+        .unwrap();
+        assert_eq!(s.scale_target_ref.kind, "Deployment");
+        assert_eq!(s.scale_target_ref.api_version, "apps/v1");
+        assert_eq!(s.min_replicas, 0);
+        assert_eq!(s.max_replicas, 1);
+        assert_eq!(s.idle_timeout(), StdDuration::from_secs(300));
+        assert_eq!(s.activation.timeout(), StdDuration::from_secs(60));
+        assert_eq!(s.activation.max_queued_requests, 1000);
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        let s: ScaledServiceSpec = serde_json::from_value(json!({
+            "scaleTargetRef": {"name": "web"}, "service": "web", "idleTimeout": "1m30s"
+        }))
+        .unwrap();
+        assert_eq!(s.idle_timeout(), StdDuration::from_secs(90));
+        assert!(
+            serde_json::from_value::<ScaledServiceSpec>(json!({
+                "scaleTargetRef": {"name": "web"}, "service": "web", "idleTimeout": "5 minutes"
+            }))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn crd_has_cel_rules_defaults_and_columns() {
+        let crd = serde_json::to_string(&ScaledService::crd()).unwrap();
+        assert!(crd.contains("self.minReplicas <= self.maxReplicas"));
+        assert!(crd.contains("minReplicas must be less than or equal to maxReplicas"));
+        assert!(crd.contains(r#""default":"5m""#) || crd.contains(r#""default":"300s""#), "{crd}");
+        assert!(crd.contains(r#""name":"Last Request""#));
+        assert!(crd.contains(r#""shortNames":["ssvc"]"#));
+    }
+
+    #[test]
+    fn cel_rejects_min_above_max() {
+        let ok = json!({"scaleTargetRef": {"name": "w"}, "service": "w", "minReplicas": 1, "maxReplicas": 2, "idleTimeout": "5m", "activation": {"timeout": "60s"}});
+        spec(ok).unwrap();
+        let bad = json!({"scaleTargetRef": {"name": "w"}, "service": "w", "minReplicas": 3, "maxReplicas": 2, "idleTimeout": "5m", "activation": {"timeout": "60s"}});
+        let err = spec(bad).unwrap_err();
+        assert!(err.contains("minReplicas must be less than or equal to maxReplicas"), "{err}");
+    }
+}

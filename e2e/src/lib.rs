@@ -1,0 +1,5 @@
+//! The local cluster's node agent, the test application's helpers and the shared
+//! code of the end-to-end tests.
+
+pub mod agent;
+pub mod testing;

@@ -1,0 +1,203 @@
+//! Helpers of the end-to-end tests: a client for the local cluster, a fresh namespace
+//! per test (dumped when the test fails), bounded waits, and the test application's
+//! objects.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+/// The image the node agent maps to the test application.
+pub const TESTAPP_IMAGE: &str = "ghcr.io/snooze-sh/testapp:dev";
+
+pub async fn client() -> Client {
+    Client::try_default()
+        .await
+        .expect("no cluster: run the e2e tests through ./test.sh (KUBECONFIG of the local cluster)")
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what` and
+/// the last value it saw.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}; last: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs `body` in a new namespace; on failure prints the pods, their statuses and the
+/// namespace's events, and the namespace is deleted either way.
+pub async fn in_namespace<F, Fut>(prefix: &str, body: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let client = client().await;
+    let suffix: u32 = rand_suffix();
+    let ns = format!("{prefix}-{suffix:06x}");
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
+    nss.create(&PostParams::default(), &obj).await.expect("create namespace");
+    // The ServiceAccount controller creates `default`; pods need it.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    wait_for("default service account", Duration::from_secs(30), || async {
+        sas.get_opt("default").await.map_err(|e| e.to_string())?.ok_or("missing".to_string())
+    })
+    .await;
+
+    let result = tokio::spawn(body(client.clone(), ns.clone())).await;
+    if result.is_err() {
+        dump(&client, &ns).await;
+    }
+    let _ = nss.delete(&ns, &DeleteParams::default()).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+fn rand_suffix() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ std::process::id().rotate_left(12)) & 0xff_ffff
+}
+
+/// Prints what a developer needs to see when a test fails.
+pub async fn dump(client: &Client, ns: &str) {
+    eprintln!("---- namespace {ns} at failure ----");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    if let Ok(list) = pods.list(&ListParams::default()).await {
+        for p in list {
+            eprintln!(
+                "pod {}: {}",
+                p.name_any(),
+                serde_json::to_string(&p.status).unwrap_or_default()
+            );
+        }
+    }
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    if let Ok(list) = events.list(&ListParams::default()).await {
+        for e in list {
+            eprintln!(
+                "event {} {}: {} {}",
+                e.involved_object.kind.unwrap_or_default(),
+                e.involved_object.name.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A Deployment of the test application with a readiness probe on `/ready`.
+pub fn testapp_deployment(name: &str, replicas: i32, extra_args: &[&str]) -> Deployment {
+    let mut args = vec!["--port".to_string(), "8080".to_string()];
+    args.extend(extra_args.iter().map(|s| s.to_string()));
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "app",
+                        "image": TESTAPP_IMAGE,
+                        "args": args,
+                        "env": [
+                            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        ],
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/ready", "port": "http"},
+                            "periodSeconds": 1,
+                            "failureThreshold": 1,
+                        },
+                    }],
+                },
+            },
+        },
+    }))
+    .expect("valid deployment")
+}
+
+/// A Service selecting `app=<name>` on port 80 → `http`.
+pub fn testapp_service(name: &str) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }))
+    .expect("valid service")
+}
+
+/// Pods of `app=<name>` that are Ready, with their IPs.
+pub async fn ready_pods(pods: &Api<Pod>, app: &str) -> Result<Vec<(String, String)>, String> {
+    let list = pods
+        .list(&ListParams::default().labels(&format!("app={app}")))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.pod_ip.clone()?)))
+        .collect())
+}
+
+/// One HTTP/1.1 GET with a deadline: status and body.
+pub async fn http_get(url: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri.host().ok_or("no host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header("host", format!("{host}:{port}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("GET {url} timed out after {timeout:?}"))?
+}

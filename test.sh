@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one test command (README "Tests", called by .ci/run): installs what is missing,
+# builds everything, runs the unit tests, brings the local cluster up, runs the
+# end-to-end tests inside its network namespace, and brings it down again.
+#
+#   ./test.sh            # everything
+#   ./test.sh unit       # unit tests only (no cluster, no root)
+#   E2E_FILTER=smoke ./test.sh   # only e2e tests whose name contains the filter
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$repo"
+mode=${1:-all}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+install_packages() {
+  local missing=()
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v setsid >/dev/null || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "installing ${missing[*]}"
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    else
+      echo "missing ${missing[*]}: install them (apt-get install ${missing[*]})" >&2; exit 1
+    fi
+  fi
+  command -v kubectl >/dev/null || { echo "kubectl is required (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
+  command -v go >/dev/null || { echo "go >= 1.24 is required to build the local control plane" >&2; exit 1; }
+}
+
+step "cargo build (workspace binaries and tests)"
+cargo build --workspace --bins --tests
+
+step "unit tests"
+cargo test --workspace --lib --bins
+
+[ "$mode" = unit ] && exit 0
+
+install_packages
+step "control plane and helm (cached under ~/.cache/snooze)"
+bin=$(e2e/cluster/build.sh | tail -n 1)
+export PATH="$bin:$PATH"
+
+step "cluster up"
+t0=$SECONDS
+e2e/cluster/cluster.sh up >/dev/null
+echo "cluster up took $((SECONDS - t0))s"
+trap 'e2e/cluster/cluster.sh down' EXIT
+eval "$(e2e/cluster/cluster.sh env)"
+
+step "end-to-end tests (inside the cluster's network namespace)"
+ip netns exec "$SNOOZE_NETNS" env PATH="$PATH" KUBECONFIG="$KUBECONFIG" \
+  cargo test --offline -p snooze-e2e --tests -- --ignored --test-threads=4 ${E2E_FILTER:-}
