@@ -338,3 +338,4 @@ mod tests {
         assert!(err.contains("minReplicas must be less than or equal to maxReplicas"), "{err}");
     }
 }
+pub mod stats;

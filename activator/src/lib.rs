@@ -1,0 +1,15 @@
+//! Snooze's activator: the data plane in front of every ScaledService.
+//!
+//! Requests arrive on the activator port the operator assigned to a (ScaledService,
+//! Service port). With a ready pod they are forwarded at once; with none they wait in
+//! a bounded queue while the operator is told to wake the workload, and are released
+//! by the endpoint event itself. See DESIGN.md.
+
+pub mod admin;
+pub mod listeners;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod stats;
+pub mod table;
+pub mod watch;

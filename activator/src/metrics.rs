@@ -1,0 +1,158 @@
+//! Prometheus metrics of the activator. Label sets are resolved once per service
+//! ([`ServiceMetrics`]), never per request.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub namespace: String,
+    pub name: String,
+    pub class: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Family<StatusLabels, Counter>,
+    latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    cold_wait: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    queued: Family<ServiceLabels, Gauge>,
+    in_flight: Family<ServiceLabels, Gauge>,
+    wakes: Family<ServiceLabels, Counter>,
+    pub shed_global: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("snooze_activator");
+        let requests = Family::<StatusLabels, Counter>::default();
+        let latency = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let cold_wait = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let queued = Family::<ServiceLabels, Gauge>::default();
+        let in_flight = Family::<ServiceLabels, Gauge>::default();
+        let wakes = Family::<ServiceLabels, Counter>::default();
+        let shed_global = Counter::default();
+        registry.register(
+            "requests",
+            "Requests answered, by service and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to its response headers",
+            latency.clone(),
+        );
+        registry.register(
+            "cold_start_wait_seconds",
+            "Time requests waited for a ready pod",
+            cold_wait.clone(),
+        );
+        registry.register("queued_requests", "Requests waiting for a pod", queued.clone());
+        registry.register("in_flight_requests", "Requests being forwarded", in_flight.clone());
+        registry.register("wake_signals", "Wake signals sent to the operator", wakes.clone());
+        registry.register(
+            "shed_global_limit",
+            "Requests refused because the activator-wide queue bound was reached",
+            shed_global.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            cold_wait,
+            queued,
+            in_flight,
+            wakes,
+            shed_global,
+        }
+    }
+
+    /// The handles of one service, looked up once.
+    pub fn service(&self, namespace: &str, name: &str) -> ServiceMetrics {
+        let l = ServiceLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        let class = |class: &'static str| {
+            self.requests
+                .get_or_create(&StatusLabels {
+                    namespace: l.namespace.clone(),
+                    name: l.name.clone(),
+                    class,
+                })
+                .clone()
+        };
+        ServiceMetrics {
+            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            latency: self.latency.get_or_create(&l).clone(),
+            cold_wait: self.cold_wait.get_or_create(&l).clone(),
+            queued: self.queued.get_or_create(&l).clone(),
+            in_flight: self.in_flight.get_or_create(&l).clone(),
+            wakes: self.wakes.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Drops the series of a service that is gone.
+    pub fn remove_service(&self, namespace: &str, name: &str) {
+        let l = ServiceLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            self.requests.remove(&StatusLabels {
+                namespace: l.namespace.clone(),
+                name: l.name.clone(),
+                class,
+            });
+        }
+        self.latency.remove(&l);
+        self.cold_wait.remove(&l);
+        self.queued.remove(&l);
+        self.in_flight.remove(&l);
+        self.wakes.remove(&l);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct ServiceMetrics {
+    by_class: [Counter; 5],
+    pub latency: Histogram,
+    pub cold_wait: Histogram,
+    pub queued: Gauge,
+    pub in_flight: Gauge,
+    pub wakes: Counter,
+}
+
+impl ServiceMetrics {
+    pub fn response(&self, status: u16) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.by_class[i].inc();
+    }
+}

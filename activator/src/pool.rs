@@ -1,0 +1,110 @@
+//! Connections to pods: HTTP/1.1 connections kept idle per pod for reuse (bounded),
+//! one shared HTTP/2 connection per pod for h2c. A connection is made before a request
+//! is handed over, so a refused connection can be retried on another pod without the
+//! request having been sent.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+pub enum Conn {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+pub struct Pool {
+    h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    connect_timeout: Duration,
+    max_idle_per_pod: usize,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, max_idle_per_pod: usize) -> Arc<Self> {
+        Arc::new(Self {
+            h1: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+            connect_timeout,
+            max_idle_per_pod,
+        })
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> io::Result<TokioIo<TcpStream>> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(TokioIo::new(stream))
+    }
+
+    /// A connection to `addr`: an idle pooled one when there is one, else a new one.
+    /// `fresh` forces a new HTTP/1.1 connection (for upgrades, which consume it).
+    pub async fn checkout(&self, addr: SocketAddr, h2: bool, fresh: bool) -> io::Result<Conn> {
+        if h2 {
+            if let Some(s) = self.h2.lock().get(&addr) {
+                if s.is_ready() {
+                    return Ok(Conn::H2(s.clone()));
+                }
+            }
+            let io = self.connect(addr).await?;
+            let (send, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .handshake(io)
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.h2.lock().insert(addr, send.clone());
+            return Ok(Conn::H2(send));
+        }
+        if !fresh {
+            let mut idle = self.h1.lock();
+            if let Some(list) = idle.get_mut(&addr) {
+                while let Some(s) = list.pop() {
+                    if s.is_ready() {
+                        return Ok(Conn::H1(s));
+                    }
+                }
+            }
+        }
+        let io = self.connect(addr).await?;
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Conn::H1(send))
+    }
+
+    /// Puts an HTTP/1.1 connection back once its response is complete.
+    pub fn checkin(self: &Arc<Self>, addr: SocketAddr, mut send: http1::SendRequest<Incoming>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if send.ready().await.is_ok() {
+                let mut idle = pool.h1.lock();
+                let list = idle.entry(addr).or_default();
+                if list.len() < pool.max_idle_per_pod {
+                    list.push(send);
+                }
+            }
+        });
+    }
+
+    /// Forgets the connections of a pod that is gone.
+    pub fn forget(&self, addr: &SocketAddr) {
+        self.h1.lock().remove(addr);
+        self.h2.lock().remove(addr);
+    }
+}

@@ -1,0 +1,464 @@
+//! One request through the activator: find a pod (holding the request in the bounded
+//! queue while there is none), forward it with streamed bodies, and answer every
+//! request it accepted — with the pod's response or a clear error.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::pool::{Conn, Pool};
+use crate::stats::StatsHub;
+use crate::table::{Service, Slot, Table};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Where a listener's requests go: one port of one ScaledService.
+pub struct Route {
+    pub service: Arc<Service>,
+    /// Name of the backend Service port ("" when unnamed); selects the pod port.
+    pub port_name: String,
+    /// The backend speaks HTTP/2 without TLS (`appProtocol: kubernetes.io/h2c`).
+    pub h2c: bool,
+}
+
+pub struct Proxy {
+    pub table: Arc<Table>,
+    pub pool: Arc<Pool>,
+    pub stats: Arc<StatsHub>,
+    /// Longest wait for a pod's response headers.
+    pub response_timeout: Duration,
+}
+
+enum Refusal {
+    QueueFull { queued: u64 },
+    Timeout { waited: Duration },
+}
+
+/// Counts a request in flight for its service until dropped.
+struct InFlight {
+    service: Arc<Service>,
+}
+
+impl InFlight {
+    fn new(service: Arc<Service>) -> Self {
+        service.in_flight.fetch_add(1, Ordering::Relaxed);
+        service.metrics.in_flight.inc();
+        Self { service }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.service.metrics.in_flight.dec();
+    }
+}
+
+/// A reserved pod slot, given back when dropped.
+struct SlotGuard {
+    service: Arc<Service>,
+    slot: Slot,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.service.release(&self.slot.endpoint);
+    }
+}
+
+struct Queued<'a> {
+    service: &'a Service,
+    table: &'a Table,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.service.queued.fetch_sub(1, Ordering::AcqRel);
+        self.table.queued_total.fetch_sub(1, Ordering::AcqRel);
+        self.service.metrics.queued.dec();
+    }
+}
+
+/// A response body that holds the request's guards until the body is finished, so
+/// in-flight counts and pod slots cover streamed responses.
+struct Guarded<B> {
+    inner: B,
+    _guards: (InFlight, Option<SlotGuard>),
+}
+
+impl<B> hyper::body::Body for Guarded<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub fn text(status: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed list, whatever
+/// `Connection` names, and `TE` unless it is `trailers` (gRPC needs it). With
+/// `upgrade`, `Connection: upgrade` and `Upgrade` are carried through.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    let upgrade_value = if upgrade { h.get(header::UPGRADE).cloned() } else { None };
+    for n in named {
+        h.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+        h.remove(header::TE);
+    }
+    if let Some(u) = upgrade_value {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, u);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+impl Proxy {
+    /// Handles one request that arrived on a listener; `route` is `None` when the port
+    /// has no service any more.
+    pub async fn handle(
+        self: Arc<Self>,
+        route: Option<Arc<Route>>,
+        listen_port: u16,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Response<Body> {
+        let Some(route) = route else {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("snooze: no service is configured on port {listen_port}\n"),
+            );
+        };
+        let svc = route.service.clone();
+        let start = Instant::now();
+        svc.requests.fetch_add(1, Ordering::Relaxed);
+        svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
+        let in_flight = InFlight::new(svc.clone());
+        let resp = self.serve(&route, in_flight, req, remote, start).await;
+        svc.metrics.response(resp.status().as_u16());
+        svc.metrics.latency.observe(start.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn acquire(&self, svc: &Service, port_name: &str, start: Instant) -> Result<Slot, Refusal> {
+        let settings = svc.settings();
+        if let Some(s) = svc.pick(port_name, settings.pod_concurrency) {
+            return Ok(s);
+        }
+        // Hold the request: a place in the service's queue and in the global bound.
+        let q = svc.queued.fetch_add(1, Ordering::AcqRel);
+        let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
+        let _queued = Queued {
+            service: svc,
+            table: &self.table,
+        };
+        svc.metrics.queued.inc();
+        if q >= settings.max_queued {
+            return Err(Refusal::QueueFull { queued: q });
+        }
+        if g >= self.table.max_queued_total {
+            self.table.metrics.shed_global.inc();
+            return Err(Refusal::QueueFull { queued: q });
+        }
+        let mut rx = svc.subscribe();
+        let deadline = tokio::time::Instant::from_std(start + settings.timeout);
+        if svc.endpoints().is_empty() {
+            self.stats.wake(svc);
+        }
+        loop {
+            if let Some(s) = svc.pick(port_name, settings.pod_concurrency) {
+                svc.metrics.cold_wait.observe(start.elapsed().as_secs_f64());
+                return Ok(s);
+            }
+            if tokio::time::timeout_at(deadline, svc.changed(&mut rx)).await.is_err() {
+                return Err(Refusal::Timeout {
+                    waited: start.elapsed(),
+                });
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        route: &Route,
+        in_flight: InFlight,
+        mut req: Request<Incoming>,
+        remote: SocketAddr,
+        start: Instant,
+    ) -> Response<Body> {
+        let svc = &route.service;
+        let upgrade = is_upgrade(&req);
+        let h2 = route.h2c || (req.version() == Version::HTTP_2 && !upgrade);
+        rewrite_request(&mut req, remote.ip(), upgrade, h2);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        // Pick a pod and connect; a pod that refuses the connection is skipped (the
+        // request has not been sent), up to three pods.
+        let mut tried: Vec<IpAddr> = Vec::new();
+        let (slot, conn) = loop {
+            let slot = match self.acquire(svc, &route.port_name, start).await {
+                Ok(s) => s,
+                Err(Refusal::QueueFull { queued }) => {
+                    let mut r = text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("snooze: {} has too many requests waiting ({queued}); retry later\n", svc.display),
+                    );
+                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+                Err(Refusal::Timeout { waited }) => {
+                    return text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "snooze: {} had no ready pod after waiting {:.1}s\n",
+                            svc.display,
+                            waited.as_secs_f64()
+                        ),
+                    );
+                }
+            };
+            let guard = SlotGuard {
+                service: svc.clone(),
+                slot,
+            };
+            let addr = SocketAddr::new(guard.slot.endpoint.ip, guard.slot.port);
+            match self.pool.checkout(addr, h2, upgrade).await {
+                Ok(c) => break (guard, c),
+                Err(e) => {
+                    warn!(service = %svc.display, %addr, "connect failed: {e}");
+                    self.pool.forget(&addr);
+                    tried.push(addr.ip());
+                    if tried.len() >= 3 || start.elapsed() >= svc.settings().timeout {
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("snooze: {}: could not connect to a pod ({addr}: {e})\n", svc.display),
+                        );
+                    }
+                    drop(guard);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
+        if !h2 {
+            set_origin_form(&mut req);
+        }
+
+        let sent = match conn {
+            Conn::H1(mut s) => {
+                let r = tokio::time::timeout(self.response_timeout, s.send_request(req)).await;
+                if !upgrade {
+                    self.pool.checkin(addr, s);
+                }
+                r
+            }
+            Conn::H2(mut s) => tokio::time::timeout(self.response_timeout, s.send_request(req)).await,
+        };
+        let mut resp = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                debug!(service = %svc.display, %addr, "upstream error: {e}");
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("snooze: {}: pod {addr} failed before answering: {e}\n", svc.display),
+                );
+            }
+            Err(_) => {
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "snooze: {}: pod {addr} did not answer within {}s\n",
+                        svc.display,
+                        self.response_timeout.as_secs()
+                    ),
+                );
+            }
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let guards = (in_flight, slot);
+                tokio::spawn(async move {
+                    let _guards = guards;
+                    if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+                    }
+                });
+                let (parts, _) = resp.into_parts();
+                return Response::from_parts(parts, http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+            }
+        }
+        strip_hop_by_hop(resp.headers_mut(), false);
+        let (parts, body) = resp.into_parts();
+        let body = Guarded {
+            inner: body,
+            _guards: (in_flight, Some(slot)),
+        };
+        Response::from_parts(parts, BodyExt::boxed(body))
+    }
+}
+
+/// Prepares a request for the pod: hop-by-hop headers out, `X-Forwarded-*` in, `Host`
+/// kept, and the request line in the form the upstream protocol wants.
+fn rewrite_request(req: &mut Request<Incoming>, remote: IpAddr, upgrade: bool, h2: bool) {
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {remote}")),
+        None => HeaderValue::from_str(&remote.to_string()),
+    };
+    if let Ok(v) = xff {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if h2 {
+        headers.remove(header::HOST);
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let auth = authority.unwrap_or_else(|| "localhost".into());
+        if let Ok(u) = Uri::builder().scheme("http").authority(auth).path_and_query(pq).build() {
+            *req.uri_mut() = u;
+        }
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                req.headers_mut().insert(header::HOST, a);
+            }
+        }
+        *req.version_mut() = Version::HTTP_11;
+    }
+}
+
+fn set_origin_form(req: &mut Request<Incoming>) {
+    if req.uri().authority().is_some() {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        if let Ok(u) = pq.parse() {
+            *req.uri_mut() = u;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_and_upgrade_survive() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+}

@@ -1,0 +1,333 @@
+//! What the activator knows: the ScaledServices it serves (with their counters and
+//! settings), and the ready endpoints of each backend Service.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rand::Rng;
+use snooze_crds::stats::{ServiceRef, ServiceStats};
+use tokio::sync::{Notify, watch};
+
+use crate::metrics::{Metrics, ServiceMetrics};
+
+/// One ready pod of a backend Service.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// Target ports by the Service port's name ("" for an unnamed port).
+    pub ports: Vec<(String, u16)>,
+    /// Requests this activator has in flight to the pod.
+    pub in_flight: AtomicUsize,
+}
+
+impl Endpoint {
+    pub fn new(ip: IpAddr, ports: Vec<(String, u16)>) -> Self {
+        Self {
+            ip,
+            ports,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn port(&self, name: &str) -> Option<u16> {
+        self.ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p)
+    }
+}
+
+pub type EndpointSet = Arc<Vec<Arc<Endpoint>>>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub timeout: Duration,
+    pub max_queued: u64,
+    /// 0: no limit.
+    pub pod_concurrency: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            max_queued: 1000,
+            pod_concurrency: 0,
+        }
+    }
+}
+
+/// One ScaledService as the data plane sees it.
+pub struct Service {
+    pub key: ServiceRef,
+    /// Text used in error bodies and logs: `namespace/name`.
+    pub display: String,
+    pub backend: String,
+    settings: RwLock<Settings>,
+    endpoints: watch::Sender<EndpointSet>,
+    /// Signalled when a pod may have room again (a request to it finished).
+    capacity: Notify,
+    pub in_flight: AtomicU64,
+    pub queued: AtomicU64,
+    pub requests: AtomicU64,
+    pub last_request_ms: AtomicU64,
+    pub metrics: ServiceMetrics,
+}
+
+impl Service {
+    pub fn new(key: ServiceRef, backend: String, settings: Settings, metrics: ServiceMetrics) -> Self {
+        let display = format!("{}/{}", key.namespace, key.name);
+        Self {
+            key,
+            display,
+            backend,
+            settings: RwLock::new(settings),
+            endpoints: watch::channel(Arc::new(Vec::new())).0,
+            capacity: Notify::new(),
+            in_flight: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            last_request_ms: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings.read().clone()
+    }
+
+    pub fn set_settings(&self, s: Settings) {
+        *self.settings.write() = s;
+        self.capacity.notify_waiters();
+    }
+
+    pub fn endpoints(&self) -> EndpointSet {
+        self.endpoints.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<EndpointSet> {
+        self.endpoints.subscribe()
+    }
+
+    /// Replaces the endpoint set, keeping the in-flight counts of pods that stay.
+    pub fn set_endpoints(&self, next: Vec<(IpAddr, Vec<(String, u16)>)>) {
+        let old = self.endpoints();
+        let set: Vec<Arc<Endpoint>> = next
+            .into_iter()
+            .map(|(ip, ports)| {
+                old.iter()
+                    .find(|e| e.ip == ip && e.ports == ports)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(ip, ports)))
+            })
+            .collect();
+        self.endpoints.send_replace(Arc::new(set));
+        self.capacity.notify_waiters();
+    }
+
+    /// A pod with room for one more request on the given Service port, chosen by
+    /// the power of two choices over in-flight requests; the slot is reserved.
+    pub fn pick(&self, port_name: &str, limit: usize) -> Option<Slot> {
+        let set = self.endpoints();
+        let usable = |e: &Endpoint| {
+            e.port(port_name).is_some() && (limit == 0 || e.in_flight.load(Ordering::Relaxed) < limit)
+        };
+        let n = set.len();
+        let chosen = match n {
+            0 => None,
+            1 => usable(&set[0]).then(|| set[0].clone()),
+            _ => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ea, eb) = (&set[a], &set[b]);
+                match (usable(ea), usable(eb)) {
+                    (true, true) => Some(
+                        if eb.in_flight.load(Ordering::Relaxed) < ea.in_flight.load(Ordering::Relaxed) {
+                            eb.clone()
+                        } else {
+                            ea.clone()
+                        },
+                    ),
+                    (true, false) => Some(ea.clone()),
+                    (false, true) => Some(eb.clone()),
+                    (false, false) => set
+                        .iter()
+                        .filter(|e| usable(e))
+                        .min_by_key(|e| e.in_flight.load(Ordering::Relaxed))
+                        .cloned(),
+                }
+            }
+        }?;
+        let before = chosen.in_flight.fetch_add(1, Ordering::AcqRel);
+        if limit > 0 && before >= limit {
+            chosen.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let port = chosen.port(port_name)?;
+        Some(Slot {
+            endpoint: chosen,
+            port,
+        })
+    }
+
+    /// Waits until the endpoints change or a pod gets room, whichever is first.
+    pub async fn changed(&self, rx: &mut watch::Receiver<EndpointSet>) {
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = self.capacity.notified() => {}
+        }
+    }
+
+    pub fn release(&self, endpoint: &Endpoint) {
+        endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.capacity.notify_one();
+    }
+
+    pub fn stats(&self) -> ServiceStats {
+        ServiceStats {
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            last_request_ms: self.last_request_ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A reserved place on one pod; give it back with [`Service::release`].
+pub struct Slot {
+    pub endpoint: Arc<Endpoint>,
+    pub port: u16,
+}
+
+type BackendKey = (String, String);
+
+/// All services and backend endpoints, shared by the listeners, the watchers and the
+/// stats stream.
+pub struct Table {
+    services: RwLock<HashMap<ServiceRef, Arc<Service>>>,
+    endpoints: RwLock<HashMap<BackendKey, Vec<(IpAddr, Vec<(String, u16)>)>>>,
+    pub metrics: Arc<Metrics>,
+    /// Requests waiting across all services, and the bound on them.
+    pub queued_total: AtomicU64,
+    pub max_queued_total: u64,
+}
+
+impl Table {
+    pub fn new(metrics: Arc<Metrics>, max_queued_total: u64) -> Self {
+        Self {
+            services: RwLock::new(HashMap::new()),
+            endpoints: RwLock::new(HashMap::new()),
+            metrics,
+            queued_total: AtomicU64::new(0),
+            max_queued_total,
+        }
+    }
+
+    pub fn get(&self, key: &ServiceRef) -> Option<Arc<Service>> {
+        self.services.read().get(key).cloned()
+    }
+
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.services.read().values().cloned().collect()
+    }
+
+    /// Adds or updates a service; an existing one keeps its counters and waiters.
+    pub fn upsert(&self, key: ServiceRef, backend: &str, settings: Settings) -> Arc<Service> {
+        if let Some(s) = self.get(&key) {
+            if s.backend == backend {
+                if s.settings() != settings {
+                    s.set_settings(settings);
+                }
+                return s;
+            }
+        }
+        let metrics = self.metrics.service(&key.namespace, &key.name);
+        let svc = Arc::new(Service::new(key.clone(), backend.to_string(), settings, metrics));
+        let eps = self
+            .endpoints
+            .read()
+            .get(&(key.namespace.clone(), backend.to_string()))
+            .cloned()
+            .unwrap_or_default();
+        svc.set_endpoints(eps);
+        self.services.write().insert(key, svc.clone());
+        svc
+    }
+
+    pub fn remove(&self, key: &ServiceRef) {
+        if self.services.write().remove(key).is_some() {
+            self.metrics.remove_service(&key.namespace, &key.name);
+        }
+    }
+
+    /// Sets the ready endpoints of a backend Service and hands them to its services.
+    pub fn set_backend_endpoints(
+        &self,
+        namespace: &str,
+        backend: &str,
+        eps: Vec<(IpAddr, Vec<(String, u16)>)>,
+    ) {
+        self.endpoints
+            .write()
+            .insert((namespace.to_string(), backend.to_string()), eps.clone());
+        for s in self.services.read().values() {
+            if s.key.namespace == namespace && s.backend == backend {
+                s.set_endpoints(eps.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Service {
+        let m = Metrics::new();
+        Service::new(
+            ServiceRef {
+                namespace: "ns".into(),
+                name: "web".into(),
+            },
+            "web".into(),
+            Settings::default(),
+            m.service("ns", "web"),
+        )
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    #[test]
+    fn pick_prefers_less_loaded_and_respects_limit() {
+        let s = svc();
+        s.set_endpoints(vec![(ip(1), vec![("http".into(), 8080)]), (ip(2), vec![("http".into(), 8080)])]);
+        let a = s.pick("http", 1).unwrap();
+        let b = s.pick("http", 1).unwrap();
+        assert_ne!(a.endpoint.ip, b.endpoint.ip, "second pick goes to the idle pod");
+        assert!(s.pick("http", 1).is_none(), "both pods are at their limit");
+        s.release(&a.endpoint);
+        let c = s.pick("http", 1).unwrap();
+        assert_eq!(c.endpoint.ip, a.endpoint.ip);
+        assert!(s.pick("other", 0).is_none(), "no pod serves an unknown port");
+    }
+
+    #[test]
+    fn in_flight_survives_endpoint_updates() {
+        let s = svc();
+        s.set_endpoints(vec![(ip(1), vec![("".into(), 80)])]);
+        let a = s.pick("", 0).unwrap();
+        s.set_endpoints(vec![(ip(1), vec![("".into(), 80)]), (ip(2), vec![("".into(), 80)])]);
+        let kept = s.endpoints().iter().find(|e| e.ip == ip(1)).unwrap().clone();
+        assert_eq!(kept.in_flight.load(Ordering::Relaxed), 1);
+        assert!(Arc::ptr_eq(&kept, &a.endpoint));
+    }
+}

@@ -1,0 +1,49 @@
+//! The stats stream between the activators and the operator's leader.
+//!
+//! The leader opens `GET /v1/stats` on every activator pod's admin port and keeps it
+//! open. The activator answers with newline-delimited JSON [`Report`]s: a full one at
+//! once, then every second the services whose numbers changed, and at once (with
+//! `wake`) when a request finds no ready pod.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the stats stream on the activator's admin port.
+pub const STATS_PATH: &str = "/v1/stats";
+
+/// One line of the stats stream.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// The activator's pod name.
+    pub activator: String,
+    /// Random id of the activator process; a new one means its counters restarted.
+    pub instance: u64,
+    /// True when this report lists every service the activator knows.
+    pub full: bool,
+    pub services: Vec<ServiceStats>,
+    /// Services whose requests wait for a pod right now: scale them up immediately.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wake: Vec<ServiceRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// What one activator sees of one ScaledService.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStats {
+    pub namespace: String,
+    pub name: String,
+    /// Requests being forwarded to pods right now.
+    pub in_flight: u64,
+    /// Requests waiting for a pod (or for a pod below its concurrency limit).
+    pub queued: u64,
+    /// Requests received since the activator started (a counter).
+    pub requests: u64,
+    /// Unix time in milliseconds of the last request received, 0 if none.
+    pub last_request_ms: u64,
+}
