@@ -5,7 +5,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-
 use futures::StreamExt;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, StreamBody};
@@ -41,12 +40,18 @@ impl Admin {
                 let mut r = text(StatusCode::OK, self.metrics.encode());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 r
             }
             snooze_crds::stats::STATS_PATH => {
-                let s = self.stats.clone().stream().map(|b| Ok::<_, crate::proxy::BoxError>(Frame::data(b)));
+                let s = self
+                    .stats
+                    .clone()
+                    .stream()
+                    .map(|b| Ok::<_, crate::proxy::BoxError>(Frame::data(b)));
                 let mut r = Response::new(BodyExt::boxed(StreamBody::new(s)));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -85,4 +90,3 @@ impl Admin {
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
-

@@ -75,7 +75,10 @@ impl Listeners {
 
     /// Opens, updates and closes listeners so that exactly `desired` are served.
     /// Returns the ports that could not be opened.
-    pub async fn sync(self: &Arc<Self>, desired: HashMap<u16, Arc<Route>>) -> Vec<(u16, io::Error)> {
+    pub async fn sync(
+        self: &Arc<Self>,
+        desired: HashMap<u16, Arc<Route>>,
+    ) -> Vec<(u16, io::Error)> {
         let mut failed = Vec::new();
         {
             let mut open = self.open.lock();
@@ -91,7 +94,9 @@ impl Listeners {
             for (port, route) in &desired {
                 if let Some(h) = open.get(port) {
                     let same = h.route.borrow().as_ref().is_some_and(|r| {
-                        Arc::ptr_eq(&r.service, &route.service) && r.port_name == route.port_name && r.h2c == route.h2c
+                        Arc::ptr_eq(&r.service, &route.service)
+                            && r.port_name == route.port_name
+                            && r.h2c == route.h2c
                     });
                     if !same {
                         h.route.send_replace(Some(route.clone()));

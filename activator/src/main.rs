@@ -18,7 +18,10 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Snooze activator: holds requests while a workload sleeps and forwards them once it is awake")]
+#[command(
+    version,
+    about = "Snooze activator: holds requests while a workload sleeps and forwards them once it is awake"
+)]
 struct Args {
     /// Address the service listeners bind (the pod IP in the chart).
     #[arg(long, env = "SNOOZE_LISTEN_ADDRESS", default_value = "0.0.0.0")]
@@ -99,12 +102,15 @@ struct StaticConfig {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let subscriber = tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,kube=warn".into()),
     );
     if args.log_format == "json" {
         subscriber.json().init();
     } else {
-        subscriber.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+        subscriber
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if args.worker_threads > 0 {
@@ -175,7 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }),
             );
         }
-        for (port, e) in listeners.sync(desired).await {
+        if let Some((port, e)) = listeners.sync(desired).await.into_iter().next() {
             anyhow::bail!("cannot listen on port {port}: {e}");
         }
         ready_tx.send_replace(true);
@@ -189,7 +195,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             listeners.clone(),
             ss_tx,
         ));
-        tasks.spawn(snooze_activator::watch::endpoint_slices(client, table.clone(), eps_tx));
+        tasks.spawn(snooze_activator::watch::endpoint_slices(
+            client,
+            table.clone(),
+            eps_tx,
+        ));
         let ready_tx = ready_tx.clone();
         tokio::spawn(async move {
             let _ = ss_rx.wait_for(|v| *v).await;

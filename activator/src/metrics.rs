@@ -23,7 +23,9 @@ pub struct StatusLabels {
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~65 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 17,
+    ))
 }
 
 pub struct Metrics {
@@ -47,8 +49,12 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("snooze_activator");
         let requests = Family::<StatusLabels, Counter>::default();
-        let latency = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let cold_wait = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let latency = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let cold_wait = Family::<ServiceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
         let queued = Family::<ServiceLabels, Gauge>::default();
         let in_flight = Family::<ServiceLabels, Gauge>::default();
         let wakes = Family::<ServiceLabels, Counter>::default();
@@ -68,9 +74,21 @@ impl Metrics {
             "Time requests waited for a ready pod",
             cold_wait.clone(),
         );
-        registry.register("queued_requests", "Requests waiting for a pod", queued.clone());
-        registry.register("in_flight_requests", "Requests being forwarded", in_flight.clone());
-        registry.register("wake_signals", "Wake signals sent to the operator", wakes.clone());
+        registry.register(
+            "queued_requests",
+            "Requests waiting for a pod",
+            queued.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests being forwarded",
+            in_flight.clone(),
+        );
+        registry.register(
+            "wake_signals",
+            "Wake signals sent to the operator",
+            wakes.clone(),
+        );
         registry.register(
             "shed_global_limit",
             "Requests refused because the activator-wide queue bound was reached",
@@ -104,7 +122,13 @@ impl Metrics {
                 .clone()
         };
         ServiceMetrics {
-            by_class: [class("1xx"), class("2xx"), class("3xx"), class("4xx"), class("5xx")],
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
             latency: self.latency.get_or_create(&l).clone(),
             cold_wait: self.cold_wait.get_or_create(&l).clone(),
             queued: self.queued.get_or_create(&l).clone(),

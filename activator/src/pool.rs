@@ -49,10 +49,10 @@ impl Pool {
     /// `fresh` forces a new HTTP/1.1 connection (for upgrades, which consume it).
     pub async fn checkout(&self, addr: SocketAddr, h2: bool, fresh: bool) -> io::Result<Conn> {
         if h2 {
-            if let Some(s) = self.h2.lock().get(&addr) {
-                if s.is_ready() {
-                    return Ok(Conn::H2(s.clone()));
-                }
+            if let Some(s) = self.h2.lock().get(&addr)
+                && s.is_ready()
+            {
+                return Ok(Conn::H2(s.clone()));
             }
             let io = self.connect(addr).await?;
             let (send, conn) = http2::Builder::new(TokioExecutor::new())

@@ -162,14 +162,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
-    let upgrade_value = if upgrade { h.get(header::UPGRADE).cloned() } else { None };
+    let upgrade_value = if upgrade {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     for n in named {
         h.remove(n);
     }
     for n in &HOP_BY_HOP {
         h.remove(n);
     }
-    if h.get(header::TE).is_some_and(|v| v.as_bytes() != b"trailers") {
+    if h.get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
         h.remove(header::TE);
     }
     if let Some(u) = upgrade_value {
@@ -186,7 +192,10 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 impl Proxy {
@@ -216,9 +225,15 @@ impl Proxy {
         resp
     }
 
-    async fn acquire(&self, svc: &Service, port_name: &str, start: Instant) -> Result<Slot, Refusal> {
+    async fn acquire(
+        &self,
+        svc: &Service,
+        port_name: &str,
+        start: Instant,
+        exclude: &[SocketAddr],
+    ) -> Result<Slot, Refusal> {
         let settings = svc.settings();
-        if let Some(s) = svc.pick(port_name, settings.pod_concurrency) {
+        if let Some(s) = svc.pick(port_name, settings.pod_concurrency, exclude) {
             return Ok(s);
         }
         // Hold the request: a place in the service's queue and in the global bound.
@@ -242,11 +257,14 @@ impl Proxy {
             self.stats.wake(svc);
         }
         loop {
-            if let Some(s) = svc.pick(port_name, settings.pod_concurrency) {
+            if let Some(s) = svc.pick(port_name, settings.pod_concurrency, exclude) {
                 svc.metrics.cold_wait.observe(start.elapsed().as_secs_f64());
                 return Ok(s);
             }
-            if tokio::time::timeout_at(deadline, svc.changed(&mut rx)).await.is_err() {
+            if tokio::time::timeout_at(deadline, svc.changed(&mut rx))
+                .await
+                .is_err()
+            {
                 return Err(Refusal::Timeout {
                     waited: start.elapsed(),
                 });
@@ -268,18 +286,23 @@ impl Proxy {
         rewrite_request(&mut req, remote.ip(), upgrade, h2);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-        // Pick a pod and connect; a pod that refuses the connection is skipped (the
-        // request has not been sent), up to three pods.
-        let mut tried: Vec<IpAddr> = Vec::new();
+        // Pick a pod and connect. A pod that refuses the connection is passed over for
+        // this request (it has not been sent yet): the next pick goes to another pod,
+        // or waits for one like a cold request. Three refusals end in 502.
+        let mut tried: Vec<SocketAddr> = Vec::new();
         let (slot, conn) = loop {
-            let slot = match self.acquire(svc, &route.port_name, start).await {
+            let slot = match self.acquire(svc, &route.port_name, start, &tried).await {
                 Ok(s) => s,
                 Err(Refusal::QueueFull { queued }) => {
                     let mut r = text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("snooze: {} has too many requests waiting ({queued}); retry later\n", svc.display),
+                        format!(
+                            "snooze: {} has too many requests waiting ({queued}); retry later\n",
+                            svc.display
+                        ),
                     );
-                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                     return r;
                 }
                 Err(Refusal::Timeout { waited }) => {
@@ -303,11 +326,14 @@ impl Proxy {
                 Err(e) => {
                     warn!(service = %svc.display, %addr, "connect failed: {e}");
                     self.pool.forget(&addr);
-                    tried.push(addr.ip());
-                    if tried.len() >= 3 || start.elapsed() >= svc.settings().timeout {
+                    tried.push(addr);
+                    if tried.len() >= 3 {
                         return text(
                             StatusCode::BAD_GATEWAY,
-                            format!("snooze: {}: could not connect to a pod ({addr}: {e})\n", svc.display),
+                            format!(
+                                "snooze: {}: could not connect to a pod ({addr}: {e})\n",
+                                svc.display
+                            ),
                         );
                     }
                     drop(guard);
@@ -328,7 +354,9 @@ impl Proxy {
                 }
                 r
             }
-            Conn::H2(mut s) => tokio::time::timeout(self.response_timeout, s.send_request(req)).await,
+            Conn::H2(mut s) => {
+                tokio::time::timeout(self.response_timeout, s.send_request(req)).await
+            }
         };
         let mut resp = match sent {
             Ok(Ok(r)) => r,
@@ -336,7 +364,10 @@ impl Proxy {
                 debug!(service = %svc.display, %addr, "upstream error: {e}");
                 return text(
                     StatusCode::BAD_GATEWAY,
-                    format!("snooze: {}: pod {addr} failed before answering: {e}\n", svc.display),
+                    format!(
+                        "snooze: {}: pod {addr} failed before answering: {e}\n",
+                        svc.display
+                    ),
                 );
             }
             Err(_) => {
@@ -351,19 +382,24 @@ impl Proxy {
             }
         };
 
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                let guards = (in_flight, slot);
-                tokio::spawn(async move {
-                    let _guards = guards;
-                    if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
-                        let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
-                    }
-                });
-                let (parts, _) = resp.into_parts();
-                return Response::from_parts(parts, http_body_util::Empty::new().map_err(|e| match e {}).boxed());
-            }
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let guards = (in_flight, slot);
+            tokio::spawn(async move {
+                let _guards = guards;
+                if let (Ok(c), Ok(u)) = tokio::join!(client_upgrade, upstream_upgrade) {
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
+                            .await;
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(
+                parts,
+                http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+            );
         }
         strip_hop_by_hop(resp.headers_mut(), false);
         let (parts, body) = resp.into_parts();
@@ -405,15 +441,20 @@ fn rewrite_request(req: &mut Request<Incoming>, remote: IpAddr, upgrade: bool, h
             .unwrap_or("/")
             .to_string();
         let auth = authority.unwrap_or_else(|| "localhost".into());
-        if let Ok(u) = Uri::builder().scheme("http").authority(auth).path_and_query(pq).build() {
+        if let Ok(u) = Uri::builder()
+            .scheme("http")
+            .authority(auth)
+            .path_and_query(pq)
+            .build()
+        {
             *req.uri_mut() = u;
         }
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if !req.headers().contains_key(header::HOST) {
-            if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
-                req.headers_mut().insert(header::HOST, a);
-            }
+        if !req.headers().contains_key(header::HOST)
+            && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
+        {
+            req.headers_mut().insert(header::HOST, a);
         }
         *req.version_mut() = Version::HTTP_11;
     }
@@ -440,7 +481,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip"));

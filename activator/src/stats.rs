@@ -39,7 +39,12 @@ impl StatsHub {
         let _ = self.wake_tx.send(svc.key.clone());
     }
 
-    fn report(&self, full: bool, last: &mut HashMap<ServiceRef, ServiceStats>, wake: Vec<ServiceRef>) -> Bytes {
+    fn report(
+        &self,
+        full: bool,
+        last: &mut HashMap<ServiceRef, ServiceStats>,
+        wake: Vec<ServiceRef>,
+    ) -> Bytes {
         let services = self.table.services();
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(services.len());

@@ -2,7 +2,7 @@
 //! settings), and the ready endpoints of each backend Service.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -76,7 +76,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(key: ServiceRef, backend: String, settings: Settings, metrics: ServiceMetrics) -> Self {
+    pub fn new(
+        key: ServiceRef,
+        backend: String,
+        settings: Settings,
+        metrics: ServiceMetrics,
+    ) -> Self {
         let display = format!("{}/{}", key.namespace, key.name);
         Self {
             key,
@@ -111,7 +116,7 @@ impl Service {
     }
 
     /// Replaces the endpoint set, keeping the in-flight counts of pods that stay.
-    pub fn set_endpoints(&self, next: Vec<(IpAddr, Vec<(String, u16)>)>) {
+    pub fn set_endpoints(&self, next: PodPorts) {
         let old = self.endpoints();
         let set: Vec<Arc<Endpoint>> = next
             .into_iter()
@@ -128,10 +133,13 @@ impl Service {
 
     /// A pod with room for one more request on the given Service port, chosen by
     /// the power of two choices over in-flight requests; the slot is reserved.
-    pub fn pick(&self, port_name: &str, limit: usize) -> Option<Slot> {
+    /// Pods in `exclude` (they refused a connection for this request) are passed over.
+    pub fn pick(&self, port_name: &str, limit: usize, exclude: &[SocketAddr]) -> Option<Slot> {
         let set = self.endpoints();
         let usable = |e: &Endpoint| {
-            e.port(port_name).is_some() && (limit == 0 || e.in_flight.load(Ordering::Relaxed) < limit)
+            e.port(port_name)
+                .is_some_and(|p| !exclude.contains(&SocketAddr::new(e.ip, p)))
+                && (limit == 0 || e.in_flight.load(Ordering::Relaxed) < limit)
         };
         let n = set.len();
         let chosen = match n {
@@ -147,7 +155,9 @@ impl Service {
                 let (ea, eb) = (&set[a], &set[b]);
                 match (usable(ea), usable(eb)) {
                     (true, true) => Some(
-                        if eb.in_flight.load(Ordering::Relaxed) < ea.in_flight.load(Ordering::Relaxed) {
+                        if eb.in_flight.load(Ordering::Relaxed)
+                            < ea.in_flight.load(Ordering::Relaxed)
+                        {
                             eb.clone()
                         } else {
                             ea.clone()
@@ -207,12 +217,14 @@ pub struct Slot {
 }
 
 type BackendKey = (String, String);
+/// Ready pods of a backend Service: IP and target ports by Service port name.
+pub type PodPorts = Vec<(IpAddr, Vec<(String, u16)>)>;
 
 /// All services and backend endpoints, shared by the listeners, the watchers and the
 /// stats stream.
 pub struct Table {
     services: RwLock<HashMap<ServiceRef, Arc<Service>>>,
-    endpoints: RwLock<HashMap<BackendKey, Vec<(IpAddr, Vec<(String, u16)>)>>>,
+    endpoints: RwLock<HashMap<BackendKey, PodPorts>>,
     pub metrics: Arc<Metrics>,
     /// Requests waiting across all services, and the bound on them.
     pub queued_total: AtomicU64,
@@ -240,16 +252,21 @@ impl Table {
 
     /// Adds or updates a service; an existing one keeps its counters and waiters.
     pub fn upsert(&self, key: ServiceRef, backend: &str, settings: Settings) -> Arc<Service> {
-        if let Some(s) = self.get(&key) {
-            if s.backend == backend {
-                if s.settings() != settings {
-                    s.set_settings(settings);
-                }
-                return s;
+        if let Some(s) = self.get(&key)
+            && s.backend == backend
+        {
+            if s.settings() != settings {
+                s.set_settings(settings);
             }
+            return s;
         }
         let metrics = self.metrics.service(&key.namespace, &key.name);
-        let svc = Arc::new(Service::new(key.clone(), backend.to_string(), settings, metrics));
+        let svc = Arc::new(Service::new(
+            key.clone(),
+            backend.to_string(),
+            settings,
+            metrics,
+        ));
         let eps = self
             .endpoints
             .read()
@@ -268,12 +285,7 @@ impl Table {
     }
 
     /// Sets the ready endpoints of a backend Service and hands them to its services.
-    pub fn set_backend_endpoints(
-        &self,
-        namespace: &str,
-        backend: &str,
-        eps: Vec<(IpAddr, Vec<(String, u16)>)>,
-    ) {
+    pub fn set_backend_endpoints(&self, namespace: &str, backend: &str, eps: PodPorts) {
         self.endpoints
             .write()
             .insert((namespace.to_string(), backend.to_string()), eps.clone());
@@ -309,24 +321,44 @@ mod tests {
     #[test]
     fn pick_prefers_less_loaded_and_respects_limit() {
         let s = svc();
-        s.set_endpoints(vec![(ip(1), vec![("http".into(), 8080)]), (ip(2), vec![("http".into(), 8080)])]);
-        let a = s.pick("http", 1).unwrap();
-        let b = s.pick("http", 1).unwrap();
-        assert_ne!(a.endpoint.ip, b.endpoint.ip, "second pick goes to the idle pod");
-        assert!(s.pick("http", 1).is_none(), "both pods are at their limit");
+        s.set_endpoints(vec![
+            (ip(1), vec![("http".into(), 8080)]),
+            (ip(2), vec![("http".into(), 8080)]),
+        ]);
+        let a = s.pick("http", 1, &[]).unwrap();
+        let b = s.pick("http", 1, &[]).unwrap();
+        assert_ne!(
+            a.endpoint.ip, b.endpoint.ip,
+            "second pick goes to the idle pod"
+        );
+        assert!(
+            s.pick("http", 1, &[]).is_none(),
+            "both pods are at their limit"
+        );
         s.release(&a.endpoint);
-        let c = s.pick("http", 1).unwrap();
+        let c = s.pick("http", 1, &[]).unwrap();
         assert_eq!(c.endpoint.ip, a.endpoint.ip);
-        assert!(s.pick("other", 0).is_none(), "no pod serves an unknown port");
+        assert!(
+            s.pick("other", 0, &[]).is_none(),
+            "no pod serves an unknown port"
+        );
     }
 
     #[test]
     fn in_flight_survives_endpoint_updates() {
         let s = svc();
         s.set_endpoints(vec![(ip(1), vec![("".into(), 80)])]);
-        let a = s.pick("", 0).unwrap();
-        s.set_endpoints(vec![(ip(1), vec![("".into(), 80)]), (ip(2), vec![("".into(), 80)])]);
-        let kept = s.endpoints().iter().find(|e| e.ip == ip(1)).unwrap().clone();
+        let a = s.pick("", 0, &[]).unwrap();
+        s.set_endpoints(vec![
+            (ip(1), vec![("".into(), 80)]),
+            (ip(2), vec![("".into(), 80)]),
+        ]);
+        let kept = s
+            .endpoints()
+            .iter()
+            .find(|e| e.ip == ip(1))
+            .unwrap()
+            .clone();
         assert_eq!(kept.in_flight.load(Ordering::Relaxed), 1);
         assert!(Arc::ptr_eq(&kept, &a.endpoint));
     }

@@ -53,7 +53,9 @@ pub async fn apply_scaled_services(
         }
         let svc = table.upsert(k.clone(), &ss.spec.service, settings(ss));
         for p in ports {
-            let Ok(port) = u16::try_from(p.activator_port) else { continue };
+            let Ok(port) = u16::try_from(p.activator_port) else {
+                continue;
+            };
             desired.insert(
                 port,
                 Arc::new(Route {
@@ -83,7 +85,8 @@ pub async fn scaled_services(
     let api: Api<ScaledService> = Api::all(client);
     let mut all: BTreeMap<ServiceRef, ScaledService> = BTreeMap::new();
     let mut init: Option<BTreeMap<ServiceRef, ScaledService>> = None;
-    let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
+    let mut stream =
+        std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
     while let Some(ev) = stream.try_next().await? {
         match ev {
             Event::Init => {
@@ -115,7 +118,11 @@ pub async fn scaled_services(
 type SliceKey = (String, String);
 
 /// Ready endpoints of one backend Service from all of its slices.
-fn endpoints_of(slices: &HashMap<SliceKey, EndpointSlice>, ns: &str, svc: &str) -> Vec<(IpAddr, Vec<(String, u16)>)> {
+fn endpoints_of(
+    slices: &HashMap<SliceKey, EndpointSlice>,
+    ns: &str,
+    svc: &str,
+) -> Vec<(IpAddr, Vec<(String, u16)>)> {
     let mut out: Vec<(IpAddr, Vec<(String, u16)>)> = Vec::new();
     for ((sns, _), s) in slices {
         if sns != ns || service_of(s).as_deref() != Some(svc) {
@@ -125,17 +132,22 @@ fn endpoints_of(slices: &HashMap<SliceKey, EndpointSlice>, ns: &str, svc: &str) 
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+            .filter_map(|p| {
+                Some((
+                    p.name.clone().unwrap_or_default(),
+                    u16::try_from(p.port?).ok()?,
+                ))
+            })
             .collect();
         for e in &s.endpoints {
             if e.conditions.as_ref().and_then(|c| c.ready) != Some(true) {
                 continue;
             }
             for a in &e.addresses {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    if !out.iter().any(|(i, _)| *i == ip) {
-                        out.push((ip, ports.clone()));
-                    }
+                if let Ok(ip) = a.parse::<IpAddr>()
+                    && !out.iter().any(|(i, _)| *i == ip)
+                {
+                    out.push((ip, ports.clone()));
                 }
             }
         }
@@ -148,9 +160,14 @@ fn service_of(s: &EndpointSlice) -> Option<String> {
     s.labels().get("kubernetes.io/service-name").cloned()
 }
 
-pub async fn endpoint_slices(client: Client, table: Arc<Table>, synced: watch::Sender<bool>) -> anyhow::Result<()> {
+pub async fn endpoint_slices(
+    client: Client,
+    table: Arc<Table>,
+    synced: watch::Sender<bool>,
+) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::all(client);
-    let cfg = watcher::Config::default().labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
+    let cfg = watcher::Config::default()
+        .labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
     let mut slices: HashMap<SliceKey, EndpointSlice> = HashMap::new();
     let mut init: Option<HashMap<SliceKey, EndpointSlice>> = None;
     let mut stream = std::pin::pin!(watcher::watcher(api, cfg).default_backoff());

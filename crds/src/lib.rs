@@ -154,7 +154,9 @@ fn default_max_queued() -> u32 {
 }
 
 /// The load signal the autoscaler follows.
-#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
 pub enum ScalingMetric {
     /// Requests in flight per replica.
     #[default]
@@ -324,7 +326,10 @@ mod tests {
         let crd = serde_json::to_string(&ScaledService::crd()).unwrap();
         assert!(crd.contains("self.minReplicas <= self.maxReplicas"));
         assert!(crd.contains("minReplicas must be less than or equal to maxReplicas"));
-        assert!(crd.contains(r#""default":"5m""#) || crd.contains(r#""default":"300s""#), "{crd}");
+        assert!(
+            crd.contains(r#""default":"5m""#) || crd.contains(r#""default":"300s""#),
+            "{crd}"
+        );
         assert!(crd.contains(r#""name":"Last Request""#));
         assert!(crd.contains(r#""shortNames":["ssvc"]"#));
     }
@@ -335,7 +340,10 @@ mod tests {
         spec(ok).unwrap();
         let bad = json!({"scaleTargetRef": {"name": "w"}, "service": "w", "minReplicas": 3, "maxReplicas": 2, "idleTimeout": "5m", "activation": {"timeout": "60s"}});
         let err = spec(bad).unwrap_err();
-        assert!(err.contains("minReplicas must be less than or equal to maxReplicas"), "{err}");
+        assert!(
+            err.contains("minReplicas must be less than or equal to maxReplicas"),
+            "{err}"
+        );
     }
 }
 pub mod stats;

@@ -52,12 +52,21 @@ where
     let ns = format!("{prefix}-{suffix:06x}");
     let nss: Api<Namespace> = Api::all(client.clone());
     let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-    nss.create(&PostParams::default(), &obj).await.expect("create namespace");
+    nss.create(&PostParams::default(), &obj)
+        .await
+        .expect("create namespace");
     // The ServiceAccount controller creates `default`; pods need it.
     let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &ns);
-    wait_for("default service account", Duration::from_secs(30), || async {
-        sas.get_opt("default").await.map_err(|e| e.to_string())?.ok_or("missing".to_string())
-    })
+    wait_for(
+        "default service account",
+        Duration::from_secs(30),
+        || async {
+            sas.get_opt("default")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("missing".to_string())
+        },
+    )
     .await;
 
     let result = tokio::spawn(body(client.clone(), ns.clone())).await;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use snooze_e2e::testing::*;
 
@@ -23,14 +23,23 @@ async fn deployment_runs_serves_and_scales_to_zero() {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
         let pp = PostParams::default();
-        deploys.create(&pp, &testapp_deployment("web", 2, &[])).await.unwrap();
+        deploys
+            .create(&pp, &testapp_deployment("web", 2, &[]))
+            .await
+            .unwrap();
         services.create(&pp, &testapp_service("web")).await.unwrap();
 
         // The Deployment reaches Ready: both replicas available.
         wait_for("deployment web available", T, || async {
             let d = deploys.get("web").await.map_err(|e| e.to_string())?;
-            let avail = d.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
-            (avail == 2).then_some(()).ok_or(format!("available={avail}"))
+            let avail = d
+                .status
+                .as_ref()
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0);
+            (avail == 2)
+                .then_some(())
+                .ok_or(format!("available={avail}"))
         })
         .await;
         let ready = ready_pods(&pods, "web").await.unwrap();
@@ -54,7 +63,9 @@ async fn deployment_runs_serves_and_scales_to_zero() {
             found.sort();
             let mut want = ips.clone();
             want.sort();
-            (found == want).then_some(()).ok_or(format!("slice has {found:?}, pods {want:?}"))
+            (found == want)
+                .then_some(())
+                .ok_or(format!("slice has {found:?}, pods {want:?}"))
         })
         .await;
 
@@ -96,8 +107,10 @@ fn pod_with(name: &str, sa: Option<&str>, containers: serde_json::Value) -> Pod 
     if let Some(sa) = sa {
         spec["serviceAccountName"] = json!(sa);
     }
-    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": name}}, "spec": spec}))
-        .unwrap()
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"app": name}}, "spec": spec}),
+    )
+    .unwrap()
 }
 
 fn app_container(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
@@ -114,7 +127,11 @@ fn app_container(name: &str, image: &str, args: &[&str]) -> serde_json::Value {
     })
 }
 
-async fn container_status(pods: &Api<Pod>, pod: &str, container: &str) -> Result<k8s_openapi::api::core::v1::ContainerStatus, String> {
+async fn container_status(
+    pods: &Api<Pod>,
+    pod: &str,
+    container: &str,
+) -> Result<k8s_openapi::api::core::v1::ContainerStatus, String> {
     let p = pods.get(pod).await.map_err(|e| e.to_string())?;
     p.status
         .and_then(|s| s.container_statuses)
@@ -174,9 +191,16 @@ async fn service_account_token_is_real_and_rbac_is_enforced() {
 async fn image_without_mapping_waits_with_a_reason() {
     in_namespace("noimage", |client, ns| async move {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        pods.create(&PostParams::default(), &pod_with("ghost", None, json!([app_container("app", "example.com/not/mapped:1", &[])])))
-            .await
-            .unwrap();
+        pods.create(
+            &PostParams::default(),
+            &pod_with(
+                "ghost",
+                None,
+                json!([app_container("app", "example.com/not/mapped:1", &[])]),
+            ),
+        )
+        .await
+        .unwrap();
         let waiting = wait_for("ErrImagePull", T, || async {
             let c = container_status(&pods, "ghost", "app").await?;
             let w = c.state.and_then(|s| s.waiting).ok_or("not waiting")?;
@@ -187,7 +211,10 @@ async fn image_without_mapping_waits_with_a_reason() {
         })
         .await;
         let msg = waiting.message.unwrap_or_default();
-        assert!(msg.contains("example.com/not/mapped:1") && msg.contains("no mapping"), "{msg}");
+        assert!(
+            msg.contains("example.com/not/mapped:1") && msg.contains("no mapping"),
+            "{msg}"
+        );
         let p = pods.get("ghost").await.unwrap();
         assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
     })
@@ -199,23 +226,48 @@ async fn image_without_mapping_waits_with_a_reason() {
 async fn crashing_container_restarts_with_back_off() {
     in_namespace("crash", |client, ns| async move {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-        pods.create(&PostParams::default(), &pod_with("crash", None, json!([app_container("app", TESTAPP_IMAGE, &["--crash-with", "3"])])))
-            .await
-            .unwrap();
+        pods.create(
+            &PostParams::default(),
+            &pod_with(
+                "crash",
+                None,
+                json!([app_container("app", TESTAPP_IMAGE, &["--crash-with", "3"])]),
+            ),
+        )
+        .await
+        .unwrap();
         let c = wait_for("CrashLoopBackOff after a restart", T, || async {
             let c = container_status(&pods, "crash", "app").await?;
-            let reason = c.state.as_ref().and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.clone());
+            let reason = c
+                .state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.clone());
             (c.restart_count >= 1 && reason.as_deref() == Some("CrashLoopBackOff"))
                 .then_some(c.clone())
                 .ok_or(format!("restarts={} reason={reason:?}", c.restart_count))
         })
         .await;
-        let last = c.last_state.and_then(|s| s.terminated).expect("lastState.terminated");
+        let last = c
+            .last_state
+            .and_then(|s| s.terminated)
+            .expect("lastState.terminated");
         assert_eq!(last.exit_code, 3);
         assert_eq!(last.reason.as_deref(), Some("Error"));
-        assert!(last.message.unwrap_or_default().contains("crashing on purpose"));
-        let msg = c.state.and_then(|s| s.waiting).and_then(|w| w.message).unwrap_or_default();
-        assert!(msg.starts_with("back-off 20s") || msg.starts_with("back-off 10s"), "{msg}");
+        assert!(
+            last.message
+                .unwrap_or_default()
+                .contains("crashing on purpose")
+        );
+        let msg = c
+            .state
+            .and_then(|s| s.waiting)
+            .and_then(|w| w.message)
+            .unwrap_or_default();
+        assert!(
+            msg.starts_with("back-off 20s") || msg.starts_with("back-off 10s"),
+            "{msg}"
+        );
     })
     .await;
 }
@@ -226,11 +278,22 @@ async fn port_in_use_fails_the_container_with_a_clear_message() {
     in_namespace("port", |client, ns| async move {
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
         // Two containers of one pod share its network: the second cannot bind 8080.
-        let mut second = app_container("second", TESTAPP_IMAGE, &["--port", "8080", "--startup-delay-ms", "1500"]);
+        let mut second = app_container(
+            "second",
+            TESTAPP_IMAGE,
+            &["--port", "8080", "--startup-delay-ms", "1500"],
+        );
         second.as_object_mut().unwrap().remove("readinessProbe");
         pods.create(
             &PostParams::default(),
-            &pod_with("twins", None, json!([app_container("first", TESTAPP_IMAGE, &["--port", "8080"]), second])),
+            &pod_with(
+                "twins",
+                None,
+                json!([
+                    app_container("first", TESTAPP_IMAGE, &["--port", "8080"]),
+                    second
+                ]),
+            ),
         )
         .await
         .unwrap();
@@ -244,7 +307,10 @@ async fn port_in_use_fails_the_container_with_a_clear_message() {
         .await;
         assert_ne!(t.exit_code, 0);
         let msg = t.message.unwrap_or_default();
-        assert!(msg.contains("cannot listen on") && msg.contains("in use"), "{msg}");
+        assert!(
+            msg.contains("cannot listen on") && msg.contains("in use"),
+            "{msg}"
+        );
         let first = container_status(&pods, "twins", "first").await.unwrap();
         assert_eq!(first.restart_count, 0);
         assert!(first.state.and_then(|s| s.running).is_some());

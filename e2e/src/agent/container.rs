@@ -129,7 +129,11 @@ impl Runner {
                     if w.reason == "ErrImagePull" {
                         self.set_waiting(&Waiting::new(
                             "ImagePullBackOff",
-                            format!("Back-off pulling image {:?}: {}", self.container.image.as_deref().unwrap_or(""), w.message),
+                            format!(
+                                "Back-off pulling image {:?}: {}",
+                                self.container.image.as_deref().unwrap_or(""),
+                                w.message
+                            ),
                         ));
                     }
                     continue;
@@ -197,7 +201,8 @@ impl Runner {
     /// Resolves the image and builds the command, or says why the container waits.
     async fn prepare(&self) -> Result<tokio::process::Command, Waiting> {
         let image = self.container.image.clone().unwrap_or_default();
-        let map = ImageMap::load(&self.ctx.cfg.images).map_err(|e| Waiting::new("ErrImagePull", e))?;
+        let map =
+            ImageMap::load(&self.ctx.cfg.images).map_err(|e| Waiting::new("ErrImagePull", e))?;
         let exe = map.resolve(&image).map(Path::to_path_buf).ok_or_else(|| {
             Waiting::new(
                 "ErrImagePull",
@@ -210,12 +215,20 @@ impl Runner {
         if !exe.is_file() {
             return Err(Waiting::new(
                 "ErrImagePull",
-                format!("image {image:?} maps to {}, which does not exist", exe.display()),
+                format!(
+                    "image {image:?} maps to {}, which does not exist",
+                    exe.display()
+                ),
             ));
         }
         let pod = self.ctx.pod.borrow().clone();
         let objects = fetch_objects(&self.ctx.client, &self.ctx.namespace, &pod).await?;
-        let env = spec::container_env(&pod, &self.container, &objects, &self.ctx.cfg.base_env(&pod))?;
+        let env = spec::container_env(
+            &pod,
+            &self.container,
+            &objects,
+            &self.ctx.cfg.base_env(&pod),
+        )?;
         let argv = spec::container_argv(&self.container, &env);
         let sandbox = self.sandbox(&pod)?;
 
@@ -246,19 +259,30 @@ impl Runner {
         let err = |m: String| Waiting::new("CreateContainerConfigError", m);
         let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
         let csc = self.container.security_context.as_ref();
-        let uid = csc.and_then(|c| c.run_as_user).or(psc.and_then(|p| p.run_as_user));
-        let gid = csc.and_then(|c| c.run_as_group).or(psc.and_then(|p| p.run_as_group));
-        let non_root = csc.and_then(|c| c.run_as_non_root).or(psc.and_then(|p| p.run_as_non_root));
+        let uid = csc
+            .and_then(|c| c.run_as_user)
+            .or(psc.and_then(|p| p.run_as_user));
+        let gid = csc
+            .and_then(|c| c.run_as_group)
+            .or(psc.and_then(|p| p.run_as_group));
+        let non_root = csc
+            .and_then(|c| c.run_as_non_root)
+            .or(psc.and_then(|p| p.run_as_non_root));
         if non_root == Some(true) && uid.unwrap_or(0) == 0 {
             return Err(err(
                 "container has runAsNonRoot and image will run as root (set runAsUser)".into(),
             ));
         }
-        let ro_root = csc.and_then(|c| c.read_only_root_filesystem).unwrap_or(false);
+        let ro_root = csc
+            .and_then(|c| c.read_only_root_filesystem)
+            .unwrap_or(false);
         let mut mounts = Vec::new();
         for m in self.container.volume_mounts.iter().flatten() {
             let Some(dir) = self.ctx.volume_dirs.get(&m.name) else {
-                return Err(err(format!("volume mount {:?}: no volume of that name", m.name)));
+                return Err(err(format!(
+                    "volume mount {:?}: no volume of that name",
+                    m.name
+                )));
             };
             let src = match m.sub_path.as_deref() {
                 Some(s) if !s.is_empty() => dir.join(s),
@@ -268,13 +292,16 @@ impl Runner {
             if src.is_dir() {
                 std::fs::create_dir_all(&dst)
             } else {
-                dst.parent().map(std::fs::create_dir_all).unwrap_or(Ok(())).and_then(|_| {
-                    if dst.exists() {
-                        Ok(())
-                    } else {
-                        std::fs::File::create(&dst).map(|_| ())
-                    }
-                })
+                dst.parent()
+                    .map(std::fs::create_dir_all)
+                    .unwrap_or(Ok(()))
+                    .and_then(|_| {
+                        if dst.exists() {
+                            Ok(())
+                        } else {
+                            std::fs::File::create(&dst).map(|_| ())
+                        }
+                    })
             }
             .map_err(|e| err(format!("creating mount point {}: {e}", dst.display())))?;
             mounts.push((cstring(&src)?, cstring(&dst)?, m.read_only.unwrap_or(false)));
@@ -305,14 +332,22 @@ impl Runner {
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| Waiting::new("RunContainerError", format!("opening log {}: {e}", log_path.display())))?;
+            .map_err(|e| {
+                Waiting::new(
+                    "RunContainerError",
+                    format!("opening log {}: {e}", log_path.display()),
+                )
+            })?;
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log2 = log
             .try_clone()
             .map_err(|e| Waiting::new("RunContainerError", e.to_string()))?;
         cmd.stdout(log).stderr(log2);
         let mut child = cmd.spawn().map_err(|e| {
-            Waiting::new("RunContainerError", format!("starting container process: {e}"))
+            Waiting::new(
+                "RunContainerError",
+                format!("starting container process: {e}"),
+            )
         })?;
         let pid = child.id().unwrap_or(0) as i32;
         let started_at = now();
@@ -431,7 +466,10 @@ fn unreachable_string() -> String {
 
 fn cstring(p: &Path) -> Result<CString, Waiting> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-        Waiting::new("CreateContainerConfigError", format!("path with NUL: {}", p.display()))
+        Waiting::new(
+            "CreateContainerConfigError",
+            format!("path with NUL: {}", p.display()),
+        )
     })
 }
 
@@ -580,7 +618,11 @@ fn tail(path: &Path, from: u64, max: u64) -> Option<String> {
     Some(String::from_utf8_lossy(&buf).trim().to_string())
 }
 
-pub async fn fetch_objects(client: &kube::Client, ns: &str, pod: &Pod) -> Result<ObjectCache, Waiting> {
+pub async fn fetch_objects(
+    client: &kube::Client,
+    ns: &str,
+    pod: &Pod,
+) -> Result<ObjectCache, Waiting> {
     let (cms, secrets) = spec::referenced_objects(pod);
     let mut cache = ObjectCache::default();
     let cm_api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -590,7 +632,12 @@ pub async fn fetch_objects(client: &kube::Client, ns: &str, pod: &Pod) -> Result
                 cache.config_maps.insert(name, cm);
             }
             Ok(None) => {}
-            Err(e) => return Err(Waiting::new("CreateContainerConfigError", format!("reading configmap {name}: {e}"))),
+            Err(e) => {
+                return Err(Waiting::new(
+                    "CreateContainerConfigError",
+                    format!("reading configmap {name}: {e}"),
+                ));
+            }
         }
     }
     let s_api: Api<Secret> = Api::namespaced(client.clone(), ns);
@@ -600,7 +647,12 @@ pub async fn fetch_objects(client: &kube::Client, ns: &str, pod: &Pod) -> Result
                 cache.secrets.insert(name, s);
             }
             Ok(None) => {}
-            Err(e) => return Err(Waiting::new("CreateContainerConfigError", format!("reading secret {name}: {e}"))),
+            Err(e) => {
+                return Err(Waiting::new(
+                    "CreateContainerConfigError",
+                    format!("reading secret {name}: {e}"),
+                ));
+            }
         }
     }
     Ok(cache)
@@ -657,7 +709,12 @@ impl ProbeState {
 /// Probes until the result is decided: with `until_success`, Ok on the first
 /// success (startup probe) and Err after `failureThreshold` failures in a row;
 /// otherwise (liveness) it only returns on failure.
-async fn probe_until(p: &Probe, ip: &str, c: &Container, until_success: bool) -> Result<(), String> {
+async fn probe_until(
+    p: &Probe,
+    ip: &str,
+    c: &Container,
+    until_success: bool,
+) -> Result<(), String> {
     let mut state = ProbeState::new(p);
     tokio::time::sleep(state.initial_delay).await;
     loop {
@@ -692,12 +749,20 @@ async fn probe_once(p: &Probe, pod_ip: &str, c: &Container) -> Result<(), String
         if let Some(h) = &p.http_get {
             let port = resolve_port(&h.port, c)?;
             let host = h.host.clone().unwrap_or_else(|| pod_ip.to_string());
-            if h.scheme.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("https")) {
+            if h.scheme
+                .as_deref()
+                .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+            {
                 return Err("HTTPS probes are not supported by the snooze node agent".into());
             }
             let mut s = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
-                .map_err(|e| format!("Get \"http://{host}:{port}{}\": {e}", h.path.as_deref().unwrap_or("/")))?;
+                .map_err(|e| {
+                    format!(
+                        "Get \"http://{host}:{port}{}\": {e}",
+                        h.path.as_deref().unwrap_or("/")
+                    )
+                })?;
             let mut req = format!(
                 "GET {} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nAccept: */*\r\nConnection: close\r\n",
                 h.path.as_deref().unwrap_or("/")
@@ -706,7 +771,9 @@ async fn probe_once(p: &Probe, pod_ip: &str, c: &Container) -> Result<(), String
                 req.push_str(&format!("{}: {}\r\n", hh.name, hh.value));
             }
             req.push_str("\r\n");
-            s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
             let mut buf = [0u8; 64];
             let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
             let line = String::from_utf8_lossy(&buf[..n]);

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, watch};
 use tracing::info;
@@ -125,7 +125,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let node = node::register(&client, &cfg).await?;
     info!(node = %cfg.node_name, ip = %cfg.node_ip, "node registered");
-    tokio::spawn(node::heartbeat(client.clone(), cfg.clone(), node::uid(&node)));
+    tokio::spawn(node::heartbeat(
+        client.clone(),
+        cfg.clone(),
+        node::uid(&node),
+    ));
 
     let pool = Arc::new(IpPool::new(cfg.pod_ip_start, cfg.pod_ip_count));
     let api: Api<Pod> = Api::all(client.clone());

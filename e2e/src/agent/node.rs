@@ -90,8 +90,12 @@ async fn write_status(api: &Api<Node>, cfg: &AgentConfig) -> kube::Result<Node> 
             },
         }
     });
-    api.patch_status(&cfg.node_name, &PatchParams::default(), &Patch::Strategic(&status))
-        .await
+    api.patch_status(
+        &cfg.node_name,
+        &PatchParams::default(),
+        &Patch::Strategic(&status),
+    )
+    .await
 }
 
 /// Renews the node Lease every 10s and rewrites the node status every minute.
@@ -121,13 +125,16 @@ pub async fn heartbeat(client: kube::Client, cfg: std::sync::Arc<AgentConfig>, n
             }
         });
         let pp = PatchParams::apply("snooze-node-agent").force();
-        if let Err(e) = leases.patch(&cfg.node_name, &pp, &Patch::Apply(&lease)).await {
+        if let Err(e) = leases
+            .patch(&cfg.node_name, &pp, &Patch::Apply(&lease))
+            .await
+        {
             warn!("renewing node lease: {e}");
         }
-        if n % 6 == 0 {
-            if let Err(e) = write_status(&nodes, &cfg).await {
-                warn!("writing node status: {e}");
-            }
+        if n.is_multiple_of(6)
+            && let Err(e) = write_status(&nodes, &cfg).await
+        {
+            warn!("writing node status: {e}");
         }
     }
 }

@@ -41,14 +41,20 @@ fn waiting(reason: &str, message: Option<String>) -> Option<ContainerState> {
 
 impl PodWorker {
     pub async fn run(mut self) {
-        let Some(pod) = self.rx.borrow().clone() else { return };
+        let Some(pod) = self.rx.borrow().clone() else {
+            return;
+        };
         let uid = pod.uid().unwrap_or_default();
         let ns = pod.namespace().unwrap_or_default();
         let name = pod.name_any();
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
 
         // A pod that is already terminal is left alone (as after a kubelet restart).
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
             self.wait_and_finish(&api, &name, &uid, &pod).await;
             return;
@@ -61,7 +67,11 @@ impl PodWorker {
             .as_ref()
             .and_then(|s| s.start_time.clone())
             .unwrap_or_else(now);
-        let containers = pod.spec.as_ref().map(|s| s.containers.clone()).unwrap_or_default();
+        let containers = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.clone())
+            .unwrap_or_default();
 
         // Until the sandbox is set up, every container is ContainerCreating.
         let initial: Vec<ContainerStatus> = containers
@@ -101,7 +111,12 @@ impl PodWorker {
 
         // Volumes (retried while a ConfigMap/Secret is missing or the token fails).
         let volume_dirs = loop {
-            if self.rx.borrow().as_ref().is_none_or(|p| p.metadata.deletion_timestamp.is_some()) {
+            if self
+                .rx
+                .borrow()
+                .as_ref()
+                .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            {
                 break None;
             }
             match self.setup_volumes(&with_ip, &pod_dir).await {
@@ -164,7 +179,8 @@ impl PodWorker {
             );
             // Run until the pod is being deleted or is gone.
             loop {
-                let current: Vec<ContainerStatus> = statuses.iter().map(|s| s.borrow().clone()).collect();
+                let current: Vec<ContainerStatus> =
+                    statuses.iter().map(|s| s.borrow().clone()).collect();
                 let written = writer.write(&current).await;
                 if writer.terminal() {
                     break;
@@ -203,7 +219,10 @@ impl PodWorker {
             Some(p) => Duration::from_secs(
                 p.metadata
                     .deletion_grace_period_seconds
-                    .or(p.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+                    .or(p
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds))
                     .unwrap_or(30)
                     .max(0) as u64,
             ),
@@ -216,7 +235,8 @@ impl PodWorker {
             let _ = t.await;
         }
         if latest.is_some() {
-            let current: Vec<ContainerStatus> = statuses.iter().map(|s| s.borrow().clone()).collect();
+            let current: Vec<ContainerStatus> =
+                statuses.iter().map(|s| s.borrow().clone()).collect();
             writer.write(&current).await;
         }
         self.pool.release(&uid);
@@ -390,17 +410,28 @@ struct StatusWriter {
 
 impl StatusWriter {
     fn phase(&self, cs: &[ContainerStatus]) -> &'static str {
-        fn terminated(c: &ContainerStatus) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
+        fn terminated(
+            c: &ContainerStatus,
+        ) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
             c.state.as_ref().and_then(|s| s.terminated.as_ref())
         }
         let running = |c: &ContainerStatus| c.state.as_ref().is_some_and(|s| s.running.is_some());
         if self.terminal_on_exit && !cs.is_empty() && cs.iter().all(|c| terminated(c).is_some()) {
-            if cs.iter().all(|c| terminated(c).is_some_and(|t| t.exit_code == 0)) {
+            if cs
+                .iter()
+                .all(|c| terminated(c).is_some_and(|t| t.exit_code == 0))
+            {
                 return "Succeeded";
             }
             return "Failed";
         }
-        if cs.iter().any(|c| running(c) || c.restart_count > 0 || c.last_state.as_ref().is_some_and(|l| l.terminated.is_some())) {
+        if cs.iter().any(|c| {
+            running(c)
+                || c.restart_count > 0
+                || c.last_state
+                    .as_ref()
+                    .is_some_and(|l| l.terminated.is_some())
+        }) {
             "Running"
         } else {
             "Pending"
@@ -418,15 +449,21 @@ impl StatusWriter {
     async fn write(&mut self, cs: &[ContainerStatus]) -> bool {
         let phase = self.phase(cs);
         let all_ready = !cs.is_empty() && cs.iter().all(|c| c.ready);
-        let not_ready: Vec<&str> = cs.iter().filter(|c| !c.ready).map(|c| c.name.as_str()).collect();
-        let cond = |t: &str, ok: bool, reason: Option<&str>, message: Option<String>| PodCondition {
-            type_: t.into(),
-            status: if ok { "True" } else { "False" }.into(),
-            reason: reason.map(Into::into),
-            message,
-            ..Default::default()
-        };
-        let not_ready_msg = (!all_ready).then(|| format!("containers with unready status: [{}]", not_ready.join(" ")));
+        let not_ready: Vec<&str> = cs
+            .iter()
+            .filter(|c| !c.ready)
+            .map(|c| c.name.as_str())
+            .collect();
+        let cond =
+            |t: &str, ok: bool, reason: Option<&str>, message: Option<String>| PodCondition {
+                type_: t.into(),
+                status: if ok { "True" } else { "False" }.into(),
+                reason: reason.map(Into::into),
+                message,
+                ..Default::default()
+            };
+        let not_ready_msg = (!all_ready)
+            .then(|| format!("containers with unready status: [{}]", not_ready.join(" ")));
         let sandbox_ready = phase != "Succeeded" && phase != "Failed";
         let conditions = vec![
             cond("PodReadyToStartContainers", sandbox_ready, None, None),
@@ -434,13 +471,21 @@ impl StatusWriter {
             cond(
                 "Ready",
                 all_ready,
-                (!all_ready).then_some(if phase == "Succeeded" { "PodCompleted" } else { "ContainersNotReady" }),
+                (!all_ready).then_some(if phase == "Succeeded" {
+                    "PodCompleted"
+                } else {
+                    "ContainersNotReady"
+                }),
                 not_ready_msg.clone(),
             ),
             cond(
                 "ContainersReady",
                 all_ready,
-                (!all_ready).then_some(if phase == "Succeeded" { "PodCompleted" } else { "ContainersNotReady" }),
+                (!all_ready).then_some(if phase == "Succeeded" {
+                    "PodCompleted"
+                } else {
+                    "ContainersNotReady"
+                }),
                 not_ready_msg,
             ),
         ];
@@ -480,7 +525,11 @@ impl StatusWriter {
         }
         match self
             .api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(&body))
+            .patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Strategic(&body),
+            )
             .await
         {
             Ok(_) => {

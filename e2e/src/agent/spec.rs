@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, ObjectFieldSelector, Pod, Secret,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, ObjectFieldSelector, Pod, Secret};
 use serde::Deserialize;
 
 /// A reason and message the way the kubelet reports a container it could not start.
@@ -38,7 +36,8 @@ impl ImageMap {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading image map {}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| format!("parsing image map {}: {e}", path.display()))
+        serde_json::from_str(&text)
+            .map_err(|e| format!("parsing image map {}: {e}", path.display()))
     }
 
     /// The executable for `image`: an exact `repo:tag` entry wins over a `repo` entry.
@@ -73,16 +72,16 @@ pub fn expand(input: &str, vars: &HashMap<String, String>) -> String {
                 i += 2;
                 continue;
             }
-            if bytes[i + 1] == b'(' {
-                if let Some(end) = input[i + 2..].find(')') {
-                    let name = &input[i + 2..i + 2 + end];
-                    match vars.get(name) {
-                        Some(v) => out.push_str(v),
-                        None => out.push_str(&input[i..i + 3 + end]),
-                    }
-                    i += 3 + end;
-                    continue;
+            if bytes[i + 1] == b'('
+                && let Some(end) = input[i + 2..].find(')')
+            {
+                let name = &input[i + 2..i + 2 + end];
+                match vars.get(name) {
+                    Some(v) => out.push_str(v),
+                    None => out.push_str(&input[i..i + 3 + end]),
                 }
+                i += 3 + end;
+                continue;
             }
         }
         let ch = input[i..].chars().next().unwrap_or('$');
@@ -121,7 +120,11 @@ pub fn referenced_objects(pod: &Pod) -> (Vec<String>, Vec<String>) {
     let Some(spec) = &pod.spec else {
         return (cms, secrets);
     };
-    for c in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
         for e in c.env.iter().flatten() {
             if let Some(vf) = &e.value_from {
                 if let Some(r) = &vf.config_map_key_ref {
@@ -173,7 +176,12 @@ pub fn field_value(pod: &Pod, sel: &ObjectFieldSelector) -> Result<String, Strin
     let path = sel.field_path.as_str();
     let label = |map: &Option<BTreeMap<String, String>>, prefix: &str| -> Option<String> {
         let key = path.strip_prefix(prefix)?.strip_suffix("']")?;
-        Some(map.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default())
+        Some(
+            map.as_ref()
+                .and_then(|m| m.get(key))
+                .cloned()
+                .unwrap_or_default(),
+        )
     };
     if let Some(v) = label(&meta.labels, "metadata.labels['") {
         return Ok(v);
@@ -186,13 +194,19 @@ pub fn field_value(pod: &Pod, sel: &ObjectFieldSelector) -> Result<String, Strin
         "metadata.namespace" => meta.namespace.clone(),
         "metadata.uid" => meta.uid.clone(),
         "spec.nodeName" => pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()),
+        "spec.serviceAccountName" => pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone()),
         "status.hostIP" => status.and_then(|s| s.host_ip.clone()),
         "status.podIP" => status.and_then(|s| s.pod_ip.clone()),
         "status.podIPs" => status.and_then(|s| {
-            s.pod_ips
-                .as_ref()
-                .map(|ips| ips.iter().map(|i| i.ip.clone()).collect::<Vec<_>>().join(","))
+            s.pod_ips.as_ref().map(|ips| {
+                ips.iter()
+                    .map(|i| i.ip.clone())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
         }),
         other => return Err(format!("unsupported fieldRef {other:?}")),
     };
@@ -209,11 +223,12 @@ pub fn container_env(
 ) -> Result<Vec<(String, String)>, Waiting> {
     let mut order: Vec<String> = Vec::new();
     let mut vars: HashMap<String, String> = HashMap::new();
-    let set = |k: String, v: String, order: &mut Vec<String>, vars: &mut HashMap<String, String>| {
-        if vars.insert(k.clone(), v).is_none() {
-            order.push(k);
-        }
-    };
+    let set =
+        |k: String, v: String, order: &mut Vec<String>, vars: &mut HashMap<String, String>| {
+            if vars.insert(k.clone(), v).is_none() {
+                order.push(k);
+            }
+        };
     for (k, v) in base {
         set(k.clone(), v.clone(), &mut order, &mut vars);
     }
@@ -402,7 +417,12 @@ fn cm_data(cm: &ConfigMap) -> Vec<(String, Vec<u8>)> {
         .flatten()
         .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
         .collect();
-    out.extend(cm.binary_data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())));
+    out.extend(
+        cm.binary_data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone())),
+    );
     out
 }
 
@@ -441,7 +461,9 @@ pub fn volume_sources(
             let name = s.secret_name.clone().unwrap_or_default();
             let mode = s.default_mode.unwrap_or(0o644) as u32;
             let files = match objects.secret(&name) {
-                Some(sec) => key_files(secret_data(sec), s.items.as_ref(), mode, &name).map_err(err)?,
+                Some(sec) => {
+                    key_files(secret_data(sec), s.items.as_ref(), mode, &name).map_err(err)?
+                }
                 None if s.optional == Some(true) => vec![],
                 None => return Err(err(format!("secret \"{name}\" not found"))),
             };
@@ -532,10 +554,9 @@ mod tests {
 
     #[test]
     fn image_map_prefers_exact_tag() {
-        let m: ImageMap = serde_json::from_str(
-            r#"{"images":{"x/app":"/bin/any","x/app:2":"/bin/two"}}"#,
-        )
-        .unwrap();
+        let m: ImageMap =
+            serde_json::from_str(r#"{"images":{"x/app":"/bin/any","x/app:2":"/bin/two"}}"#)
+                .unwrap();
         assert_eq!(m.resolve("x/app:2"), Some(Path::new("/bin/two")));
         assert_eq!(m.resolve("x/app:1"), Some(Path::new("/bin/any")));
         assert_eq!(m.resolve("y/app:1"), None);

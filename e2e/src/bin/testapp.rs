@@ -153,10 +153,8 @@ fn stream(req: &Request<Incoming>) -> Response<Body> {
         Some((Ok::<_, std::io::Error>(Frame::data(data)), i + 1))
     });
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(s)));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 
@@ -169,7 +167,8 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         while let Some(Ok(msg)) = ws.next().await {
             if msg.is_close() {
                 break;
@@ -214,12 +213,20 @@ async fn api_check() -> Response<Body> {
     use k8s_openapi::api::core::v1::Pod;
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
-        Err(e) => return full(StatusCode::INTERNAL_SERVER_ERROR, format!("no in-cluster config: {e}\n")),
+        Err(e) => {
+            return full(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("no in-cluster config: {e}\n"),
+            );
+        }
     };
     let ns = client.default_namespace().to_string();
     let pods: kube::Api<Pod> = kube::Api::namespaced(client, &ns);
     match pods.list(&Default::default()).await {
-        Ok(l) => full(StatusCode::OK, format!("allowed: {} pods in {ns}\n", l.items.len())),
+        Ok(l) => full(
+            StatusCode::OK,
+            format!("allowed: {} pods in {ns}\n", l.items.len()),
+        ),
         Err(kube::Error::Api(e)) => full(
             StatusCode::from_u16(e.code).unwrap_or(StatusCode::BAD_GATEWAY),
             format!("{}: {}\n", e.reason, e.message),

@@ -1,0 +1,568 @@
+//! The activator's data path with real sockets: the activator library's listeners and
+//! proxy in this process, the test application as real backend processes, and hyper
+//! clients. No cluster needed (the endpoint events the watchers would deliver are
+//! given directly).
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+use snooze_activator::listeners::{Listeners, ServerLimits};
+use snooze_activator::metrics::Metrics;
+use snooze_activator::pool::Pool;
+use snooze_activator::proxy::{Proxy, Route};
+use snooze_activator::stats::StatsHub;
+use snooze_activator::table::{Service, Settings, Table};
+use snooze_crds::stats::{Report, ServiceRef};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A test application process on 127.0.0.1, killed when dropped.
+struct Backend {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn backend(extra: &[&str]) -> Backend {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_snooze-testapp"))
+        .arg("--listen")
+        .arg(addr.to_string())
+        .args(extra)
+        .env("POD_NAME", format!("backend-{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start testapp");
+    let b = Backend { child, addr };
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "testapp did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b
+}
+
+struct Activator {
+    table: Arc<Table>,
+    stats: Arc<StatsHub>,
+    svc: Arc<Service>,
+    port: u16,
+    _listeners: Arc<Listeners>,
+}
+
+impl Activator {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn set_backends(&self, backends: &[&Backend]) {
+        self.svc.set_endpoints(
+            backends
+                .iter()
+                .map(|b| (b.addr.ip(), vec![("http".to_string(), b.addr.port())]))
+                .collect(),
+        );
+    }
+}
+
+async fn activator_with(
+    settings: Settings,
+    limits: ServerLimits,
+    h2c: bool,
+    max_total: u64,
+) -> Activator {
+    let metrics = Arc::new(Metrics::new());
+    let table = Arc::new(Table::new(metrics, max_total));
+    let stats = StatsHub::new(table.clone(), "test".into(), Duration::from_secs(1));
+    let proxy = Arc::new(Proxy {
+        table: table.clone(),
+        pool: Pool::new(Duration::from_secs(1), 64),
+        stats: stats.clone(),
+        response_timeout: Duration::from_secs(30),
+    });
+    let listeners = Listeners::new(proxy, "127.0.0.1".parse().unwrap(), limits);
+    let key = ServiceRef {
+        namespace: "test".into(),
+        name: "web".into(),
+    };
+    let svc = table.upsert(key, "web", settings);
+    let port = free_port();
+    let failed = listeners
+        .sync(
+            [(
+                port,
+                Arc::new(Route {
+                    service: svc.clone(),
+                    port_name: "http".into(),
+                    h2c,
+                }),
+            )]
+            .into(),
+        )
+        .await;
+    assert!(failed.is_empty(), "{failed:?}");
+    Activator {
+        table,
+        stats,
+        svc,
+        port,
+        _listeners: listeners,
+    }
+}
+
+async fn activator(settings: Settings) -> Activator {
+    activator_with(settings, ServerLimits::default(), false, 20_000).await
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(url: &str) -> (StatusCode, http::HeaderMap, String) {
+    let resp = client()
+        .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+        .await
+        .expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cold_request_is_held_woken_and_released_by_the_endpoint_event() {
+    let a = activator(Settings::default()).await;
+    let mut reports = Box::pin(a.stats.clone().stream());
+    let first: Report = serde_json::from_slice(&reports.next().await.unwrap()).unwrap();
+    assert!(first.full);
+
+    let url = a.url("/");
+    let req = tokio::spawn(async move { get(&url).await });
+    // The wake signal goes out at once, not on the next tick.
+    let wake: Report = tokio::time::timeout(Duration::from_millis(900), async {
+        loop {
+            let r: Report = serde_json::from_slice(&reports.next().await.unwrap()).unwrap();
+            if !r.wake.is_empty() {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("a wake report within 900ms");
+    assert_eq!(wake.wake[0].name, "web");
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !req.is_finished(),
+        "the request is held while there is no pod"
+    );
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let (status, _, body) = tokio::time::timeout(Duration::from_secs(5), req)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.starts_with("hello from backend-"), "{body}");
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_requests_during_a_cold_start_all_succeed() {
+    let a = activator(Settings::default()).await;
+    let mut reqs = Vec::new();
+    for i in 0..200 {
+        let url = a.url(&format!("/?n={i}"));
+        reqs.push(tokio::spawn(async move { get(&url).await }));
+    }
+    // All 200 are held before the pod comes up.
+    let start = Instant::now();
+    while a.svc.queued.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "only {} held",
+            a.svc.queued.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = backend(&["--startup-delay-ms", "200"]).await;
+    a.set_backends(&[&b]);
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for r in reqs {
+        let (status, _, body) = tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .unwrap()
+            .unwrap();
+        if status == 200 {
+            ok += 1;
+        } else if failures.len() < 3 {
+            failures.push(format!("{status} {body}"));
+        }
+    }
+    assert_eq!(ok, 200, "{failures:?}");
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn no_pod_within_the_activation_timeout_gives_504() {
+    let a = activator(Settings {
+        timeout: Duration::from_millis(700),
+        ..Default::default()
+    })
+    .await;
+    let start = Instant::now();
+    let (status, _, body) = get(&a.url("/")).await;
+    assert_eq!(status, 504);
+    assert!(start.elapsed() >= Duration::from_millis(700));
+    assert!(
+        body.contains("test/web") && body.contains("no ready pod after waiting 0.7s"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn full_queue_gives_503_with_retry_after_at_once() {
+    let a = activator(Settings {
+        timeout: Duration::from_secs(3),
+        max_queued: 5,
+        ..Default::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let url = a.url("/");
+        held.push(tokio::spawn(async move { get(&url).await.0 }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    let (status, headers, body) = get(&a.url("/")).await;
+    assert_eq!(status, 503);
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "refused at once"
+    );
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    assert!(body.contains("too many requests waiting"), "{body}");
+    // The held ones are still served once a pod is there.
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test]
+async fn global_queue_bound_protects_the_activator() {
+    let a = activator_with(Settings::default(), ServerLimits::default(), false, 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let url = a.url("/");
+        held.push(tokio::spawn(async move { get(&url).await.0 }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&a.url("/")).await.0, 503);
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(
+        a.table
+            .queued_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn ten_megabyte_post_during_a_cold_start_arrives_intact() {
+    let a = activator(Settings::default()).await;
+    let body: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let want = Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let url = a.url("/echo");
+    let len = body.len();
+    let req = tokio::spawn(async move {
+        let resp = client()
+            .request(
+                Request::post(url)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        (
+            status,
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+                .into_owned(),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let (status, text) = req.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(text.trim(), format!("len={len} sha256={want}"));
+}
+
+#[tokio::test]
+async fn streamed_response_arrives_incrementally() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let start = Instant::now();
+    let resp = client()
+        .request(
+            Request::get(a.url("/stream?chunks=5&interval_ms=300"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(f) = body.frame().await {
+        if f.unwrap().data_ref().is_some_and(|d| !d.is_empty()) {
+            arrivals.push(start.elapsed());
+        }
+    }
+    assert!(arrivals.len() >= 5, "{arrivals:?}");
+    // The first chunk is there long before the last one was written (1.2s later).
+    assert!(arrivals[0] < Duration::from_millis(600), "{arrivals:?}");
+    assert!(
+        *arrivals.last().unwrap() >= Duration::from_millis(1100),
+        "{arrivals:?}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_round_trip() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/ws", a.port))
+        .await
+        .expect("websocket handshake through the activator");
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "ping {i}"
+        )))
+        .await
+        .unwrap();
+        let m = ws.next().await.unwrap().unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("ping {i}"));
+    }
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn h2c_and_grpc_round_trip_with_trailers() {
+    let a = activator_with(Settings::default(), ServerLimits::default(), true, 20_000).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // A gRPC frame: uncompressed flag, length, payload.
+    let payload = b"snooze";
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    let req = Request::post(a.url("/snooze.test.Echo/Echo"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(frame.clone())))
+        .unwrap();
+    let resp = c.request(req).await.expect("h2c request");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("content-type").unwrap(),
+        "application/grpc"
+    );
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    assert_eq!(collected.to_bytes().as_ref(), frame.as_slice());
+}
+
+#[tokio::test]
+async fn refused_connection_is_retried_on_another_pod() {
+    let a = activator(Settings::default()).await;
+    let live = backend(&[]).await;
+    let dead_port = free_port(); // nothing listens there
+    a.svc.set_endpoints(vec![
+        (live.addr.ip(), vec![("http".into(), live.addr.port())]),
+        (
+            "127.0.0.1".parse().unwrap(),
+            vec![("http".into(), dead_port)],
+        ),
+    ]);
+    for _ in 0..20 {
+        let (status, _, body) = get(&a.url("/")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn pod_dying_before_answering_gives_502_and_others_are_unaffected() {
+    // A "pod" that reads the request and closes the connection without answering.
+    let dying = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dying_addr = dying.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = dying.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            drop(s);
+        }
+    });
+    let broken = activator(Settings::default()).await;
+    broken.svc.set_endpoints(vec![(
+        dying_addr.ip(),
+        vec![("http".into(), dying_addr.port())],
+    )]);
+    let healthy = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    healthy.set_backends(&[&b]);
+
+    let (status, _, body) = get(&broken.url("/")).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("failed before answering"), "{body}");
+    let (status, _, _) = get(&healthy.url("/")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn host_header_is_kept_and_forwarded_headers_added() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let resp = client()
+        .request(
+            Request::get(a.url("/headers"))
+                .header("host", "shop.example.com")
+                .header("connection", "x-drop-me")
+                .header("x-drop-me", "1")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(text.contains("host: shop.example.com"), "{text}");
+    assert!(text.contains("x-forwarded-for: 127.0.0.1"), "{text}");
+    assert!(text.contains("x-forwarded-proto: http"), "{text}");
+    assert!(!text.contains("x-drop-me"), "{text}");
+}
+
+async fn raw(port: u16, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_431_and_slow_headers_are_cut() {
+    let a = activator_with(
+        Settings::default(),
+        ServerLimits {
+            header_read_timeout: Duration::from_millis(500),
+            max_header_bytes: 8192,
+            ..Default::default()
+        },
+        false,
+        20_000,
+    )
+    .await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let malformed = raw(a.port, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await;
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let too_large = raw(a.port, big.as_bytes()).await;
+    assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large}");
+
+    // A client that never finishes its headers is disconnected after the timeout.
+    let start = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "connection still open after 5s");
+    assert!(start.elapsed() >= Duration::from_millis(450));
+    // The activator still serves.
+    assert_eq!(get(&a.url("/")).await.0, 200);
+}
+
+#[tokio::test]
+async fn per_pod_concurrency_limit_queues_the_excess() {
+    let a = activator(Settings {
+        pod_concurrency: 1,
+        ..Default::default()
+    })
+    .await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let start = Instant::now();
+    let mut reqs = Vec::new();
+    for _ in 0..4 {
+        let url = a.url("/?delay_ms=200");
+        reqs.push(tokio::spawn(async move { get(&url).await.0 }));
+    }
+    for r in reqs {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    // One at a time: four requests of 200 ms take at least 800 ms.
+    assert!(
+        start.elapsed() >= Duration::from_millis(780),
+        "{:?}",
+        start.elapsed()
+    );
+}
