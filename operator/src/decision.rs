@@ -1,0 +1,207 @@
+//! The scaling decision: a pure function of the policy, the replicas, the load the
+//! activators report and the time. The operator applies it on every reconcile and at
+//! once on a wake signal.
+
+use std::time::{Duration, SystemTime};
+
+/// What all activators together report for one service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    pub in_flight: u64,
+    pub queued: u64,
+    /// The most recent request any activator saw.
+    pub last_request: Option<SystemTime>,
+    /// True when every activator has reported recently; scaling to zero needs it.
+    pub complete: bool,
+    /// An activator asked to wake this service just now.
+    pub wake: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub idle_timeout: Duration,
+    /// Replicas to start on a wake from zero.
+    pub wake_replicas: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Requests are waiting and the workload is at zero.
+    Wake,
+    /// No request for `idleTimeout`.
+    Idle,
+    /// Raised to `minReplicas`.
+    MinReplicas,
+    /// Lowered to `maxReplicas`.
+    MaxReplicas,
+    /// Nothing to change.
+    Steady,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Wake => "Wake",
+            Reason::Idle => "Idle",
+            Reason::MinReplicas => "MinReplicas",
+            Reason::MaxReplicas => "MaxReplicas",
+            Reason::Steady => "Steady",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub desired: i32,
+    pub reason: Reason,
+    /// When the decision may change with no new event (the idle deadline).
+    pub recheck_in: Option<Duration>,
+}
+
+/// Decides the replicas. `idle_since` is when the idle clock starts if no request was
+/// ever seen (the time Snooze took the workload over).
+pub fn decide(policy: &Policy, current: i32, load: &Load, now: SystemTime, idle_since: SystemTime) -> Decision {
+    let floor = policy.min_replicas.max(0);
+    let ceiling = policy.max_replicas.max(floor).max(1);
+    let busy = load.in_flight > 0 || load.queued > 0 || load.wake;
+    let steady = |desired: i32, recheck_in| Decision {
+        desired,
+        reason: Reason::Steady,
+        recheck_in,
+    };
+
+    if current <= 0 {
+        if busy {
+            let desired = policy.wake_replicas.max(floor).max(1).min(ceiling);
+            return Decision {
+                desired,
+                reason: Reason::Wake,
+                recheck_in: None,
+            };
+        }
+        if floor > 0 {
+            return Decision {
+                desired: floor,
+                reason: Reason::MinReplicas,
+                recheck_in: None,
+            };
+        }
+        return steady(0, None);
+    }
+    if current < floor {
+        return Decision {
+            desired: floor,
+            reason: Reason::MinReplicas,
+            recheck_in: None,
+        };
+    }
+    if current > ceiling {
+        return Decision {
+            desired: ceiling,
+            reason: Reason::MaxReplicas,
+            recheck_in: None,
+        };
+    }
+    if busy {
+        return steady(current, Some(policy.idle_timeout));
+    }
+    let since = load.last_request.map_or(idle_since, |t| t.max(idle_since));
+    let idle_for = now.duration_since(since).unwrap_or_default();
+    if idle_for >= policy.idle_timeout {
+        if !load.complete {
+            // Some activator has not reported: it may have requests. Look again soon.
+            return steady(current, Some(Duration::from_secs(2)));
+        }
+        if current > floor {
+            return Decision {
+                desired: floor,
+                reason: Reason::Idle,
+                recheck_in: None,
+            };
+        }
+        return steady(current, None);
+    }
+    steady(current, Some(policy.idle_timeout - idle_for))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(T0 + secs)
+    }
+
+    fn policy(min: i32, max: i32) -> Policy {
+        Policy {
+            min_replicas: min,
+            max_replicas: max,
+            idle_timeout: Duration::from_secs(300),
+            wake_replicas: 1,
+        }
+    }
+
+    fn load(in_flight: u64, queued: u64, last: Option<u64>, wake: bool) -> Load {
+        Load {
+            in_flight,
+            queued,
+            last_request: last.map(at),
+            complete: true,
+            wake,
+        }
+    }
+
+    #[test]
+    fn table() {
+        // (name, min, max, current, load, now, want desired, want reason)
+        let cases = [
+            ("idle past timeout scales to zero", 0, 5, 2, load(0, 0, Some(0), false), 300, 0, Reason::Idle),
+            ("idle but not long enough keeps", 0, 5, 2, load(0, 0, Some(0), false), 299, 2, Reason::Steady),
+            ("in flight keeps even when last request is old", 0, 5, 1, load(3, 0, Some(0), false), 900, 1, Reason::Steady),
+            ("queued keeps", 0, 5, 1, load(0, 1, Some(0), false), 900, 1, Reason::Steady),
+            ("wake from zero", 0, 5, 0, load(0, 1, Some(900), true), 900, 1, Reason::Wake),
+            ("in flight at zero wakes too", 0, 5, 0, load(1, 0, None, false), 900, 1, Reason::Wake),
+            ("asleep and quiet stays asleep", 0, 5, 0, load(0, 0, Some(0), false), 900, 0, Reason::Steady),
+            ("min>0 never goes below min", 2, 5, 3, load(0, 0, Some(0), false), 900, 2, Reason::Idle),
+            ("min>0 at min stays", 2, 5, 2, load(0, 0, Some(0), false), 900, 2, Reason::Steady),
+            ("min>0 from zero raises to min", 2, 5, 0, load(0, 0, None, false), 900, 2, Reason::MinReplicas),
+            ("wake with min>0 starts min", 3, 5, 0, load(0, 1, None, true), 10, 3, Reason::Wake),
+            ("above max is lowered", 0, 2, 4, load(1, 0, Some(900), false), 900, 2, Reason::MaxReplicas),
+            ("below min is raised", 2, 5, 1, load(1, 0, Some(900), false), 900, 2, Reason::MinReplicas),
+        ];
+        for (name, min, max, current, l, now, want, reason) in cases {
+            let d = decide(&policy(min, max), current, &l, at(now), at(0));
+            assert_eq!((d.desired, d.reason), (want, reason), "{name}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn no_request_ever_counts_from_takeover() {
+        let p = policy(0, 3);
+        let quiet = load(0, 0, None, false);
+        assert_eq!(decide(&p, 1, &quiet, at(100), at(0)).desired, 1);
+        assert_eq!(decide(&p, 1, &quiet, at(100), at(0)).recheck_in, Some(Duration::from_secs(200)));
+        assert_eq!(decide(&p, 1, &quiet, at(300), at(0)).desired, 0);
+    }
+
+    #[test]
+    fn incomplete_stats_never_scale_to_zero() {
+        let mut l = load(0, 0, Some(0), false);
+        l.complete = false;
+        let d = decide(&policy(0, 3), 1, &l, at(1000), at(0));
+        assert_eq!(d.desired, 1);
+        assert_eq!(d.recheck_in, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn wake_respects_wake_replicas_and_max() {
+        let mut p = policy(0, 3);
+        p.wake_replicas = 5;
+        let d = decide(&p, 0, &load(0, 2, None, true), at(0), at(0));
+        assert_eq!(d.desired, 3);
+    }
+}

@@ -1,0 +1,6 @@
+//! Snooze's operator: reconciles ScaledServices — routing objects, scaling decisions,
+//! status — and keeps the stats stream from every activator. See DESIGN.md.
+
+pub mod decision;
+pub mod objects;
+pub mod ports;
