@@ -4,3 +4,6 @@
 pub mod decision;
 pub mod objects;
 pub mod ports;
+pub mod controller;
+pub mod metrics;
+pub mod stats;

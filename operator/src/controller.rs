@@ -1,0 +1,518 @@
+//! Reconciliation of one ScaledService: read, validate the references, build the
+//! routing objects as data, apply what differs, decide and write the replicas, write
+//! the status when it changed. Runs only on the leader.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use parking_lot::Mutex;
+use serde_json::json;
+use snooze_crds::stats::ServiceRef;
+use snooze_crds::{FINALIZER, MANAGER, ScaledService, ScaledServiceStatus};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::decision::{self, Load, Policy, Reason};
+use crate::metrics::{Metrics, ScaleLabels, ServiceLabels};
+use crate::objects;
+use crate::ports::{Exhausted, PortAllocator};
+use crate::stats::StatsStore;
+
+/// The ready activator pods: their IPs (for the managed EndpointSlices) and the
+/// addresses of their stats streams.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Activators {
+    pub ips: Vec<String>,
+    pub stats: Vec<SocketAddr>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub store: Store<ScaledService>,
+    /// EndpointSlices of backend Services (managed by the EndpointSlice controller).
+    pub slices: Store<EndpointSlice>,
+    pub ports: Mutex<PortAllocator>,
+    pub stats: Arc<StatsStore>,
+    pub activators: watch::Receiver<Activators>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub started: SystemTime,
+    /// Resolved scale targets by group/version/kind (None: not scalable).
+    pub discovery: Mutex<HashMap<GroupVersionKind, Option<ApiResource>>>,
+    /// Bound on every API call.
+    pub api_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("API call timed out")]
+    Timeout,
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error(transparent)]
+    Ports(#[from] Exhausted),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Timeout => "timeout",
+            Error::Finalizer(_) => "finalizer",
+            Error::Ports(_) => "ports_exhausted",
+        }
+    }
+}
+
+/// Why a ScaledService cannot be programmed; shown as `Ready=False`.
+struct Problem {
+    reason: &'static str,
+    message: String,
+}
+
+async fn timed<T>(ctx: &Context, f: impl Future<Output = kube::Result<T>>) -> Result<T, Error> {
+    match tokio::time::timeout(ctx.api_timeout, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::Timeout),
+    }
+}
+
+fn key_of(ss: &ScaledService) -> ServiceRef {
+    ServiceRef {
+        namespace: ss.namespace().unwrap_or_default(),
+        name: ss.name_any(),
+    }
+}
+
+pub fn policy(ss: &ScaledService) -> Policy {
+    Policy {
+        min_replicas: ss.spec.min_replicas,
+        max_replicas: ss.spec.max_replicas,
+        idle_timeout: ss.spec.idle_timeout(),
+        wake_replicas: ss.spec.scaling.wake_replicas,
+    }
+}
+
+pub async fn reconcile(ss: Arc<ScaledService>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.inc();
+    let ns = ss.namespace().unwrap_or_default();
+    let api: Api<ScaledService> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, ss, |ev| async {
+        match ev {
+            Finalizer::Apply(ss) => apply(ss, &ctx).await,
+            Finalizer::Cleanup(ss) => cleanup(ss, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(_ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels { error: err.metric_label() })
+        .inc();
+    warn!("reconcile failed: {err}");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The older of two ScaledServices that claim one workload keeps it.
+fn conflicting_owner(ctx: &Context, ss: &ScaledService) -> Option<String> {
+    let ns = ss.namespace();
+    let mine = (ss.metadata.creation_timestamp.clone(), ss.name_any());
+    ctx.store
+        .state()
+        .iter()
+        .filter(|o| o.namespace() == ns && o.uid() != ss.uid() && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| {
+            o.spec.scale_target_ref.name == ss.spec.scale_target_ref.name
+                && o.spec.scale_target_ref.kind == ss.spec.scale_target_ref.kind
+                && group(&o.spec.scale_target_ref.api_version) == group(&ss.spec.scale_target_ref.api_version)
+        })
+        .find(|o| (o.metadata.creation_timestamp.clone(), o.name_any()) < mine)
+        .map(|o| o.name_any())
+}
+
+fn group(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("")
+}
+
+/// The `/scale`-capable API of the target, or why there is none.
+async fn scale_api(ctx: &Context, ss: &ScaledService) -> Result<Result<Api<DynamicObject>, Problem>, Error> {
+    let r = &ss.spec.scale_target_ref;
+    let (g, v) = r.api_version.rsplit_once('/').unwrap_or(("", r.api_version.as_str()));
+    let gvk = GroupVersionKind::gvk(g, v, &r.kind);
+    let cached = ctx.discovery.lock().get(&gvk).cloned();
+    let ar = match cached {
+        Some(a) => a,
+        None => {
+            let found = match tokio::time::timeout(ctx.api_timeout, kube::discovery::pinned_kind(&ctx.client, &gvk)).await {
+                Err(_) => return Err(Error::Timeout),
+                Ok(Ok((ar, caps))) => caps
+                    .subresources
+                    .iter()
+                    .any(|(sub, _)| sub.plural.ends_with("scale"))
+                    .then_some(ar),
+                Ok(Err(kube::Error::Discovery(_))) => None,
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 => None,
+                Ok(Err(e)) => return Err(e.into()),
+            };
+            ctx.discovery.lock().insert(gvk.clone(), found.clone());
+            found
+        }
+    };
+    Ok(match ar {
+        Some(ar) => Ok(Api::namespaced_with(ctx.client.clone(), &ss.namespace().unwrap_or_default(), &ar)),
+        None => Err(Problem {
+            reason: "TargetNotScalable",
+            message: format!("{} {} has no /scale subresource (or the kind is not served)", r.api_version, r.kind),
+        }),
+    })
+}
+
+async fn publish(ctx: &Context, ss: &ScaledService, type_: EventType, reason: &str, note: String) {
+    let reference: ObjectReference = ss.object_ref(&());
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+        warn!("publishing event: {e}");
+    }
+}
+
+fn ready_endpoints(ctx: &Context, ns: &str, service: &str) -> i32 {
+    let mut ips: Vec<&str> = Vec::new();
+    let state = ctx.slices.state();
+    for s in state.iter().filter(|s| {
+        s.metadata.namespace.as_deref() == Some(ns) && s.labels().get("kubernetes.io/service-name").map(String::as_str) == Some(service)
+    }) {
+        for e in &s.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
+                ips.extend(e.addresses.iter().map(String::as_str));
+            }
+        }
+    }
+    ips.sort_unstable();
+    ips.dedup();
+    ips.len() as i32
+}
+
+fn now_time() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn to_time(t: SystemTime) -> Option<Time> {
+    k8s_openapi::jiff::Timestamp::try_from(t).ok().map(Time)
+}
+
+fn to_system(t: &Time) -> SystemTime {
+    SystemTime::from(t.0)
+}
+
+async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
+    let ns = ss.namespace().unwrap_or_default();
+    let name = ss.name_any();
+    let old = ss.status.clone().unwrap_or_default();
+    let gen_ = ss.metadata.generation;
+    let now = now_time();
+    let mut status = ScaledServiceStatus {
+        observed_generation: gen_,
+        ..old.clone()
+    };
+
+    // 1. References.
+    let problem = if let Some(owner) = conflicting_owner(ctx, &ss) {
+        Some(Problem {
+            reason: "Conflict",
+            message: format!(
+                "{} {} is already scaled by ScaledService {owner}",
+                ss.spec.scale_target_ref.kind, ss.spec.scale_target_ref.name
+            ),
+        })
+    } else {
+        None
+    };
+    let backend = if problem.is_none() {
+        let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+        timed(ctx, svcs.get_opt(&ss.spec.service)).await?
+    } else {
+        None
+    };
+    let problem = problem.or_else(|| {
+        backend.is_none().then(|| Problem {
+            reason: "ServiceNotFound",
+            message: format!("Service {} not found in namespace {ns}", ss.spec.service),
+        })
+    });
+    let (target, problem) = match problem {
+        Some(p) => (None, Some(p)),
+        None => match scale_api(ctx, &ss).await? {
+            Err(p) => (None, Some(p)),
+            Ok(api) => match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
+                Ok(scale) => (Some((api, scale)), None),
+                Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => (
+                    None,
+                    Some(Problem {
+                        reason: "TargetNotFound",
+                        message: format!(
+                            "{} {} not found in namespace {ns}",
+                            ss.spec.scale_target_ref.kind, ss.spec.scale_target_ref.name
+                        ),
+                    }),
+                ),
+                Err(e) => return Err(e),
+            },
+        },
+    };
+
+    if let Some(p) = problem {
+        let ready = objects::condition(&old.conditions, "Ready", false, p.reason, p.message.clone(), gen_, &now);
+        let active = objects::condition(&old.conditions, "Active", false, p.reason, "not programmed".into(), gen_, &now);
+        if old.conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.reason != p.reason) {
+            publish(ctx, &ss, EventType::Warning, p.reason, p.message).await;
+        }
+        status.conditions = vec![ready, active];
+        write_status(ctx, &ss, &old, status).await?;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    let (Some(backend), Some((scale_api, scale))) = (backend, target) else {
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    };
+
+    // 2. Routing objects.
+    let ports = {
+        let mut alloc = ctx.ports.lock();
+        objects::port_statuses(&ss, &backend, &mut alloc)?
+    };
+    let activators = ctx.activators.borrow().clone();
+    let want_svc = objects::managed_service(&ss, &ports);
+    let want_slice = objects::managed_slice(&ss, &ports, &activators.ips);
+    let svc_name = ss.managed_service_name();
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let ssa = PatchParams::apply(MANAGER).force();
+    let have = timed(ctx, svcs.get_opt(&svc_name)).await?;
+    if have.as_ref().is_none_or(|h| objects::service_differs(h, &want_svc)) {
+        timed(ctx, svcs.patch(&svc_name, &ssa, &Patch::Apply(&want_svc))).await?;
+        ctx.metrics.api_writes.inc();
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let have = timed(ctx, slices.get_opt(&svc_name)).await?;
+    if have.as_ref().is_none_or(|h| objects::slice_differs(h, &want_slice)) {
+        timed(ctx, slices.patch(&svc_name, &ssa, &Patch::Apply(&want_slice))).await?;
+        ctx.metrics.api_writes.inc();
+    }
+
+    // 3. Replicas.
+    let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    if status.original_replicas.is_none() && current > 0 {
+        status.original_replicas = Some(current);
+    }
+    let key = key_of(&ss);
+    let load = ctx.stats.load(&key, &activators.stats);
+    let idle_since = ss
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(to_system)
+        .unwrap_or(ctx.started)
+        .max(ctx.started)
+        .max(old.last_request_time.as_ref().map(to_system).unwrap_or(SystemTime::UNIX_EPOCH));
+    let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), idle_since);
+    ctx.metrics
+        .desired_replicas
+        .get_or_create(&ServiceLabels {
+            namespace: ns.clone(),
+            name: name.clone(),
+        })
+        .set(i64::from(d.desired));
+    if d.desired != current {
+        scale_to(ctx, &ss, &scale_api, current, d.desired, d.reason, None).await?;
+        status.last_scale_time = Some(now.clone());
+        status.last_scale_reason = Some(d.reason.as_str().into());
+    }
+
+    // 4. Status.
+    let ready_replicas = ready_endpoints(ctx, &ns, &ss.spec.service);
+    status.replicas = Some(if d.desired != current { d.desired } else { current });
+    status.ready_replicas = Some(ready_replicas);
+    status.desired_replicas = Some(d.desired);
+    status.service_name = Some(svc_name.clone());
+    status.ports = ports;
+    if let Some(t) = load.last_request.and_then(to_time) {
+        let newer = old
+            .last_request_time
+            .as_ref()
+            .is_none_or(|o| t.0.as_second() >= o.0.as_second() + 10);
+        if newer {
+            status.last_request_time = Some(t);
+        }
+    }
+    let port_list: Vec<String> = status.ports.iter().map(|p| format!("{}→{}", p.port, p.activator_port)).collect();
+    let ready = objects::condition(
+        &old.conditions,
+        "Ready",
+        true,
+        "Programmed",
+        format!(
+            "Service {svc_name} routes to {} through {} activator(s) (ports {})",
+            ss.spec.service,
+            activators.ips.len(),
+            port_list.join(", ")
+        ),
+        gen_,
+        &now,
+    );
+    let (active, reason, msg) = match (ready_replicas, status.replicas.unwrap_or(0)) {
+        (r, _) if r > 0 => (true, "ReplicasReady", format!("{r} ready replica(s)")),
+        (_, 0) => (false, "ScaledToZero", "asleep: the next request wakes it".to_string()),
+        (_, n) => (false, "Waking", format!("waiting for {n} replica(s) to become ready")),
+    };
+    let active = objects::condition(&old.conditions, "Active", active, reason, msg, gen_, &now);
+    if old.conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.status != "True") {
+        publish(ctx, &ss, EventType::Normal, "Programmed", ready.message.clone()).await;
+    }
+    status.conditions = vec![ready, active];
+    write_status(ctx, &ss, &old, status).await?;
+
+    let requeue = match (d.recheck_in, d.desired) {
+        (Some(r), _) => r.min(Duration::from_secs(30)),
+        (None, 0) => Duration::from_secs(300),
+        (None, _) => Duration::from_secs(30),
+    };
+    Ok(Action::requeue(requeue.max(Duration::from_millis(200))))
+}
+
+/// Writes the replicas through the `/scale` subresource and records why.
+pub async fn scale_to(
+    ctx: &Context,
+    ss: &ScaledService,
+    api: &Api<DynamicObject>,
+    from: i32,
+    to: i32,
+    reason: Reason,
+    woken_at: Option<Instant>,
+) -> Result<(), Error> {
+    let pp = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    let patch = json!({"spec": {"replicas": to}});
+    timed(ctx, api.patch_scale(&ss.spec.scale_target_ref.name, &pp, &Patch::Merge(&patch))).await?;
+    ctx.metrics.api_writes.inc();
+    ctx.metrics.scale_actions.get_or_create(&ScaleLabels { reason: reason.as_str() }).inc();
+    let signal = woken_at
+        .map(|t| format!(" (wake signal received {}ms before the patch)", t.elapsed().as_millis()))
+        .unwrap_or_default();
+    info!(namespace = ?ss.namespace(), name = %ss.name_any(), from, to, reason = reason.as_str(), "scaled{signal}");
+    publish(
+        ctx,
+        ss,
+        EventType::Normal,
+        "Scaled",
+        format!(
+            "{} {}: {from} → {to} replicas ({}){signal}",
+            ss.spec.scale_target_ref.kind,
+            ss.spec.scale_target_ref.name,
+            reason.as_str()
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+async fn write_status(ctx: &Context, ss: &ScaledService, old: &ScaledServiceStatus, new: ScaledServiceStatus) -> Result<(), Error> {
+    if *old == new {
+        return Ok(());
+    }
+    let api: Api<ScaledService> = Api::namespaced(ctx.client.clone(), &ss.namespace().unwrap_or_default());
+    let body = json!({
+        "apiVersion": ScaledService::api_version(&()),
+        "kind": ScaledService::kind(&()),
+        "status": new,
+    });
+    timed(ctx, api.patch_status(&ss.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))).await?;
+    ctx.metrics.api_writes.inc();
+    Ok(())
+}
+
+async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
+    let ns = ss.namespace().unwrap_or_default();
+    let name = ss.name_any();
+    if conflicting_owner(ctx, &ss).is_none() {
+        if let Ok(api) = scale_api(ctx, &ss).await? {
+            match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
+                Ok(scale) => {
+                    let current = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
+                    let restore = ss.status.as_ref().and_then(|s| s.original_replicas).unwrap_or(1).max(1);
+                    if current != restore {
+                        scale_to(ctx, &ss, &api, current, restore, Reason::Steady, None).await?;
+                    }
+                }
+                Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let svc_name = ss.managed_service_name();
+    let dp = DeleteParams::default();
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    match timed(ctx, svcs.delete(&svc_name, &dp)).await {
+        Ok(_) | Err(Error::Kube(kube::Error::Api(_))) => {}
+        Err(e) => return Err(e),
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    match timed(ctx, slices.delete(&svc_name, &dp)).await {
+        Ok(_) | Err(Error::Kube(kube::Error::Api(_))) => {}
+        Err(e) => return Err(e),
+    }
+    ctx.ports.lock().release(&ns, &name);
+    ctx.metrics.desired_replicas.remove(&ServiceLabels {
+        namespace: ns,
+        name,
+    });
+    Ok(Action::await_change())
+}
+
+/// The fast path of a wake signal: scale a sleeping workload up at once, then let a
+/// reconcile write the status.
+pub async fn wake(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
+    let Some(ss) = ctx.store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
+        return Ok(false);
+    };
+    if ss.metadata.deletion_timestamp.is_some() || conflicting_owner(ctx, &ss).is_some() {
+        return Ok(false);
+    }
+    let Ok(api) = scale_api(ctx, &ss).await? else {
+        return Ok(false);
+    };
+    let scale = timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await?;
+    let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let load = Load {
+        wake: true,
+        ..Default::default()
+    };
+    let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), ctx.started);
+    if d.desired != current && d.reason == Reason::Wake {
+        scale_to(ctx, &ss, &api, current, d.desired, d.reason, Some(received)).await?;
+        return Ok(true);
+    }
+    Ok(false)
+}

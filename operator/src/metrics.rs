@@ -1,0 +1,70 @@
+//! Prometheus metrics of the operator.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScaleLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub scale_actions: Family<ScaleLabels, Counter>,
+    pub desired_replicas: Family<ServiceLabels, Gauge>,
+    pub api_writes: Counter,
+    pub leader: Gauge,
+    pub stats_streams: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("snooze_operator");
+        let m = Self {
+            registry: Registry::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            scale_actions: Family::default(),
+            desired_replicas: Family::default(),
+            api_writes: Counter::default(),
+            leader: Gauge::default(),
+            stats_streams: Gauge::default(),
+        };
+        registry.register("reconciles", "Reconciliations run", m.reconciles.clone());
+        registry.register("reconcile_errors", "Reconciliations that failed, by error", m.reconcile_errors.clone());
+        registry.register("scale_actions", "Scale patches written, by reason", m.scale_actions.clone());
+        registry.register("desired_replicas", "Replicas the operator wants, per ScaledService", m.desired_replicas.clone());
+        registry.register("api_writes", "Writes sent to the API server (apply, patch, delete)", m.api_writes.clone());
+        registry.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
+        registry.register("stats_streams", "Open stats streams to activators", m.stats_streams.clone());
+        Self { registry, ..m }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
