@@ -19,7 +19,7 @@ pub const FINALIZER: &str = "snooze.dev/restore-replicas";
 /// Label on the objects the operator manages, naming the ScaledService.
 pub const LABEL_SCALED_SERVICE: &str = "snooze.dev/scaled-service";
 /// Field manager (server-side apply) and `endpointslice.kubernetes.io/managed-by` value.
-pub const MANAGER: &str = "snooze.dev/operator";
+pub const MANAGER: &str = "operator.snooze.dev";
 
 /// A Go-style duration string, as Kubernetes writes them: `30s`, `5m`, `1h30m`, `250ms`.
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";

@@ -124,7 +124,9 @@ pub async fn reconcile(ss: Arc<ScaledService>, ctx: Arc<Context>) -> Result<Acti
 pub fn error_policy(_ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_errors
-        .get_or_create(&crate::metrics::ErrorLabels { error: err.metric_label() })
+        .get_or_create(&crate::metrics::ErrorLabels {
+            error: err.metric_label(),
+        })
         .inc();
     warn!("reconcile failed: {err}");
     Action::requeue(Duration::from_secs(5))
@@ -137,11 +139,14 @@ fn conflicting_owner(ctx: &Context, ss: &ScaledService) -> Option<String> {
     ctx.store
         .state()
         .iter()
-        .filter(|o| o.namespace() == ns && o.uid() != ss.uid() && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| {
+            o.namespace() == ns && o.uid() != ss.uid() && o.metadata.deletion_timestamp.is_none()
+        })
         .filter(|o| {
             o.spec.scale_target_ref.name == ss.spec.scale_target_ref.name
                 && o.spec.scale_target_ref.kind == ss.spec.scale_target_ref.kind
-                && group(&o.spec.scale_target_ref.api_version) == group(&ss.spec.scale_target_ref.api_version)
+                && group(&o.spec.scale_target_ref.api_version)
+                    == group(&ss.spec.scale_target_ref.api_version)
         })
         .find(|o| (o.metadata.creation_timestamp.clone(), o.name_any()) < mine)
         .map(|o| o.name_any())
@@ -152,15 +157,26 @@ fn group(api_version: &str) -> &str {
 }
 
 /// The `/scale`-capable API of the target, or why there is none.
-async fn scale_api(ctx: &Context, ss: &ScaledService) -> Result<Result<Api<DynamicObject>, Problem>, Error> {
+async fn scale_api(
+    ctx: &Context,
+    ss: &ScaledService,
+) -> Result<Result<Api<DynamicObject>, Problem>, Error> {
     let r = &ss.spec.scale_target_ref;
-    let (g, v) = r.api_version.rsplit_once('/').unwrap_or(("", r.api_version.as_str()));
+    let (g, v) = r
+        .api_version
+        .rsplit_once('/')
+        .unwrap_or(("", r.api_version.as_str()));
     let gvk = GroupVersionKind::gvk(g, v, &r.kind);
     let cached = ctx.discovery.lock().get(&gvk).cloned();
     let ar = match cached {
         Some(a) => a,
         None => {
-            let found = match tokio::time::timeout(ctx.api_timeout, kube::discovery::pinned_kind(&ctx.client, &gvk)).await {
+            let found = match tokio::time::timeout(
+                ctx.api_timeout,
+                kube::discovery::pinned_kind(&ctx.client, &gvk),
+            )
+            .await
+            {
                 Err(_) => return Err(Error::Timeout),
                 Ok(Ok((ar, caps))) => caps
                     .subresources
@@ -176,10 +192,17 @@ async fn scale_api(ctx: &Context, ss: &ScaledService) -> Result<Result<Api<Dynam
         }
     };
     Ok(match ar {
-        Some(ar) => Ok(Api::namespaced_with(ctx.client.clone(), &ss.namespace().unwrap_or_default(), &ar)),
+        Some(ar) => Ok(Api::namespaced_with(
+            ctx.client.clone(),
+            &ss.namespace().unwrap_or_default(),
+            &ar,
+        )),
         None => Err(Problem {
             reason: "TargetNotScalable",
-            message: format!("{} {} has no /scale subresource (or the kind is not served)", r.api_version, r.kind),
+            message: format!(
+                "{} {} has no /scale subresource (or the kind is not served)",
+                r.api_version, r.kind
+            ),
         }),
     })
 }
@@ -202,7 +225,11 @@ fn ready_endpoints(ctx: &Context, ns: &str, service: &str) -> i32 {
     let mut ips: Vec<&str> = Vec::new();
     let state = ctx.slices.state();
     for s in state.iter().filter(|s| {
-        s.metadata.namespace.as_deref() == Some(ns) && s.labels().get("kubernetes.io/service-name").map(String::as_str) == Some(service)
+        s.metadata.namespace.as_deref() == Some(ns)
+            && s.labels()
+                .get("kubernetes.io/service-name")
+                .map(String::as_str)
+                == Some(service)
     }) {
         for e in &s.endpoints {
             if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
@@ -284,9 +311,30 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     };
 
     if let Some(p) = problem {
-        let ready = objects::condition(&old.conditions, "Ready", false, p.reason, p.message.clone(), gen_, &now);
-        let active = objects::condition(&old.conditions, "Active", false, p.reason, "not programmed".into(), gen_, &now);
-        if old.conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.reason != p.reason) {
+        let ready = objects::condition(
+            &old.conditions,
+            "Ready",
+            false,
+            p.reason,
+            p.message.clone(),
+            gen_,
+            &now,
+        );
+        let active = objects::condition(
+            &old.conditions,
+            "Active",
+            false,
+            p.reason,
+            "not programmed".into(),
+            gen_,
+            &now,
+        );
+        if old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .is_none_or(|c| c.reason != p.reason)
+        {
             publish(ctx, &ss, EventType::Warning, p.reason, p.message).await;
         }
         status.conditions = vec![ready, active];
@@ -309,14 +357,24 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let ssa = PatchParams::apply(MANAGER).force();
     let have = timed(ctx, svcs.get_opt(&svc_name)).await?;
-    if have.as_ref().is_none_or(|h| objects::service_differs(h, &want_svc)) {
+    if have
+        .as_ref()
+        .is_none_or(|h| objects::service_differs(h, &want_svc))
+    {
         timed(ctx, svcs.patch(&svc_name, &ssa, &Patch::Apply(&want_svc))).await?;
         ctx.metrics.api_writes.inc();
     }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     let have = timed(ctx, slices.get_opt(&svc_name)).await?;
-    if have.as_ref().is_none_or(|h| objects::slice_differs(h, &want_slice)) {
-        timed(ctx, slices.patch(&svc_name, &ssa, &Patch::Apply(&want_slice))).await?;
+    if have
+        .as_ref()
+        .is_none_or(|h| objects::slice_differs(h, &want_slice))
+    {
+        timed(
+            ctx,
+            slices.patch(&svc_name, &ssa, &Patch::Apply(&want_slice)),
+        )
+        .await?;
         ctx.metrics.api_writes.inc();
     }
 
@@ -334,7 +392,12 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         .map(to_system)
         .unwrap_or(ctx.started)
         .max(ctx.started)
-        .max(old.last_request_time.as_ref().map(to_system).unwrap_or(SystemTime::UNIX_EPOCH));
+        .max(
+            old.last_request_time
+                .as_ref()
+                .map(to_system)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        );
     let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), idle_since);
     ctx.metrics
         .desired_replicas
@@ -351,7 +414,11 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
 
     // 4. Status.
     let ready_replicas = ready_endpoints(ctx, &ns, &ss.spec.service);
-    status.replicas = Some(if d.desired != current { d.desired } else { current });
+    status.replicas = Some(if d.desired != current {
+        d.desired
+    } else {
+        current
+    });
     status.ready_replicas = Some(ready_replicas);
     status.desired_replicas = Some(d.desired);
     status.service_name = Some(svc_name.clone());
@@ -365,7 +432,11 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
             status.last_request_time = Some(t);
         }
     }
-    let port_list: Vec<String> = status.ports.iter().map(|p| format!("{}→{}", p.port, p.activator_port)).collect();
+    let port_list: Vec<String> = status
+        .ports
+        .iter()
+        .map(|p| format!("{}→{}", p.port, p.activator_port))
+        .collect();
     let ready = objects::condition(
         &old.conditions,
         "Ready",
@@ -382,12 +453,32 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     );
     let (active, reason, msg) = match (ready_replicas, status.replicas.unwrap_or(0)) {
         (r, _) if r > 0 => (true, "ReplicasReady", format!("{r} ready replica(s)")),
-        (_, 0) => (false, "ScaledToZero", "asleep: the next request wakes it".to_string()),
-        (_, n) => (false, "Waking", format!("waiting for {n} replica(s) to become ready")),
+        (_, 0) => (
+            false,
+            "ScaledToZero",
+            "asleep: the next request wakes it".to_string(),
+        ),
+        (_, n) => (
+            false,
+            "Waking",
+            format!("waiting for {n} replica(s) to become ready"),
+        ),
     };
     let active = objects::condition(&old.conditions, "Active", active, reason, msg, gen_, &now);
-    if old.conditions.iter().find(|c| c.type_ == "Ready").is_none_or(|c| c.status != "True") {
-        publish(ctx, &ss, EventType::Normal, "Programmed", ready.message.clone()).await;
+    if old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status != "True")
+    {
+        publish(
+            ctx,
+            &ss,
+            EventType::Normal,
+            "Programmed",
+            ready.message.clone(),
+        )
+        .await;
     }
     status.conditions = vec![ready, active];
     write_status(ctx, &ss, &old, status).await?;
@@ -415,11 +506,25 @@ pub async fn scale_to(
         ..Default::default()
     };
     let patch = json!({"spec": {"replicas": to}});
-    timed(ctx, api.patch_scale(&ss.spec.scale_target_ref.name, &pp, &Patch::Merge(&patch))).await?;
+    timed(
+        ctx,
+        api.patch_scale(&ss.spec.scale_target_ref.name, &pp, &Patch::Merge(&patch)),
+    )
+    .await?;
     ctx.metrics.api_writes.inc();
-    ctx.metrics.scale_actions.get_or_create(&ScaleLabels { reason: reason.as_str() }).inc();
+    ctx.metrics
+        .scale_actions
+        .get_or_create(&ScaleLabels {
+            reason: reason.as_str(),
+        })
+        .inc();
     let signal = woken_at
-        .map(|t| format!(" (wake signal received {}ms before the patch)", t.elapsed().as_millis()))
+        .map(|t| {
+            format!(
+                " (wake signal received {}ms before the patch)",
+                t.elapsed().as_millis()
+            )
+        })
         .unwrap_or_default();
     info!(namespace = ?ss.namespace(), name = %ss.name_any(), from, to, reason = reason.as_str(), "scaled{signal}");
     publish(
@@ -438,17 +543,31 @@ pub async fn scale_to(
     Ok(())
 }
 
-async fn write_status(ctx: &Context, ss: &ScaledService, old: &ScaledServiceStatus, new: ScaledServiceStatus) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    ss: &ScaledService,
+    old: &ScaledServiceStatus,
+    new: ScaledServiceStatus,
+) -> Result<(), Error> {
     if *old == new {
         return Ok(());
     }
-    let api: Api<ScaledService> = Api::namespaced(ctx.client.clone(), &ss.namespace().unwrap_or_default());
+    let api: Api<ScaledService> =
+        Api::namespaced(ctx.client.clone(), &ss.namespace().unwrap_or_default());
     let body = json!({
         "apiVersion": ScaledService::api_version(&()),
         "kind": ScaledService::kind(&()),
         "status": new,
     });
-    timed(ctx, api.patch_status(&ss.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))).await?;
+    timed(
+        ctx,
+        api.patch_status(
+            &ss.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        ),
+    )
+    .await?;
     ctx.metrics.api_writes.inc();
     Ok(())
 }
@@ -461,7 +580,12 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
             match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
                 Ok(scale) => {
                     let current = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
-                    let restore = ss.status.as_ref().and_then(|s| s.original_replicas).unwrap_or(1).max(1);
+                    let restore = ss
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.original_replicas)
+                        .unwrap_or(1)
+                        .max(1);
                     if current != restore {
                         scale_to(ctx, &ss, &api, current, restore, Reason::Steady, None).await?;
                     }
@@ -494,7 +618,10 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
 /// The fast path of a wake signal: scale a sleeping workload up at once, then let a
 /// reconcile write the status.
 pub async fn wake(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
-    let Some(ss) = ctx.store.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
+    let Some(ss) = ctx
+        .store
+        .get(&ObjectRef::new(&key.name).within(&key.namespace))
+    else {
         return Ok(false);
     };
     if ss.metadata.deletion_timestamp.is_some() || conflicting_owner(ctx, &ss).is_some() {

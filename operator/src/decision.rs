@@ -62,7 +62,13 @@ pub struct Decision {
 
 /// Decides the replicas. `idle_since` is when the idle clock starts if no request was
 /// ever seen (the time Snooze took the workload over).
-pub fn decide(policy: &Policy, current: i32, load: &Load, now: SystemTime, idle_since: SystemTime) -> Decision {
+pub fn decide(
+    policy: &Policy,
+    current: i32,
+    load: &Load,
+    now: SystemTime,
+    idle_since: SystemTime,
+) -> Decision {
     let floor = policy.min_replicas.max(0);
     let ceiling = policy.max_replicas.max(floor).max(1);
     let busy = load.in_flight > 0 || load.queued > 0 || load.wake;
@@ -159,19 +165,136 @@ mod tests {
     fn table() {
         // (name, min, max, current, load, now, want desired, want reason)
         let cases = [
-            ("idle past timeout scales to zero", 0, 5, 2, load(0, 0, Some(0), false), 300, 0, Reason::Idle),
-            ("idle but not long enough keeps", 0, 5, 2, load(0, 0, Some(0), false), 299, 2, Reason::Steady),
-            ("in flight keeps even when last request is old", 0, 5, 1, load(3, 0, Some(0), false), 900, 1, Reason::Steady),
-            ("queued keeps", 0, 5, 1, load(0, 1, Some(0), false), 900, 1, Reason::Steady),
-            ("wake from zero", 0, 5, 0, load(0, 1, Some(900), true), 900, 1, Reason::Wake),
-            ("in flight at zero wakes too", 0, 5, 0, load(1, 0, None, false), 900, 1, Reason::Wake),
-            ("asleep and quiet stays asleep", 0, 5, 0, load(0, 0, Some(0), false), 900, 0, Reason::Steady),
-            ("min>0 never goes below min", 2, 5, 3, load(0, 0, Some(0), false), 900, 2, Reason::Idle),
-            ("min>0 at min stays", 2, 5, 2, load(0, 0, Some(0), false), 900, 2, Reason::Steady),
-            ("min>0 from zero raises to min", 2, 5, 0, load(0, 0, None, false), 900, 2, Reason::MinReplicas),
-            ("wake with min>0 starts min", 3, 5, 0, load(0, 1, None, true), 10, 3, Reason::Wake),
-            ("above max is lowered", 0, 2, 4, load(1, 0, Some(900), false), 900, 2, Reason::MaxReplicas),
-            ("below min is raised", 2, 5, 1, load(1, 0, Some(900), false), 900, 2, Reason::MinReplicas),
+            (
+                "idle past timeout scales to zero",
+                0,
+                5,
+                2,
+                load(0, 0, Some(0), false),
+                300,
+                0,
+                Reason::Idle,
+            ),
+            (
+                "idle but not long enough keeps",
+                0,
+                5,
+                2,
+                load(0, 0, Some(0), false),
+                299,
+                2,
+                Reason::Steady,
+            ),
+            (
+                "in flight keeps even when last request is old",
+                0,
+                5,
+                1,
+                load(3, 0, Some(0), false),
+                900,
+                1,
+                Reason::Steady,
+            ),
+            (
+                "queued keeps",
+                0,
+                5,
+                1,
+                load(0, 1, Some(0), false),
+                900,
+                1,
+                Reason::Steady,
+            ),
+            (
+                "wake from zero",
+                0,
+                5,
+                0,
+                load(0, 1, Some(900), true),
+                900,
+                1,
+                Reason::Wake,
+            ),
+            (
+                "in flight at zero wakes too",
+                0,
+                5,
+                0,
+                load(1, 0, None, false),
+                900,
+                1,
+                Reason::Wake,
+            ),
+            (
+                "asleep and quiet stays asleep",
+                0,
+                5,
+                0,
+                load(0, 0, Some(0), false),
+                900,
+                0,
+                Reason::Steady,
+            ),
+            (
+                "min>0 never goes below min",
+                2,
+                5,
+                3,
+                load(0, 0, Some(0), false),
+                900,
+                2,
+                Reason::Idle,
+            ),
+            (
+                "min>0 at min stays",
+                2,
+                5,
+                2,
+                load(0, 0, Some(0), false),
+                900,
+                2,
+                Reason::Steady,
+            ),
+            (
+                "min>0 from zero raises to min",
+                2,
+                5,
+                0,
+                load(0, 0, None, false),
+                900,
+                2,
+                Reason::MinReplicas,
+            ),
+            (
+                "wake with min>0 starts min",
+                3,
+                5,
+                0,
+                load(0, 1, None, true),
+                10,
+                3,
+                Reason::Wake,
+            ),
+            (
+                "above max is lowered",
+                0,
+                2,
+                4,
+                load(1, 0, Some(900), false),
+                900,
+                2,
+                Reason::MaxReplicas,
+            ),
+            (
+                "below min is raised",
+                2,
+                5,
+                1,
+                load(1, 0, Some(900), false),
+                900,
+                2,
+                Reason::MinReplicas,
+            ),
         ];
         for (name, min, max, current, l, now, want, reason) in cases {
             let d = decide(&policy(min, max), current, &l, at(now), at(0));
@@ -184,7 +307,10 @@ mod tests {
         let p = policy(0, 3);
         let quiet = load(0, 0, None, false);
         assert_eq!(decide(&p, 1, &quiet, at(100), at(0)).desired, 1);
-        assert_eq!(decide(&p, 1, &quiet, at(100), at(0)).recheck_in, Some(Duration::from_secs(200)));
+        assert_eq!(
+            decide(&p, 1, &quiet, at(100), at(0)).recheck_in,
+            Some(Duration::from_secs(200))
+        );
         assert_eq!(decide(&p, 1, &quiet, at(300), at(0)).desired, 0);
     }
 

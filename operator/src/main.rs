@@ -15,10 +15,10 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use parking_lot::Mutex;
@@ -33,7 +33,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug, Clone)]
-#[command(version, about = "Snooze operator: scales ScaledServices to zero and back")]
+#[command(
+    version,
+    about = "Snooze operator: scales ScaledServices to zero and back"
+)]
 struct Args {
     /// Namespace of the operator and the activators (the release namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "snooze-system")]
@@ -49,10 +52,18 @@ struct Args {
     #[arg(long, env = "SNOOZE_LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
     /// The Service that selects the activator pods.
-    #[arg(long, env = "SNOOZE_ACTIVATOR_SERVICE", default_value = "snooze-activator")]
+    #[arg(
+        long,
+        env = "SNOOZE_ACTIVATOR_SERVICE",
+        default_value = "snooze-activator"
+    )]
     activator_service: String,
     /// Name of the activator Service port that serves the stats stream.
-    #[arg(long, env = "SNOOZE_ACTIVATOR_ADMIN_PORT_NAME", default_value = "admin")]
+    #[arg(
+        long,
+        env = "SNOOZE_ACTIVATOR_ADMIN_PORT_NAME",
+        default_value = "admin"
+    )]
     activator_admin_port: String,
     /// First and last activator port handed to ScaledService ports.
     #[arg(long, env = "SNOOZE_PORT_RANGE_START", default_value_t = 20000)]
@@ -88,18 +99,21 @@ async fn admin(health: Arc<Health>, addr: SocketAddr) -> anyhow::Result<()> {
         };
         let h = health.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let (code, body) = match req.uri().path() {
-                    "/livez" => (200, "ok\n".to_string()),
-                    "/readyz" if h.ready.load(Ordering::Relaxed) => (200, "ready\n".to_string()),
-                    "/readyz" => (503, "not ready\n".to_string()),
-                    "/metrics" => (200, h.metrics.encode()),
-                    _ => (404, "not found\n".to_string()),
-                };
-                let mut r = http::Response::new(Full::new(Bytes::from(body)));
-                *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
-                async move { Ok::<_, Infallible>(r) }
-            });
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (code, body) = match req.uri().path() {
+                        "/livez" => (200, "ok\n".to_string()),
+                        "/readyz" if h.ready.load(Ordering::Relaxed) => {
+                            (200, "ready\n".to_string())
+                        }
+                        "/readyz" => (503, "not ready\n".to_string()),
+                        "/metrics" => (200, h.metrics.encode()),
+                        _ => (404, "not found\n".to_string()),
+                    };
+                    let mut r = http::Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
+                    async move { Ok::<_, Infallible>(r) }
+                });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
@@ -108,13 +122,28 @@ async fn admin(health: Arc<Health>, addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 /// Follows the activator Service's EndpointSlices: ready pod IPs and stats addresses.
-async fn watch_activators(client: Client, args: Args, tx: watch::Sender<Activators>) -> anyhow::Result<()> {
+async fn watch_activators(
+    client: Client,
+    args: Args,
+    tx: watch::Sender<Activators>,
+) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::namespaced(client, &args.namespace);
-    let cfg = watcher::Config::default().labels(&format!("kubernetes.io/service-name={}", args.activator_service));
+    let cfg = watcher::Config::default().labels(&format!(
+        "kubernetes.io/service-name={}",
+        args.activator_service
+    ));
     let (reader, writer) = reflector::store();
-    let mut stream = std::pin::pin!(reflector::reflector(writer, watcher(api, cfg).default_backoff()).touched_objects());
+    let mut stream = std::pin::pin!(reflector::reflector(
+        writer,
+        watcher(api, cfg).default_backoff()
+    ));
     loop {
-        let _ = stream.try_next().await?;
+        // The store holds the listed objects only once the initial list is done.
+        match stream.try_next().await? {
+            None => anyhow::bail!("activator watch ended"),
+            Some(watcher::Event::Init) | Some(watcher::Event::InitApply(_)) => continue,
+            Some(_) => {}
+        }
         let mut ips = Vec::new();
         let mut stats = Vec::new();
         for s in reader.state() {
@@ -157,12 +186,15 @@ async fn watch_activators(client: Client, args: Args, tx: watch::Sender<Activato
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let subscriber = tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,kube=warn".into()),
     );
     if args.log_format == "json" {
         subscriber.json().init();
     } else {
-        subscriber.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+        subscriber
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -183,10 +215,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(_) => return,
+                };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -227,7 +260,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     metrics.leader.set(1);
     health.ready.store(false, Ordering::Relaxed);
 
-    let result = lead(client, args, metrics.clone(), health.clone(), shutdown.clone(), leader_rx.clone()).await;
+    let result = lead(
+        client,
+        args,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+        leader_rx.clone(),
+    )
+    .await;
     metrics.leader.set(0);
     // Release the lease so a follower takes over at once.
     drop(leader_rx);
@@ -257,7 +298,11 @@ async fn lead(
     existing.sort_by_key(|s| (s.metadata.creation_timestamp.clone(), s.name_any()));
     for ss in &existing {
         for p in ss.status.iter().flat_map(|s| s.ports.iter()) {
-            let id = p.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| p.port.to_string());
+            let id = p
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| p.port.to_string());
             if let Ok(port) = u16::try_from(p.activator_port) {
                 let key = PortKey::new(&ss.namespace().unwrap_or_default(), &ss.name_any(), &id);
                 if !alloc.claim(key, port) {
@@ -284,7 +329,11 @@ async fn lead(
             }
         });
     }
-    tokio::spawn(stats::run(stats_store.clone(), targets_rx, shutdown.child_token()));
+    tokio::spawn(stats::run(
+        stats_store.clone(),
+        targets_rx,
+        shutdown.child_token(),
+    ));
     {
         let store = stats_store.clone();
         let metrics = metrics.clone();
@@ -302,7 +351,8 @@ async fn lead(
         slice_writer,
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default().labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io"),
+            watcher::Config::default()
+                .labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io"),
         )
         .default_backoff(),
     )
@@ -313,7 +363,9 @@ async fn lead(
     let by_service = {
         let store = store.clone();
         move |ns: Option<String>, svc: Option<String>| -> Vec<ObjectRef<ScaledService>> {
-            let (Some(ns), Some(svc)) = (ns, svc) else { return vec![] };
+            let (Some(ns), Some(svc)) = (ns, svc) else {
+                return vec![];
+            };
             store
                 .state()
                 .iter()
@@ -323,9 +375,12 @@ async fn lead(
         }
     };
     let by_service2 = by_service.clone();
-    let service_stream = watcher(Api::<PartialObjectMeta<Service>>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects();
+    let service_stream = watcher(
+        Api::<PartialObjectMeta<Service>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
 
     let (trigger_tx, mut trigger_rx) = mpsc::channel::<ObjectRef<ScaledService>>(1024);
     let trigger_stream = futures::stream::poll_fn(move |cx| trigger_rx.poll_recv(cx));
@@ -376,9 +431,23 @@ async fn lead(
     let ready_store = store.clone();
     let health2 = health.clone();
     tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            info!("caches synced; ready");
-            health2.ready.store(true, Ordering::Relaxed);
+        // Polled with a timeout: the store's readiness future wakes only its last
+        // waiter (the controller's own), so a second waiter must poll again.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(200), ready_store.wait_until_ready())
+                .await
+            {
+                Ok(Ok(())) => {
+                    info!("caches synced; ready");
+                    health2.ready.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Ok(Err(e)) => {
+                    error!("controller cache never synced: {e}");
+                    return;
+                }
+                Err(_) => continue,
+            }
         }
     });
 
@@ -398,12 +467,18 @@ async fn lead(
         )
         .owns(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default().labels(&format!("endpointslice.kubernetes.io/managed-by={MANAGER}")),
+            watcher::Config::default()
+                .labels(&format!("endpointslice.kubernetes.io/managed-by={MANAGER}")),
         )
         .watches_stream(slice_stream, move |s: EndpointSlice| {
-            by_service(s.namespace(), s.labels().get("kubernetes.io/service-name").cloned())
+            by_service(
+                s.namespace(),
+                s.labels().get("kubernetes.io/service-name").cloned(),
+            )
         })
-        .watches_stream(service_stream, move |s| by_service2(s.namespace(), Some(s.name_any())))
+        .watches_stream(service_stream, move |s| {
+            by_service2(s.namespace(), Some(s.name_any()))
+        })
         .reconcile_all_on(activator_stream)
         .reconcile_on(trigger_stream)
         .graceful_shutdown_on(stop)

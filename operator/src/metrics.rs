@@ -53,12 +53,36 @@ impl Metrics {
             stats_streams: Gauge::default(),
         };
         registry.register("reconciles", "Reconciliations run", m.reconciles.clone());
-        registry.register("reconcile_errors", "Reconciliations that failed, by error", m.reconcile_errors.clone());
-        registry.register("scale_actions", "Scale patches written, by reason", m.scale_actions.clone());
-        registry.register("desired_replicas", "Replicas the operator wants, per ScaledService", m.desired_replicas.clone());
-        registry.register("api_writes", "Writes sent to the API server (apply, patch, delete)", m.api_writes.clone());
-        registry.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
-        registry.register("stats_streams", "Open stats streams to activators", m.stats_streams.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciliations that failed, by error",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "scale_actions",
+            "Scale patches written, by reason",
+            m.scale_actions.clone(),
+        );
+        registry.register(
+            "desired_replicas",
+            "Replicas the operator wants, per ScaledService",
+            m.desired_replicas.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes sent to the API server (apply, patch, delete)",
+            m.api_writes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            m.leader.clone(),
+        );
+        registry.register(
+            "stats_streams",
+            "Open stats streams to activators",
+            m.stats_streams.clone(),
+        );
         Self { registry, ..m }
     }
 

@@ -14,11 +14,18 @@ use crate::ports::{Exhausted, PortAllocator, PortKey};
 
 /// The key of a Service port in the allocator: its name, or its number when unnamed.
 pub fn port_id(p: &ServicePort) -> String {
-    p.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| p.port.to_string())
+    p.name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| p.port.to_string())
 }
 
 /// Assigns an activator port to every TCP port of the backend Service.
-pub fn port_statuses(ss: &ScaledService, backend: &Service, alloc: &mut PortAllocator) -> Result<Vec<PortStatus>, Exhausted> {
+pub fn port_statuses(
+    ss: &ScaledService,
+    backend: &Service,
+    alloc: &mut PortAllocator,
+) -> Result<Vec<PortStatus>, Exhausted> {
     let ns = ss.namespace().unwrap_or_default();
     let name = ss.name_any();
     let mut out = Vec::new();
@@ -44,7 +51,10 @@ pub fn port_statuses(ss: &ScaledService, backend: &Service, alloc: &mut PortAllo
 fn labels(ss: &ScaledService) -> BTreeMap<String, String> {
     [
         (LABEL_SCALED_SERVICE.to_string(), ss.name_any()),
-        ("app.kubernetes.io/managed-by".to_string(), "snooze".to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "snooze".to_string(),
+        ),
     ]
     .into()
 }
@@ -90,7 +100,11 @@ pub fn managed_service(ss: &ScaledService, ports: &[PortStatus]) -> Service {
 
 /// The EndpointSlice of the managed Service: the ready activator pods, each Service
 /// port mapped to the activator port assigned to it.
-pub fn managed_slice(ss: &ScaledService, ports: &[PortStatus], activators: &[String]) -> EndpointSlice {
+pub fn managed_slice(
+    ss: &ScaledService,
+    ports: &[PortStatus],
+    activators: &[String],
+) -> EndpointSlice {
     let svc = ss.managed_service_name();
     let mut addrs: Vec<String> = activators.to_vec();
     addrs.sort();
@@ -133,7 +147,10 @@ pub fn managed_slice(ss: &ScaledService, ports: &[PortStatus], activators: &[Str
 
 fn owned_labels_match(have: &ObjectMeta, want: &ObjectMeta) -> bool {
     let hl = have.labels.clone().unwrap_or_default();
-    want.labels.iter().flatten().all(|(k, v)| hl.get(k) == Some(v))
+    want.labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| hl.get(k) == Some(v))
         && have.owner_references == want.owner_references
 }
 
@@ -155,7 +172,11 @@ pub fn service_differs(have: &Service, want: &Service) -> bool {
     };
     !owned_labels_match(&have.metadata, &want.metadata)
         || ports(have) != ports(want)
-        || have.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty())
+        || have
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .is_some_and(|s| !s.is_empty())
 }
 
 /// True when the live EndpointSlice differs from the desired one.
@@ -164,7 +185,12 @@ pub fn slice_differs(have: &EndpointSlice, want: &EndpointSlice) -> bool {
         let mut v: Vec<_> = s
             .endpoints
             .iter()
-            .map(|e| (e.addresses.clone(), e.conditions.as_ref().and_then(|c| c.ready)))
+            .map(|e| {
+                (
+                    e.addresses.clone(),
+                    e.conditions.as_ref().and_then(|c| c.ready),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -173,15 +199,31 @@ pub fn slice_differs(have: &EndpointSlice, want: &EndpointSlice) -> bool {
         s.ports
             .iter()
             .flatten()
-            .map(|p| (p.name.clone().filter(|n| !n.is_empty()), p.port, p.app_protocol.clone()))
+            .map(|p| {
+                (
+                    p.name.clone().filter(|n| !n.is_empty()),
+                    p.port,
+                    p.app_protocol.clone(),
+                )
+            })
             .collect()
     };
-    !owned_labels_match(&have.metadata, &want.metadata) || eps(have) != eps(want) || ports(have) != ports(want)
+    !owned_labels_match(&have.metadata, &want.metadata)
+        || eps(have) != eps(want)
+        || ports(have) != ports(want)
 }
 
 /// A condition in the Kubernetes convention. The transition time is kept from the
 /// previous condition of the same type when its status did not change.
-pub fn condition(prev: &[Condition], type_: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+pub fn condition(
+    prev: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     let last_transition_time = prev
         .iter()
@@ -236,9 +278,15 @@ mod tests {
         assert_eq!(svc.metadata.name.as_deref(), Some("web-snooze"));
         let spec = svc.spec.as_ref().unwrap();
         assert!(spec.selector.is_none(), "no selector: the slice is ours");
-        assert_eq!(spec.ports.as_ref().unwrap()[0].target_port, Some(IntOrString::Int(20000)));
+        assert_eq!(
+            spec.ports.as_ref().unwrap()[0].target_port,
+            Some(IntOrString::Int(20000))
+        );
         let owner = &svc.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("ScaledService", "u-1", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("ScaledService", "u-1", Some(true))
+        );
 
         let slice = managed_slice(&ss(), &ports, &["10.244.0.2".into(), "10.244.0.1".into()]);
         let l = slice.metadata.labels.as_ref().unwrap();
@@ -246,10 +294,19 @@ mod tests {
         assert_eq!(l["endpointslice.kubernetes.io/managed-by"], MANAGER);
         assert_eq!(slice.endpoints.len(), 2);
         assert_eq!(slice.endpoints[0].addresses, vec!["10.244.0.1"]);
-        assert_eq!(slice.endpoints[0].conditions.as_ref().unwrap().ready, Some(true));
+        assert_eq!(
+            slice.endpoints[0].conditions.as_ref().unwrap().ready,
+            Some(true)
+        );
         let p = slice.ports.as_ref().unwrap();
-        assert_eq!((p[0].name.as_deref(), p[0].port), (Some("http"), Some(20000)));
-        assert_eq!((p[1].name.as_deref(), p[1].port), (Some("grpc"), Some(20001)));
+        assert_eq!(
+            (p[0].name.as_deref(), p[0].port),
+            (Some("http"), Some(20000))
+        );
+        assert_eq!(
+            (p[1].name.as_deref(), p[1].port),
+            (Some("grpc"), Some(20001))
+        );
     }
 
     #[test]
@@ -259,7 +316,11 @@ mod tests {
         let want = managed_slice(&ss(), &ports, &["10.244.0.1".into()]);
         let mut have = want.clone();
         have.metadata.resource_version = Some("42".into());
-        have.metadata.labels.as_mut().unwrap().insert("extra".into(), "x".into());
+        have.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("extra".into(), "x".into());
         assert!(!slice_differs(&have, &want));
         have.endpoints.clear();
         assert!(slice_differs(&have, &want));
@@ -268,7 +329,8 @@ mod tests {
         let mut have = want.clone();
         have.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.10".into());
         assert!(!service_differs(&have, &want));
-        have.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port = Some(IntOrString::Int(1));
+        have.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+            Some(IntOrString::Int(1));
         assert!(service_differs(&have, &want));
     }
 
@@ -277,9 +339,25 @@ mod tests {
         let t1 = Time(k8s_openapi::jiff::Timestamp::from_second(1).unwrap());
         let t2 = Time(k8s_openapi::jiff::Timestamp::from_second(2).unwrap());
         let c1 = condition(&[], "Ready", true, "Programmed", "ok".into(), Some(1), &t1);
-        let c2 = condition(std::slice::from_ref(&c1), "Ready", true, "Programmed", "ok".into(), Some(2), &t2);
+        let c2 = condition(
+            std::slice::from_ref(&c1),
+            "Ready",
+            true,
+            "Programmed",
+            "ok".into(),
+            Some(2),
+            &t2,
+        );
         assert_eq!(c2.last_transition_time, t1);
-        let c3 = condition(&[c2], "Ready", false, "ServiceNotFound", "gone".into(), Some(2), &t2);
+        let c3 = condition(
+            &[c2],
+            "Ready",
+            false,
+            "ServiceNotFound",
+            "gone".into(),
+            Some(2),
+            &t2,
+        );
         assert_eq!(c3.last_transition_time, t2);
     }
 }

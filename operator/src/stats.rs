@@ -87,7 +87,11 @@ impl StatsStore {
 
     /// Number of activators with a live stream.
     pub fn connected(&self) -> usize {
-        self.activators.lock().values().filter(|s| s.connected).count()
+        self.activators
+            .lock()
+            .values()
+            .filter(|s| s.connected)
+            .count()
     }
 
     /// The load of one service summed over `activators` (the ready activator pods).
@@ -122,7 +126,11 @@ impl StatsStore {
 }
 
 /// Keeps one stream open to each address in `targets`.
-pub async fn run(store: Arc<StatsStore>, mut targets: watch::Receiver<Vec<SocketAddr>>, shutdown: CancellationToken) {
+pub async fn run(
+    store: Arc<StatsStore>,
+    mut targets: watch::Receiver<Vec<SocketAddr>>,
+    shutdown: CancellationToken,
+) {
     let mut running: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     loop {
         let want: Vec<SocketAddr> = targets.borrow_and_update().clone();
@@ -170,7 +178,8 @@ async fn follow(store: Arc<StatsStore>, addr: SocketAddr, cancel: CancellationTo
 }
 
 async fn stream_once(store: &StatsStore, addr: SocketAddr) -> anyhow::Result<()> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
     stream.set_nodelay(true)?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -188,7 +197,9 @@ async fn stream_once(store: &StatsStore, addr: SocketAddr) -> anyhow::Result<()>
             Ok(None) => return Ok(()),
             Ok(Some(f)) => f?,
         };
-        let Some(data) = frame.data_ref() else { continue };
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
         buf.extend_from_slice(data);
         while let Some(i) = buf.iter().position(|b| *b == b'\n') {
             let line = buf.split_to(i + 1);
@@ -251,7 +262,10 @@ mod tests {
         let l = s.load(&key, &[a, b]);
         assert!(l.complete);
         assert_eq!(l.in_flight, 5);
-        assert_eq!(l.last_request, Some(UNIX_EPOCH + Duration::from_millis(5000)));
+        assert_eq!(
+            l.last_request,
+            Some(UNIX_EPOCH + Duration::from_millis(5000))
+        );
         // A delta report only changes what it lists.
         s.apply(a, report(1, false, vec![st("web", 0, 1000)]));
         assert_eq!(s.load(&key, &[a, b]).in_flight, 3);
