@@ -34,8 +34,9 @@ install_packages() {
 step "cargo build (workspace binaries and tests)"
 cargo build --workspace --bins --tests
 
-step "unit tests"
+step "unit tests and the activator's data-path tests (real sockets, no cluster)"
 cargo test --workspace --lib --bins
+cargo test -p snooze-e2e --test activator
 
 [ "$mode" = unit ] && exit 0
 
@@ -51,6 +52,14 @@ echo "cluster up took $((SECONDS - t0))s"
 trap 'e2e/cluster/cluster.sh down' EXIT
 eval "$(e2e/cluster/cluster.sh env)"
 
-step "end-to-end tests (inside the cluster's network namespace)"
-ip netns exec "$SNOOZE_NETNS" env PATH="$PATH" KUBECONFIG="$KUBECONFIG" \
-  cargo test --offline -p snooze-e2e --tests -- --ignored --test-threads=4 ${E2E_FILTER:-}
+# Inside the cluster's network namespace: pod IPs are only reachable there.
+e2e() {
+  ip netns exec "$SNOOZE_NETNS" env PATH="$PATH" KUBECONFIG="$KUBECONFIG" \
+    cargo test --offline -p snooze-e2e --test "$1" -- --ignored --nocapture --test-threads=4 ${E2E_FILTER:-}
+}
+step "end-to-end: the local cluster itself"
+e2e cluster
+step "end-to-end: Snooze installed with helm"
+e2e snooze
+step "end-to-end: helm uninstall"
+e2e zz_uninstall

@@ -210,3 +210,117 @@ pub async fn http_get(url: &str, timeout: Duration) -> Result<(u16, String), Str
         .await
         .map_err(|_| format!("GET {url} timed out after {timeout:?}"))?
 }
+
+/// Namespace and release name the e2e tests install Snooze with.
+pub const SNOOZE_NAMESPACE: &str = "snooze-system";
+pub const SNOOZE_RELEASE: &str = "snooze";
+
+static INSTALLED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// Runs a command-line tool (kubectl, helm) and returns (success, stdout+stderr).
+pub async fn run_tool(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(tool)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {tool}: {e} (is it on PATH? ./test.sh sets it up)"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+pub async fn kubectl(args: &[&str]) -> (bool, String) {
+    run_tool("kubectl", args).await
+}
+
+/// Installs the chart once per test binary, with the real helm, and waits until it is
+/// ready.
+pub async fn ensure_snooze() {
+    INSTALLED
+        .get_or_init(|| async {
+            let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/snooze");
+            let (ok, out) = run_tool(
+                "helm",
+                &[
+                    "upgrade",
+                    "--install",
+                    SNOOZE_RELEASE,
+                    chart,
+                    "-n",
+                    SNOOZE_NAMESPACE,
+                    "--create-namespace",
+                    "--wait",
+                    "--timeout",
+                    "180s",
+                    "--set",
+                    "logFormat=text",
+                ],
+            )
+            .await;
+            assert!(ok, "helm install failed:\n{out}");
+        })
+        .await;
+}
+
+/// Where an ingress controller would send traffic for the managed Service of a
+/// ScaledService: the addresses and port of its EndpointSlice (activator pods).
+pub async fn ingress_targets(
+    client: &Client,
+    ns: &str,
+    scaled_service: &str,
+    port_name: &str,
+) -> Result<Vec<String>, String> {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), ns);
+    let svc = format!("{scaled_service}-snooze");
+    let list = slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={svc}")))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for s in list.items {
+        let Some(port) = s
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for e in s.endpoints {
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
+                out.extend(e.addresses.iter().map(|a| format!("{a}:{port}")));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("no ready endpoints in the slice of Service {svc}"));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A ScaledService for the test application's Deployment and Service `name`.
+pub fn scaled_service(name: &str, min: i32, max: i32, idle: &str) -> snooze_crds::ScaledService {
+    serde_json::from_value(json!({
+        "apiVersion": "snooze.dev/v1alpha1",
+        "kind": "ScaledService",
+        "metadata": {"name": name},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "service": name,
+            "minReplicas": min,
+            "maxReplicas": max,
+            "idleTimeout": idle,
+            "activation": {"timeout": "60s"},
+        },
+    }))
+    .expect("valid ScaledService")
+}
+
+/// Replicas in the Deployment's spec.
+pub async fn deployment_replicas(deploys: &Api<Deployment>, name: &str) -> Result<i32, String> {
+    let d = deploys.get(name).await.map_err(|e| e.to_string())?;
+    Ok(d.spec.and_then(|s| s.replicas).unwrap_or(1))
+}

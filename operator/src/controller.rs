@@ -53,6 +53,9 @@ pub struct Context {
     pub discovery: Mutex<HashMap<GroupVersionKind, Option<ApiResource>>>,
     /// Bound on every API call.
     pub api_timeout: Duration,
+    /// Wakes in progress or just done, by service: repeated signals for the same cold
+    /// start (every waiting request, every activator) patch once.
+    pub waking: Mutex<HashMap<ServiceRef, Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,17 +269,13 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     };
 
     // 1. References.
-    let problem = if let Some(owner) = conflicting_owner(ctx, &ss) {
-        Some(Problem {
-            reason: "Conflict",
-            message: format!(
-                "{} {} is already scaled by ScaledService {owner}",
-                ss.spec.scale_target_ref.kind, ss.spec.scale_target_ref.name
-            ),
-        })
-    } else {
-        None
-    };
+    let problem = conflicting_owner(ctx, &ss).map(|owner| Problem {
+        reason: "Conflict",
+        message: format!(
+            "{} {} is already scaled by ScaledService {owner}",
+            ss.spec.scale_target_ref.kind, ss.spec.scale_target_ref.name
+        ),
+    });
     let backend = if problem.is_none() {
         let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
         timed(ctx, svcs.get_opt(&ss.spec.service)).await?
@@ -527,11 +526,21 @@ pub async fn scale_to(
         })
         .unwrap_or_default();
     info!(namespace = ?ss.namespace(), name = %ss.name_any(), from, to, reason = reason.as_str(), "scaled{signal}");
+    // One event reason per kind of change: events with the same reason form a
+    // series that keeps the first note.
+    let event_reason = match reason {
+        Reason::Wake => "Woken",
+        Reason::Idle if to == 0 => "ScaledToZero",
+        Reason::Idle => "ScaledDown",
+        Reason::MinReplicas => "ScaledToMin",
+        Reason::MaxReplicas => "ScaledToMax",
+        Reason::Steady => "Restored",
+    };
     publish(
         ctx,
         ss,
         EventType::Normal,
-        "Scaled",
+        event_reason,
         format!(
             "{} {}: {from} → {to} replicas ({}){signal}",
             ss.spec.scale_target_ref.kind,
@@ -575,24 +584,24 @@ async fn write_status(
 async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let ns = ss.namespace().unwrap_or_default();
     let name = ss.name_any();
-    if conflicting_owner(ctx, &ss).is_none() {
-        if let Ok(api) = scale_api(ctx, &ss).await? {
-            match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
-                Ok(scale) => {
-                    let current = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
-                    let restore = ss
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.original_replicas)
-                        .unwrap_or(1)
-                        .max(1);
-                    if current != restore {
-                        scale_to(ctx, &ss, &api, current, restore, Reason::Steady, None).await?;
-                    }
+    if conflicting_owner(ctx, &ss).is_none()
+        && let Ok(api) = scale_api(ctx, &ss).await?
+    {
+        match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
+            Ok(scale) => {
+                let current = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
+                let restore = ss
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.original_replicas)
+                    .unwrap_or(1)
+                    .max(1);
+                if current != restore {
+                    scale_to(ctx, &ss, &api, current, restore, Reason::Steady, None).await?;
                 }
-                Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {}
-                Err(e) => return Err(e),
             }
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {}
+            Err(e) => return Err(e),
         }
     }
     let svc_name = ss.managed_service_name();
@@ -618,6 +627,23 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
 /// The fast path of a wake signal: scale a sleeping workload up at once, then let a
 /// reconcile write the status.
 pub async fn wake(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
+    {
+        let mut w = ctx.waking.lock();
+        w.retain(|_, t| t.elapsed() < Duration::from_secs(5));
+        if w.contains_key(key) {
+            return Ok(false);
+        }
+        w.insert(key.clone(), Instant::now());
+    }
+    let r = wake_once(ctx, key, received).await;
+    if !matches!(r, Ok(true)) {
+        // Nothing was patched: let the next signal try again.
+        ctx.waking.lock().remove(key);
+    }
+    r
+}
+
+async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
     let Some(ss) = ctx
         .store
         .get(&ObjectRef::new(&key.name).within(&key.namespace))

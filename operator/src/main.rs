@@ -407,6 +407,7 @@ async fn lead(
         started: SystemTime::now(),
         discovery: Mutex::new(HashMap::new()),
         api_timeout,
+        waking: Mutex::new(HashMap::new()),
     });
 
     // Wake signals: scale at once, then reconcile for the status.

@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +32,7 @@ pub struct Metrics {
     pub api_writes: Counter,
     pub leader: Gauge,
     pub stats_streams: Gauge,
+    pub wake_to_patch: Histogram,
 }
 
 impl Default for Metrics {
@@ -51,6 +53,7 @@ impl Metrics {
             api_writes: Counter::default(),
             leader: Gauge::default(),
             stats_streams: Gauge::default(),
+            wake_to_patch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
         registry.register("reconciles", "Reconciliations run", m.reconciles.clone());
         registry.register(

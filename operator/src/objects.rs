@@ -154,9 +154,12 @@ fn owned_labels_match(have: &ObjectMeta, want: &ObjectMeta) -> bool {
         && have.owner_references == want.owner_references
 }
 
+/// The fields of a Service port we own: name, port, target port, app protocol.
+type OwnedPort = (Option<String>, i32, Option<IntOrString>, Option<String>);
+
 /// True when the live Service differs from the desired one in a field we own.
 pub fn service_differs(have: &Service, want: &Service) -> bool {
-    let ports = |s: &Service| -> Vec<(Option<String>, i32, Option<IntOrString>, Option<String>)> {
+    let ports = |s: &Service| -> Vec<OwnedPort> {
         s.spec
             .iter()
             .flat_map(|s| s.ports.iter().flatten())

@@ -1,0 +1,689 @@
+//! Snooze end to end on the local cluster: the chart installed with the real helm,
+//! ScaledServices applied with kubectl or the API, traffic sent the way an ingress
+//! sends it (to the endpoints of the managed Service). Run by ./test.sh.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use snooze_crds::ScaledService;
+use snooze_e2e::testing::*;
+
+const T: Duration = Duration::from_secs(90);
+
+async fn app(client: &kube::Client, ns: &str, name: &str, replicas: i32, extra: &[&str]) {
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams::default();
+    deploys
+        .create(&pp, &testapp_deployment(name, replicas, extra))
+        .await
+        .unwrap();
+    services.create(&pp, &testapp_service(name)).await.unwrap();
+}
+
+async fn ready_condition(
+    ssvcs: &Api<ScaledService>,
+    name: &str,
+) -> Result<(String, String, String), String> {
+    let ss = ssvcs.get(name).await.map_err(|e| e.to_string())?;
+    let c = ss
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .ok_or("no Ready condition yet")?;
+    Ok((c.status, c.reason, c.message))
+}
+
+async fn wait_replicas(deploys: &Api<Deployment>, name: &str, want: i32, timeout: Duration) {
+    wait_for(&format!("{name} at {want} replicas"), timeout, || async {
+        let r = deployment_replicas(deploys, name).await?;
+        (r == want).then_some(()).ok_or(format!("replicas={r}"))
+    })
+    .await;
+}
+
+async fn wait_no_pods(pods: &Api<Pod>, app: &str) {
+    wait_for(&format!("pods of {app} gone"), T, || async {
+        let n = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .len();
+        (n == 0).then_some(()).ok_or(format!("{n} pods"))
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn install_runs_as_own_service_accounts_and_activator_cannot_scale() {
+    ensure_snooze().await;
+    let client = client().await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    for (name, sa) in [
+        ("snooze-operator", "snooze-operator"),
+        ("snooze-activator", "snooze-activator"),
+    ] {
+        let d = deploys.get(name).await.unwrap();
+        let st = d.status.unwrap();
+        assert_eq!(st.ready_replicas, Some(2), "{name}: {st:?}");
+        let spec = d.spec.unwrap().template.spec.unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some(sa));
+        let sc = spec.containers[0].security_context.clone().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    let list = pods.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 4);
+    for p in list {
+        let ready = p
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        assert!(ready, "{} not ready", p.metadata.name.unwrap_or_default());
+    }
+    let activator = format!("--as=system:serviceaccount:{SNOOZE_NAMESPACE}:snooze-activator");
+    // The command as a user types it (kubectl reads `deployments/scale` as the
+    // Deployment named "scale"), and the /scale subresource itself.
+    let (_, out) = kubectl(&[
+        "auth",
+        "can-i",
+        "patch",
+        "deployments/scale",
+        "-A",
+        &activator,
+    ])
+    .await;
+    assert_eq!(
+        out.trim(),
+        "no",
+        "the activator must not scale workloads: {out}"
+    );
+    let (_, out) = kubectl(&[
+        "auth",
+        "can-i",
+        "patch",
+        "deployments",
+        "--subresource=scale",
+        "-A",
+        &activator,
+    ])
+    .await;
+    assert_eq!(
+        out.trim(),
+        "no",
+        "the activator must not scale workloads: {out}"
+    );
+    let (_, out) = kubectl(&["auth", "can-i", "patch", "deployments", "-A", &activator]).await;
+    assert_eq!(out.trim(), "no");
+    let (_, out) = kubectl(&[
+        "auth",
+        "can-i",
+        "watch",
+        "endpointslices.discovery.k8s.io",
+        "-A",
+        &activator,
+    ])
+    .await;
+    assert_eq!(out.trim(), "yes");
+    let operator = format!("--as=system:serviceaccount:{SNOOZE_NAMESPACE}:snooze-operator");
+    let (_, out) = kubectl(&[
+        "auth",
+        "can-i",
+        "patch",
+        "deployments",
+        "--subresource=scale",
+        "-A",
+        &operator,
+    ])
+    .await;
+    assert_eq!(out.trim(), "yes");
+    let (_, out) = kubectl(&["auth", "can-i", "delete", "deployments", "-A", &operator]).await;
+    assert_eq!(out.trim(), "no", "the operator only touches /scale");
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn kubectl_apply_rejects_invalid_specs_with_readable_messages() {
+    ensure_snooze().await;
+    in_namespace("invalid", |_client, ns| async move {
+        let file = std::env::temp_dir().join(format!("{ns}-bad.yaml"));
+        let bad = |spec: &str| {
+            format!("apiVersion: snooze.dev/v1alpha1\nkind: ScaledService\nmetadata:\n  name: bad\n  namespace: {ns}\nspec:\n{spec}")
+        };
+        let cases = [
+            (
+                "  scaleTargetRef: {name: web}\n  service: web\n  minReplicas: 3\n  maxReplicas: 2\n",
+                "minReplicas must be less than or equal to maxReplicas",
+            ),
+            ("  scaleTargetRef: {name: web}\n  service: web\n  idleTimeout: 5 minutes\n", "idleTimeout"),
+            ("  scaleTargetRef: {name: web}\n  service: web\n  idleTimeout: 0s\n", "idleTimeout must be a duration of at least 1s"),
+            ("  scaleTargetRef: {name: web}\n", "service: Required value"),
+        ];
+        for (spec, want) in cases {
+            std::fs::write(&file, bad(spec)).unwrap();
+            let (ok, out) = kubectl(&["apply", "-f", file.to_str().unwrap()]).await;
+            assert!(!ok, "accepted: {spec}");
+            assert!(out.contains(want), "message for {spec:?} lacks {want:?}: {out}");
+        }
+        let _ = std::fs::remove_file(&file);
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn sleeps_when_idle_and_wakes_on_the_first_request() {
+    ensure_snooze().await;
+    in_namespace("wake", |client, ns| async move {
+        app(&client, &ns, "web", 1, &["--startup-delay-ms", "300"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        ssvcs.create(&PostParams::default(), &scaled_service("web", 0, 3, "3s")).await.unwrap();
+
+        // Programmed: Ready, the managed Service with the backend's port, status ports.
+        wait_for("Ready=True", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web").await?;
+            (s == "True").then_some(()).ok_or(format!("{s} {r} {m}"))
+        })
+        .await;
+        let svc: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let managed = svc.get("web-snooze").await.unwrap();
+        let spec = managed.spec.unwrap();
+        assert!(spec.selector.is_none());
+        assert_eq!(spec.ports.unwrap()[0].port, 80);
+        let st = ssvcs.get("web").await.unwrap().status.unwrap();
+        assert_eq!(st.service_name.as_deref(), Some("web-snooze"));
+        assert_eq!(st.original_replicas, Some(1));
+        assert!(st.ports[0].activator_port >= 20000);
+
+        // Idle: scaled to zero, the processes stop, the pods disappear.
+        wait_replicas(&deploys, "web", 0, T).await;
+        wait_no_pods(&pods, "web").await;
+        wait_for("Active=False ScaledToZero", T, || async {
+            let ss = ssvcs.get("web").await.map_err(|e| e.to_string())?;
+            let c = ss.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Active")).ok_or("none")?;
+            (c.status == "False" && c.reason == "ScaledToZero").then_some(()).ok_or(format!("{} {}", c.status, c.reason))
+        })
+        .await;
+
+        // Watch the Deployment and the pods to time the wake.
+        let t0 = Instant::now();
+        let patch_seen = Arc::new(AtomicU64::new(0));
+        let ready_seen = Arc::new(AtomicU64::new(0));
+        {
+            let (deploys, patch_seen) = (deploys.clone(), patch_seen.clone());
+            tokio::spawn(async move {
+                let mut s = std::pin::pin!(watcher::watcher(deploys, watcher::Config::default().fields("metadata.name=web")));
+                while let Some(Ok(ev)) = s.next().await {
+                    if let watcher::Event::Apply(d) = ev
+                        && d.spec.and_then(|s| s.replicas).unwrap_or(0) > 0 {
+                            patch_seen.store(t0.elapsed().as_millis() as u64, Ordering::SeqCst);
+                            return;
+                        }
+                }
+            });
+        }
+        {
+            let (pods, ready_seen) = (pods.clone(), ready_seen.clone());
+            tokio::spawn(async move {
+                let mut s = std::pin::pin!(watcher::watcher(pods, watcher::Config::default().labels("app=web")));
+                while let Some(Ok(ev)) = s.next().await {
+                    if let watcher::Event::Apply(p) = ev {
+                        let ready = p.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Ready" && c.status == "True");
+                        if ready {
+                            ready_seen.store(t0.elapsed().as_millis() as u64, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let targets = ingress_targets(&client, &ns, "web", "http").await.unwrap();
+        let t_req = t0.elapsed();
+        let (status, body) = http_get(&format!("http://{}/", targets[0]), Duration::from_secs(60)).await.unwrap();
+        let t_byte = t0.elapsed();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("hello from web-"), "{body}");
+
+        let events = kubectl(&["get", "events", "-n", &ns, "-o", "jsonpath={range .items[*]}{.reason}|{.message}{\"\\n\"}{end}"]).await.1;
+        let wake_to_patch = events
+            .lines()
+            .filter(|l| l.starts_with("Woken|"))
+            .find_map(|l| l.split("wake signal received ").nth(1)?.split("ms").next()?.parse::<u64>().ok());
+        let patch = patch_seen.load(Ordering::SeqCst);
+        let ready = ready_seen.load(Ordering::SeqCst);
+        eprintln!(
+            "cold start (ms since the request): scale patch seen {} (the operator's wake signal → patch: {}), pod Ready seen {}, first byte {}; total {} ms",
+            patch.saturating_sub(t_req.as_millis() as u64),
+            wake_to_patch.map(|w| w.to_string()).unwrap_or_else(|| "?".into()),
+            ready.saturating_sub(t_req.as_millis() as u64),
+            (t_byte - t_req).as_millis(),
+            (t_byte - t_req).as_millis()
+        );
+        assert!(patch > 0 && ready >= patch, "patch {patch} ready {ready}");
+        assert!(wake_to_patch.is_some(), "no Woken event with the wake timing: {events}");
+        let (s, ..) = ready_condition(&ssvcs, "web").await.unwrap();
+        assert_eq!(s, "True");
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn two_hundred_concurrent_requests_while_cold_all_succeed() {
+    ensure_snooze().await;
+    in_namespace("burst", |client, ns| async move {
+        app(&client, &ns, "web", 0, &["--startup-delay-ms", "500"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 3, "30s"))
+            .await
+            .unwrap();
+        let targets = wait_for("managed endpoints", T, || {
+            ingress_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 0);
+        let mut reqs = Vec::new();
+        for i in 0..200 {
+            let url = format!("http://{}/?i={i}", targets[i % targets.len()]);
+            reqs.push(tokio::spawn(async move {
+                http_get(&url, Duration::from_secs(60)).await
+            }));
+        }
+        let mut ok = 0;
+        let mut failures = Vec::new();
+        for r in reqs {
+            match r.await.unwrap() {
+                Ok((200, _)) => ok += 1,
+                other => failures.push(format!("{other:?}")),
+            }
+        }
+        assert_eq!(
+            ok,
+            200,
+            "failures: {:?}",
+            &failures[..failures.len().min(3)]
+        );
+    })
+    .await;
+}
+
+/// Sends a GET every `every` for `dur`, round robin over `targets`; (ok, failures).
+async fn steady_load(targets: Vec<String>, dur: Duration, every: Duration) -> (u64, Vec<String>) {
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    let mut i = 0usize;
+    while start.elapsed() < dur {
+        let url = format!("http://{}/", targets[i % targets.len()]);
+        i += 1;
+        handles.push(tokio::spawn(async move {
+            http_get(&url, Duration::from_secs(60)).await
+        }));
+        tokio::time::sleep(every).await;
+    }
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for h in handles {
+        match h.await.unwrap() {
+            Ok((200, _)) => ok += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+    }
+    (ok, failed)
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn steady_load_through_zero_one_zero_one_loses_nothing() {
+    ensure_snooze().await;
+    in_namespace("steady", |client, ns| async move {
+        app(&client, &ns, "web", 0, &[]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 3, "3s"))
+            .await
+            .unwrap();
+        let targets = wait_for("managed endpoints", T, || {
+            ingress_targets(&client, &ns, "web", "http")
+        })
+        .await;
+
+        // Watch the replicas while the load runs: once up, never back to zero.
+        let went_up = Arc::new(AtomicBool::new(false));
+        let dropped_to_zero = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (deploys, went_up, dropped, stop) = (
+                deploys.clone(),
+                went_up.clone(),
+                dropped_to_zero.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(r) = deployment_replicas(&deploys, "web").await {
+                        if r > 0 {
+                            went_up.store(true, Ordering::SeqCst);
+                        } else if went_up.load(Ordering::SeqCst) {
+                            dropped.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        };
+        // 0 → 1 under load, held for well over idleTimeout.
+        let (ok, failed) = steady_load(
+            targets.clone(),
+            Duration::from_secs(8),
+            Duration::from_millis(100),
+        )
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        sampler.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(ok >= 60, "{ok}");
+        assert!(went_up.load(Ordering::SeqCst));
+        assert!(
+            !dropped_to_zero.load(Ordering::SeqCst),
+            "scaled to zero under load"
+        );
+
+        // Load stops: 1 → 0.
+        wait_replicas(&deploys, "web", 0, Duration::from_secs(60)).await;
+        // 0 → 1 again, nothing lost.
+        let (ok, failed) =
+            steady_load(targets, Duration::from_secs(3), Duration::from_millis(100)).await;
+        assert!(
+            failed.is_empty(),
+            "{} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(ok >= 20);
+        assert!(deployment_replicas(&deploys, "web").await.unwrap() >= 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn kubectl_shows_state_columns_conditions_and_events() {
+    ensure_snooze().await;
+    in_namespace("columns", |client, ns| async move {
+        app(&client, &ns, "web", 1, &[]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 2, "1h"))
+            .await
+            .unwrap();
+        wait_for("Active=True", T, || async {
+            let (ok, out) = kubectl(&["get", "scaledservices", "-n", &ns]).await;
+            let line = out.lines().nth(1).unwrap_or_default().to_string();
+            (ok && line.split_whitespace().collect::<Vec<_>>().get(4..7)
+                == Some(&["1", "True", "True"][..]))
+            .then_some(out.clone())
+            .ok_or(out)
+        })
+        .await;
+        let (_, out) = kubectl(&["get", "ssvc", "-n", &ns]).await;
+        let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "NAME", "TARGET", "MIN", "MAX", "REPLICAS", "READY", "ACTIVE", "LAST", "REQUEST",
+                "AGE"
+            ],
+            "{out}"
+        );
+        let (_, out) = kubectl(&["describe", "scaledservice", "web", "-n", &ns]).await;
+        assert!(
+            out.contains("Conditions:")
+                && out.contains("Programmed")
+                && out.contains("ReplicasReady"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Events:") && out.contains("Programmed"),
+            "{out}"
+        );
+        let (_, out) = kubectl(&["explain", "scaledservice.spec.idleTimeout"]).await;
+        assert!(out.contains("How long without any request"), "{out}");
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn missing_target_reports_target_not_found_and_heals() {
+    ensure_snooze().await;
+    in_namespace("heal", |client, ns| async move {
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 2, "1h"))
+            .await
+            .unwrap();
+        wait_for("ServiceNotFound", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web").await?;
+            (s == "False" && r == "ServiceNotFound")
+                .then_some(())
+                .ok_or(format!("{s} {r} {m}"))
+        })
+        .await;
+        services
+            .create(&PostParams::default(), &testapp_service("web"))
+            .await
+            .unwrap();
+        let msg = wait_for("TargetNotFound", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web").await?;
+            if s == "False" && r == "TargetNotFound" {
+                Ok(m)
+            } else {
+                Err(format!("{s} {r} {m}"))
+            }
+        })
+        .await;
+        assert!(msg.contains("Deployment web not found"), "{msg}");
+        let (_, out) = kubectl(&[
+            "get",
+            "events",
+            "-n",
+            &ns,
+            "--field-selector",
+            "reason=TargetNotFound",
+        ])
+        .await;
+        assert!(out.contains("TargetNotFound"), "no event: {out}");
+        deploys
+            .create(&PostParams::default(), &testapp_deployment("web", 1, &[]))
+            .await
+            .unwrap();
+        wait_for("Ready=True after the Deployment appears", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web").await?;
+            (s == "True").then_some(()).ok_or(format!("{s} {r} {m}"))
+        })
+        .await;
+
+        // A second ScaledService for the same Deployment is refused with Conflict.
+        let mut other = scaled_service("web-again", 0, 2, "1h");
+        other.spec.scale_target_ref.name = "web".into();
+        other.spec.service = "web".into();
+        ssvcs.create(&PostParams::default(), &other).await.unwrap();
+        wait_for("Conflict", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web-again").await?;
+            (s == "False" && r == "Conflict" && m.contains("ScaledService web"))
+                .then_some(())
+                .ok_or(format!("{s} {r} {m}"))
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn deleting_restores_replicas_and_removes_the_managed_service() {
+    ensure_snooze().await;
+    in_namespace("restore", |client, ns| async move {
+        app(&client, &ns, "web", 2, &[]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 3, "2s"))
+            .await
+            .unwrap();
+        wait_replicas(&deploys, "web", 0, T).await;
+        assert_eq!(
+            ssvcs
+                .get("web")
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .original_replicas,
+            Some(2)
+        );
+        assert!(services.get_opt("web-snooze").await.unwrap().is_some());
+        ssvcs.delete("web", &DeleteParams::default()).await.unwrap();
+        wait_for("ScaledService gone", T, || async {
+            ssvcs
+                .get_opt("web")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none()
+                .then_some(())
+                .ok_or("still there".to_string())
+        })
+        .await;
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
+        assert!(services.get_opt("web-snooze").await.unwrap().is_none());
+        assert!(slices.get_opt("web-snooze").await.unwrap().is_none());
+        wait_for("deployment available again", T, || async {
+            let d = deploys.get("web").await.map_err(|e| e.to_string())?;
+            let a = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+            (a == 2).then_some(()).ok_or(format!("available {a}"))
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn routing_follows_the_activator_pods() {
+    ensure_snooze().await;
+    in_namespace("follow", |client, ns| async move {
+        app(&client, &ns, "web", 1, &[]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 2, "1h"))
+            .await
+            .unwrap();
+        let activators: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        let ips = || async {
+            let mut v: Vec<String> =
+                ready_pods_with(&activators, "app.kubernetes.io/component=activator").await?;
+            v.sort();
+            Ok::<_, String>(v)
+        };
+        let want = wait_for("two ready activators", T, || async {
+            let v = ips().await?;
+            (v.len() == 2).then_some(v.clone()).ok_or(format!("{v:?}"))
+        })
+        .await;
+        wait_for("slice lists the activators", T, || async {
+            let t = ingress_targets(&client, &ns, "web", "http").await?;
+            let got: Vec<String> = t
+                .iter()
+                .map(|a| a.rsplit_once(':').unwrap().0.to_string())
+                .collect();
+            (got == want)
+                .then_some(())
+                .ok_or(format!("{got:?} != {want:?}"))
+        })
+        .await;
+        // Replace one activator pod: the slice follows the new set.
+        let victim = activators
+            .list(&ListParams::default().labels("app.kubernetes.io/component=activator"))
+            .await
+            .unwrap()
+            .items[0]
+            .name_any();
+        activators
+            .delete(&victim, &DeleteParams::default())
+            .await
+            .unwrap();
+        let start = Instant::now();
+        wait_for("slice follows the replacement", T, || async {
+            let now = ips().await?;
+            if now.len() != 2 || now == want {
+                return Err(format!("activators {now:?}"));
+            }
+            let t = ingress_targets(&client, &ns, "web", "http").await?;
+            let got: Vec<String> = t
+                .iter()
+                .map(|a| a.rsplit_once(':').unwrap().0.to_string())
+                .collect();
+            (got == now)
+                .then_some(())
+                .ok_or(format!("{got:?} != {now:?}"))
+        })
+        .await;
+        eprintln!(
+            "activator replaced; slice updated {} ms after the delete call",
+            start.elapsed().as_millis()
+        );
+        // Traffic through every listed activator works.
+        for t in ingress_targets(&client, &ns, "web", "http").await.unwrap() {
+            let (s, _) = http_get(&format!("http://{t}/"), Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(s, 200);
+        }
+    })
+    .await;
+}
+
+async fn ready_pods_with(pods: &Api<Pod>, selector: &str) -> Result<Vec<String>, String> {
+    let list = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.status?.pod_ip)
+        .collect())
+}
