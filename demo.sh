@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The local demo in one command: builds everything, brings the local cluster up,
+# installs Snooze with helm and an example app, shows it asleep, wakes it with one
+# request and prints the timings. Leaves the cluster running (see the last lines).
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cd "$repo"
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+say "building (Rust workspace; control plane and helm from Go modules, cached)"
+cargo build --workspace --bins
+bin=$(e2e/cluster/build.sh | tail -n 1)
+export PATH="$bin:$PATH"
+
+say "bringing the local cluster up"
+e2e/cluster/cluster.sh up >/dev/null
+eval "$(e2e/cluster/cluster.sh env)"
+k() { ip netns exec "$SNOOZE_NETNS" kubectl "$@"; }
+
+say "helm install snooze"
+ip netns exec "$SNOOZE_NETNS" helm upgrade --install snooze charts/snooze -n snooze-system \
+  --create-namespace --wait --timeout 180s --set logFormat=text
+k get pods -n snooze-system
+
+say "kubectl apply -f examples/app.yaml (idleTimeout shortened to 10s for the demo)"
+k apply -f examples/app.yaml
+k patch scaledservice web -n shop --type merge -p '{"spec":{"idleTimeout":"10s"}}'
+
+say "waiting for it to fall asleep"
+for _ in $(seq 1 120); do
+  r=$(k get deploy web -n shop -o jsonpath='{.spec.replicas}')
+  [ "$r" = 0 ] && [ -z "$(k get pods -n shop -o name)" ] && break
+  sleep 1
+done
+k get scaledservice web -n shop
+k get deploy,pods -n shop
+
+say "one request, sent the way an ingress sends it (to the endpoints of Service web-snooze)"
+target=$(k get endpointslice web-snooze -n shop -o jsonpath='{.endpoints[0].addresses[0]}:{.ports[0].port}')
+echo "curl -H 'Host: shop.example.com' http://$target/"
+ip netns exec "$SNOOZE_NETNS" curl -sS -m 90 -H 'Host: shop.example.com' \
+  -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "http://$target/"
+
+say "what happened"
+k get events -n shop --field-selector reason=Woken -o custom-columns=EVENT:.reason,MESSAGE:.message
+k get scaledservice web -n shop
+k get pods -n shop
+
+cat <<MSG
+
+The cluster keeps running. Try:
+  $SNOOZE_CLUSTER_DIR/kubectl get scaledservices -A
+  $SNOOZE_CLUSTER_DIR/kubectl describe scaledservice web -n shop
+  ip netns exec $SNOOZE_NETNS curl http://$target/
+Tear it down with: e2e/cluster/cluster.sh down
+MSG
