@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Data-path benchmark, one command: the same load against (a) the backend directly,
+# (b) nginx as a reverse proxy with 1 worker, (c) the activator with 1 worker thread,
+# in alternating rounds; then the activator's RSS idle and with held requests, and the
+# time from a pod appearing to the held requests' answers. Prints a table and ratios.
+#
+#   bench/datapath.sh                                  # defaults below
+#   BENCH_DURATION=10s BENCH_ROUNDS=5 BENCH_CONNECTIONS=64 bench/datapath.sh
+#   BENCH_HELD=10000 bench/datapath.sh
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+DURATION=${BENCH_DURATION:-5s}
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNS=${BENCH_CONNECTIONS:-32}
+HELD=${BENCH_HELD:-10000}
+PATH_Q=${BENCH_PATH:-/}
+
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  [ "$(id -u)" = 0 ] || { echo "nginx is needed: apt-get install nginx-light" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build -q --release -p snooze-activator -p snooze-e2e --bins
+T=${CARGO_TARGET_DIR:-$repo/target}/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACK=$(free_port); NGX=$(free_port); ACT=$(free_port); ADMIN=$(free_port); COLD=$(free_port)
+wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+POD_NAME=backend "$T/snooze-testapp" --listen 127.0.0.1:$BACK 2>/dev/null & pids+=($!)
+mkdir -p "$work/nginx"
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log stderr error;
+events { worker_connections 65536; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx;
+  proxy_temp_path $work/nginx;
+  upstream backend { server 127.0.0.1:$BACK; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+CONF
+"$NGINX" -p "$work" -c "$work/nginx.conf" & pids+=($!)
+cat > "$work/activator.json" <<CONF
+{"services": [
+  {"namespace": "bench", "name": "web", "port": $ACT, "endpoints": ["127.0.0.1:$BACK"]},
+  {"namespace": "bench", "name": "cold", "port": $COLD, "endpoints": [], "timeout": "1h", "maxQueuedRequests": 100000}
+]}
+CONF
+"$T/snooze-activator" --static-config "$work/activator.json" --listen-address 127.0.0.1 \
+  --admin-address 127.0.0.1:$ADMIN --worker-threads 1 --max-queued-total 100000 2>"$work/activator.log" & ACT_PID=$!; pids+=($ACT_PID)
+wait_port $BACK; wait_port $NGX; wait_port $ACT
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+load() { "$T/snooze-bench" load --url "http://127.0.0.1:$1$PATH_Q" --connections "$CONNS" --duration "$DURATION" --label "$2"; }
+
+echo "machine: $(nproc) cores, $(uname -r); connections=$CONNS duration=$DURATION rounds=$ROUNDS path=$PATH_Q"
+load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $ACT warmup >/dev/null
+: > "$work/results.jsonl"
+for r in $(seq 1 "$ROUNDS"); do
+  load $BACK direct >> "$work/results.jsonl"
+  load $NGX nginx >> "$work/results.jsonl"
+  load $ACT activator >> "$work/results.jsonl"
+done
+ACT_RSS_LOADED=$(rss_kb $ACT_PID)
+
+# RSS with requests held for a service with no pod.
+"$T/snooze-bench" hold --url "http://127.0.0.1:$COLD/" --requests "$HELD" > "$work/hold.out" & HOLD_PID=$!; pids+=($HOLD_PID)
+for _ in $(seq 1 600); do grep -q held "$work/hold.out" 2>/dev/null && break; sleep 0.1; done
+sleep 1
+ACT_RSS_HELD=$(rss_kb $ACT_PID)
+QUEUED=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^snooze_activator_queued_requests\{.*name="cold"/ {print $2}')
+kill $HOLD_PID 2>/dev/null || true
+
+# A fresh activator process for the idle figure.
+kill $ACT_PID; wait $ACT_PID 2>/dev/null || true
+"$T/snooze-activator" --static-config "$work/activator.json" --listen-address 127.0.0.1 \
+  --admin-address 127.0.0.1:$ADMIN --worker-threads 1 2>/dev/null & ACT_PID=$!; pids+=($ACT_PID)
+wait_port $ACT; sleep 1
+ACT_RSS_IDLE=$(rss_kb $ACT_PID)
+
+RELEASE=$("$T/snooze-bench" release --requests "$(( HELD < 2000 ? HELD : 2000 ))")
+
+python3 - "$work/results.jsonl" <<PY
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {}
+for r in rows: by.setdefault(r["label"], []).append(r)
+med = {k: {m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms", "p999_ms")} | {"errors": sum(x["errors"] for x in v)} for k, v in by.items()}
+print(f"{'target':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}   (median of rounds)")
+for k in ("direct", "nginx", "activator"):
+    m = med[k]; print(f"{k:<10} {m['rps']:>10.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['p999_ms']:>9.3f} {m['errors']:>7}")
+d, n, a = med["direct"], med["nginx"], med["activator"]
+print(f"throughput: activator/nginx = {a['rps']/n['rps']:.2f}, activator/direct = {a['rps']/d['rps']:.2f}, nginx/direct = {n['rps']/d['rps']:.2f}")
+print(f"added p99 over direct: activator {a['p99_ms']-d['p99_ms']:.3f} ms, nginx {n['p99_ms']-d['p99_ms']:.3f} ms")
+PY
+echo "activator RSS: idle $((ACT_RSS_IDLE/1024)) MB, after the load $((ACT_RSS_LOADED/1024)) MB, with $HELD requests held $((ACT_RSS_HELD/1024)) MB (queued gauge: ${QUEUED:-?})"
+echo "pod appears → held requests answered (in-process activator): $RELEASE"

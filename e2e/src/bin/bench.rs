@@ -1,0 +1,247 @@
+//! `snooze-bench`: the load generator and measurements behind `bench/datapath.sh`.
+//!
+//! - `load --url U --connections C --duration D`: closed-loop HTTP/1.1 load over C
+//!   keep-alive connections; prints one JSON line with requests/s and latency
+//!   percentiles (every latency is kept, so p99.9 is exact).
+//! - `hold --url U --requests N`: opens N connections that each send one request and
+//!   wait for the answer (for the activator's RSS with N held requests); prints a line
+//!   once they are all sent, then waits for the answers until killed.
+//! - `release --requests N`: runs the activator's proxy in this process with one
+//!   service and no pod, holds N requests, then makes a pod appear and measures, for
+//!   each request, the time from the endpoint event to its first response byte.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Load {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value = "5s", value_parser = dur)]
+        duration: Duration,
+        /// Label printed with the result.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    Hold {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 10_000)]
+        requests: usize,
+    },
+    Release {
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+    },
+}
+
+fn dur(s: &str) -> Result<Duration, String> {
+    s.parse::<kube::core::Duration>().map(Into::into).map_err(|e| e.to_string())
+}
+
+fn target(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
+    let uri: http::Uri = url.parse()?;
+    let host = uri.host().ok_or_else(|| anyhow::anyhow!("no host in {url}"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr: SocketAddr = format!("{host}:{port}").parse()?;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    Ok((addr, format!("{host}:{port}"), path))
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+async fn connection(addr: SocketAddr, host: String, path: String, until: Instant) -> (Vec<u32>, u64, u64) {
+    let mut lat = Vec::with_capacity(100_000);
+    let (mut errors, mut bytes) = (0u64, 0u64);
+    while Instant::now() < until {
+        let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+            errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+            errors += 1;
+            continue;
+        };
+        tokio::spawn(conn);
+        while Instant::now() < until {
+            let req = http::Request::get(path.as_str())
+                .header("host", host.as_str())
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let t = Instant::now();
+            let ok = match send.send_request(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    match resp.into_body().collect().await {
+                        Ok(b) => {
+                            bytes += b.to_bytes().len() as u64;
+                            status.is_success()
+                        }
+                        Err(_) => false,
+                    }
+                }
+                Err(_) => false,
+            };
+            if ok {
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            } else {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    (lat, errors, bytes)
+}
+
+async fn load(url: &str, connections: usize, duration: Duration, label: &str) -> anyhow::Result<()> {
+    let (addr, host, path) = target(url)?;
+    let start = Instant::now();
+    let until = start + duration;
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(connection(addr, host.clone(), path.clone(), until)))
+        .collect();
+    let mut all = Vec::new();
+    let (mut errors, mut bytes) = (0, 0);
+    for t in tasks {
+        let (l, e, b) = t.await?;
+        all.extend(l);
+        errors += e;
+        bytes += b;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "label": label, "url": url, "connections": connections, "seconds": secs,
+            "requests": all.len(), "errors": errors, "rps": all.len() as f64 / secs,
+            "mb_per_s": bytes as f64 / secs / 1e6,
+            "p50_ms": percentile(&all, 0.50), "p99_ms": percentile(&all, 0.99), "p999_ms": percentile(&all, 0.999),
+            "max_ms": percentile(&all, 1.0),
+        })
+    );
+    Ok(())
+}
+
+async fn hold(url: &str, n: usize) -> anyhow::Result<()> {
+    let (addr, host, path) = target(url)?;
+    let sent = Arc::new(tokio::sync::Semaphore::new(0));
+    for _ in 0..n {
+        let (host, path, sent) = (host.clone(), path.clone(), sent.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return };
+            let Ok((mut s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else { return };
+            tokio::spawn(conn);
+            let req = http::Request::get(path.as_str()).header("host", host.as_str()).body(Empty::<Bytes>::new()).expect("request");
+            let fut = s.send_request(req);
+            sent.add_permits(1);
+            let _ = fut.await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(120), sent.acquire_many(n as u32)).await;
+    println!("{}", json!({"held": n}));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(())
+}
+
+async fn release(n: usize) -> anyhow::Result<()> {
+    use snooze_activator::{listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*};
+    let metrics = Arc::new(Metrics::new());
+    let table = Arc::new(Table::new(metrics, 1_000_000));
+    let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
+    let proxy = Arc::new(Proxy {
+        table: table.clone(),
+        pool: Pool::new(Duration::from_secs(1), 256),
+        stats,
+        response_timeout: Duration::from_secs(60),
+    });
+    let listeners = Listeners::new(proxy, "127.0.0.1".parse()?, ServerLimits::default());
+    let key = snooze_crds::stats::ServiceRef { namespace: "bench".into(), name: "web".into() };
+    let svc = table.upsert(key, "web", Settings { max_queued: 1_000_000, ..Default::default() });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    listeners
+        .sync([(port, Arc::new(Route { service: svc.clone(), port_name: String::new(), h2c: false }))].into())
+        .await;
+    // The backend: a minimal in-process hyper server.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let backend_addr = backend.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    for _ in 0..n {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
+            let Ok((mut s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else { return };
+            tokio::spawn(conn);
+            let req = http::Request::get("/").header("host", "bench").body(Empty::<Bytes>::new()).expect("request");
+            if let Ok(resp) = s.send_request(req).await {
+                if resp.status().is_success() {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        });
+    }
+    drop(tx);
+    let start = Instant::now();
+    while svc.queued.load(std::sync::atomic::Ordering::Relaxed) < n as u64 {
+        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "only {} held", svc.queued.load(std::sync::atomic::Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t0 = Instant::now();
+    svc.set_endpoints(vec![(backend_addr.ip(), vec![(String::new(), backend_addr.port())])]);
+    let mut lat = Vec::with_capacity(n);
+    while let Some(t) = rx.recv().await {
+        lat.push(t.duration_since(t0).as_micros() as u32);
+    }
+    lat.sort_unstable();
+    println!(
+        "{}",
+        json!({"held": n, "answered": lat.len(), "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99), "max_ms": percentile(&lat, 1.0)})
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match args.cmd {
+            Cmd::Load { url, connections, duration, label } => load(&url, connections, duration, &label).await,
+            Cmd::Hold { url, requests } => hold(&url, requests).await,
+            Cmd::Release { requests } => release(requests).await,
+        }
+    })
+}
