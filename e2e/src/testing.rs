@@ -160,10 +160,10 @@ pub fn testapp_service(name: &str) -> Service {
     .expect("valid service")
 }
 
-/// Pods of `app=<name>` that are Ready, with their IPs.
-pub async fn ready_pods(pods: &Api<Pod>, app: &str) -> Result<Vec<(String, String)>, String> {
+/// Pods matching the label `selector` that are Ready, with their IPs.
+pub async fn ready_pods(pods: &Api<Pod>, selector: &str) -> Result<Vec<(String, String)>, String> {
     let list = pods
-        .list(&ListParams::default().labels(&format!("app={app}")))
+        .list(&ListParams::default().labels(selector))
         .await
         .map_err(|e| e.to_string())?;
     Ok(list

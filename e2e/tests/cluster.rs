@@ -42,7 +42,7 @@ async fn deployment_runs_serves_and_scales_to_zero() {
                 .ok_or(format!("available={avail}"))
         })
         .await;
-        let ready = ready_pods(&pods, "web").await.unwrap();
+        let ready = ready_pods(&pods, "app=web").await.unwrap();
         assert_eq!(ready.len(), 2, "{ready:?}");
         let ips: Vec<String> = ready.iter().map(|(_, ip)| ip.clone()).collect();
         assert_ne!(ips[0], ips[1], "every pod has its own IP");
@@ -155,7 +155,7 @@ async fn service_account_token_is_real_and_rbac_is_enforced() {
             .await
             .unwrap();
         let ip = wait_for("pod api ready", T, || async {
-            let r = ready_pods(&pods, "api").await?;
+            let r = ready_pods(&pods, "app=api").await?;
             r.first().map(|(_, ip)| ip.clone()).ok_or("not ready".to_string())
         })
         .await;

@@ -29,6 +29,28 @@ async fn app(client: &kube::Client, ns: &str, name: &str, replicas: i32, extra: 
     services.create(&pp, &testapp_service(name)).await.unwrap();
 }
 
+/// The test application `web` with its Service and a ScaledService for it.
+async fn scaled_app(
+    client: &kube::Client,
+    ns: &str,
+    replicas: i32,
+    min: i32,
+    max: i32,
+    idle: &str,
+    extra: &[&str],
+) -> Api<ScaledService> {
+    app(client, ns, "web", replicas, extra).await;
+    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
+    ssvcs
+        .create(
+            &PostParams::default(),
+            &scaled_service("web", min, max, idle),
+        )
+        .await
+        .unwrap();
+    ssvcs
+}
+
 async fn ready_condition(
     ssvcs: &Api<ScaledService>,
     name: &str,
@@ -286,13 +308,8 @@ async fn sleeps_when_idle_and_wakes_on_the_first_request() {
 async fn two_hundred_concurrent_requests_while_cold_all_succeed() {
     ensure_snooze().await;
     in_namespace("burst", |client, ns| async move {
-        app(&client, &ns, "web", 0, &["--startup-delay-ms", "500"]).await;
-        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        scaled_app(&client, &ns, 0, 0, 3, "30s", &["--startup-delay-ms", "500"]).await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-        ssvcs
-            .create(&PostParams::default(), &scaled_service("web", 0, 3, "30s"))
-            .await
-            .unwrap();
         let targets = wait_for("managed endpoints", T, || {
             ingress_targets(&client, &ns, "web", "http")
         })
@@ -352,13 +369,8 @@ async fn steady_load(targets: Vec<String>, dur: Duration, every: Duration) -> (u
 async fn steady_load_through_zero_one_zero_one_loses_nothing() {
     ensure_snooze().await;
     in_namespace("steady", |client, ns| async move {
-        app(&client, &ns, "web", 0, &[]).await;
-        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        scaled_app(&client, &ns, 0, 0, 3, "3s", &[]).await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-        ssvcs
-            .create(&PostParams::default(), &scaled_service("web", 0, 3, "3s"))
-            .await
-            .unwrap();
         let targets = wait_for("managed endpoints", T, || {
             ingress_targets(&client, &ns, "web", "http")
         })
@@ -432,12 +444,7 @@ async fn steady_load_through_zero_one_zero_one_loses_nothing() {
 async fn kubectl_shows_state_columns_conditions_and_events() {
     ensure_snooze().await;
     in_namespace("columns", |client, ns| async move {
-        app(&client, &ns, "web", 1, &[]).await;
-        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
-        ssvcs
-            .create(&PostParams::default(), &scaled_service("web", 0, 2, "1h"))
-            .await
-            .unwrap();
+        scaled_app(&client, &ns, 1, 0, 2, "1h", &[]).await;
         wait_for("Active=True", T, || async {
             let (ok, out) = kubectl(&["get", "scaledservices", "-n", &ns]).await;
             let line = out.lines().nth(1).unwrap_or_default().to_string();
@@ -548,15 +555,10 @@ async fn missing_target_reports_target_not_found_and_heals() {
 async fn deleting_restores_replicas_and_removes_the_managed_service() {
     ensure_snooze().await;
     in_namespace("restore", |client, ns| async move {
-        app(&client, &ns, "web", 2, &[]).await;
-        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let ssvcs = scaled_app(&client, &ns, 2, 0, 3, "2s", &[]).await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
-        ssvcs
-            .create(&PostParams::default(), &scaled_service("web", 0, 3, "2s"))
-            .await
-            .unwrap();
         wait_replicas(&deploys, "web", 0, T).await;
         assert_eq!(
             ssvcs
@@ -598,16 +600,15 @@ async fn deleting_restores_replicas_and_removes_the_managed_service() {
 async fn routing_follows_the_activator_pods() {
     ensure_snooze().await;
     in_namespace("follow", |client, ns| async move {
-        app(&client, &ns, "web", 1, &[]).await;
-        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
-        ssvcs
-            .create(&PostParams::default(), &scaled_service("web", 0, 2, "1h"))
-            .await
-            .unwrap();
+        scaled_app(&client, &ns, 1, 0, 2, "1h", &[]).await;
         let activators: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
         let ips = || async {
             let mut v: Vec<String> =
-                ready_pods_with(&activators, "app.kubernetes.io/component=activator").await?;
+                ready_pods(&activators, "app.kubernetes.io/component=activator")
+                    .await?
+                    .into_iter()
+                    .map(|(_, ip)| ip)
+                    .collect();
             v.sort();
             Ok::<_, String>(v)
         };
@@ -667,23 +668,4 @@ async fn routing_follows_the_activator_pods() {
         }
     })
     .await;
-}
-
-async fn ready_pods_with(pods: &Api<Pod>, selector: &str) -> Result<Vec<String>, String> {
-    let list = pods
-        .list(&ListParams::default().labels(selector))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter_map(|p| p.status?.pod_ip)
-        .collect())
 }

@@ -52,15 +52,23 @@ enum Cmd {
 }
 
 fn dur(s: &str) -> Result<Duration, String> {
-    s.parse::<kube::core::Duration>().map(Into::into).map_err(|e| e.to_string())
+    s.parse::<kube::core::Duration>()
+        .map(Into::into)
+        .map_err(|e| e.to_string())
 }
 
 fn target(url: &str) -> anyhow::Result<(SocketAddr, String, String)> {
     let uri: http::Uri = url.parse()?;
-    let host = uri.host().ok_or_else(|| anyhow::anyhow!("no host in {url}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow::anyhow!("no host in {url}"))?;
     let port = uri.port_u16().unwrap_or(80);
     let addr: SocketAddr = format!("{host}:{port}").parse()?;
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     Ok((addr, format!("{host}:{port}"), path))
 }
 
@@ -72,7 +80,12 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-async fn connection(addr: SocketAddr, host: String, path: String, until: Instant) -> (Vec<u32>, u64, u64) {
+async fn connection(
+    addr: SocketAddr,
+    host: String,
+    path: String,
+    until: Instant,
+) -> (Vec<u32>, u64, u64) {
     let mut lat = Vec::with_capacity(100_000);
     let (mut errors, mut bytes) = (0u64, 0u64);
     while Instant::now() < until {
@@ -82,7 +95,9 @@ async fn connection(addr: SocketAddr, host: String, path: String, until: Instant
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+        let Ok((mut send, conn)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        else {
             errors += 1;
             continue;
         };
@@ -117,7 +132,12 @@ async fn connection(addr: SocketAddr, host: String, path: String, until: Instant
     (lat, errors, bytes)
 }
 
-async fn load(url: &str, connections: usize, duration: Duration, label: &str) -> anyhow::Result<()> {
+async fn load(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    label: &str,
+) -> anyhow::Result<()> {
     let (addr, host, path) = target(url)?;
     let start = Instant::now();
     let until = start + duration;
@@ -153,10 +173,19 @@ async fn hold(url: &str, n: usize) -> anyhow::Result<()> {
     for _ in 0..n {
         let (host, path, sent) = (host.clone(), path.clone(), sent.clone());
         tokio::spawn(async move {
-            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return };
-            let Ok((mut s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else { return };
+            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                return;
+            };
+            let Ok((mut s, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            else {
+                return;
+            };
             tokio::spawn(conn);
-            let req = http::Request::get(path.as_str()).header("host", host.as_str()).body(Empty::<Bytes>::new()).expect("request");
+            let req = http::Request::get(path.as_str())
+                .header("host", host.as_str())
+                .body(Empty::<Bytes>::new())
+                .expect("request");
             let fut = s.send_request(req);
             sent.add_permits(1);
             let _ = fut.await;
@@ -169,7 +198,9 @@ async fn hold(url: &str, n: usize) -> anyhow::Result<()> {
 }
 
 async fn release(n: usize) -> anyhow::Result<()> {
-    use snooze_activator::{listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*};
+    use snooze_activator::{
+        listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*,
+    };
     let metrics = Arc::new(Metrics::new());
     let table = Arc::new(Table::new(metrics, 1_000_000));
     let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
@@ -180,11 +211,33 @@ async fn release(n: usize) -> anyhow::Result<()> {
         response_timeout: Duration::from_secs(60),
     });
     let listeners = Listeners::new(proxy, "127.0.0.1".parse()?, ServerLimits::default());
-    let key = snooze_crds::stats::ServiceRef { namespace: "bench".into(), name: "web".into() };
-    let svc = table.upsert(key, "web", Settings { max_queued: 1_000_000, ..Default::default() });
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let key = snooze_crds::stats::ServiceRef {
+        namespace: "bench".into(),
+        name: "web".into(),
+    };
+    let svc = table.upsert(
+        key,
+        "web",
+        Settings {
+            max_queued: 1_000_000,
+            ..Default::default()
+        },
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     listeners
-        .sync([(port, Arc::new(Route { service: svc.clone(), port_name: String::new(), h2c: false }))].into())
+        .sync(
+            [(
+                port,
+                Arc::new(Route {
+                    service: svc.clone(),
+                    port_name: String::new(),
+                    h2c: false,
+                }),
+            )]
+            .into(),
+        )
         .await;
     // The backend: a minimal in-process hyper server.
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -193,9 +246,13 @@ async fn release(n: usize) -> anyhow::Result<()> {
         while let Ok((s, _)) = backend.accept().await {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from_static(b"ok"))))
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
             });
         }
     });
@@ -203,10 +260,19 @@ async fn release(n: usize) -> anyhow::Result<()> {
     for _ in 0..n {
         let tx = tx.clone();
         tokio::spawn(async move {
-            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return };
-            let Ok((mut s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else { return };
+            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return;
+            };
+            let Ok((mut s, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            else {
+                return;
+            };
             tokio::spawn(conn);
-            let req = http::Request::get("/").header("host", "bench").body(Empty::<Bytes>::new()).expect("request");
+            let req = http::Request::get("/")
+                .header("host", "bench")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
             if let Ok(resp) = s.send_request(req).await {
                 if resp.status().is_success() {
                     let _ = tx.send(Instant::now());
@@ -217,11 +283,18 @@ async fn release(n: usize) -> anyhow::Result<()> {
     drop(tx);
     let start = Instant::now();
     while svc.queued.load(std::sync::atomic::Ordering::Relaxed) < n as u64 {
-        anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "only {} held", svc.queued.load(std::sync::atomic::Ordering::Relaxed));
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "only {} held",
+            svc.queued.load(std::sync::atomic::Ordering::Relaxed)
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t0 = Instant::now();
-    svc.set_endpoints(vec![(backend_addr.ip(), vec![(String::new(), backend_addr.port())])]);
+    svc.set_endpoints(vec![(
+        backend_addr.ip(),
+        vec![(String::new(), backend_addr.port())],
+    )]);
     let mut lat = Vec::with_capacity(n);
     while let Some(t) = rx.recv().await {
         lat.push(t.duration_since(t0).as_micros() as u32);
@@ -236,10 +309,17 @@ async fn release(n: usize) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match args.cmd {
-            Cmd::Load { url, connections, duration, label } => load(&url, connections, duration, &label).await,
+            Cmd::Load {
+                url,
+                connections,
+                duration,
+                label,
+            } => load(&url, connections, duration, &label).await,
             Cmd::Hold { url, requests } => hold(&url, requests).await,
             Cmd::Release { requests } => release(requests).await,
         }
