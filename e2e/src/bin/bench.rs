@@ -273,10 +273,10 @@ async fn release(n: usize) -> anyhow::Result<()> {
                 .header("host", "bench")
                 .body(Empty::<Bytes>::new())
                 .expect("request");
-            if let Ok(resp) = s.send_request(req).await {
-                if resp.status().is_success() {
-                    let _ = tx.send(Instant::now());
-                }
+            if let Ok(resp) = s.send_request(req).await
+                && resp.status().is_success()
+            {
+                let _ = tx.send(Instant::now());
             }
         });
     }
