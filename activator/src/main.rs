@@ -213,7 +213,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let reason = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
-        r = tasks.join_next() => {
+        // In static mode there is no watch: the branch is disabled.
+        Some(r) = tasks.join_next() => {
             error!("a watch ended: {r:?}");
             return Err(anyhow::anyhow!("watch ended: {r:?}"));
         }
