@@ -8,7 +8,8 @@
 #   e2e/cluster/cluster.sh status
 #
 # Environment: SNOOZE_CLUSTER_DIR (state, certificates, logs; default /tmp/snooze-cluster),
-# SNOOZE_NETNS (default snooze), CARGO_TARGET_DIR (where the Rust binaries are).
+# SNOOZE_NETNS (default snooze), CARGO_TARGET_DIR (where the Rust binaries are),
+# SNOOZE_PROFILE (debug or release binaries for the pods; default debug).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -16,7 +17,7 @@ repo=$(cd "$here/../.." && pwd)
 NETNS=${SNOOZE_NETNS:-snooze}
 STATE=${SNOOZE_CLUSTER_DIR:-/tmp/snooze-cluster}
 TARGET=${CARGO_TARGET_DIR:-$repo/target}
-PROFILE_DIR=$TARGET/debug
+PROFILE_DIR=$TARGET/${SNOOZE_PROFILE:-debug}   # SNOOZE_PROFILE=release for benchmarks
 NODE_NAME=snooze-node
 NODE_IP=10.240.0.1       # the node's and the API server's address
 POD_CIDR=10.244.0.0/16   # pod IPs, routed to lo inside the namespace

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Scale benchmark on the local cluster: N ScaledServices (each with its Deployment at
+# zero and its Service). Reports the time until all are programmed (Ready=True with the
+# activator listening), the operator's and activators' RSS and CPU, and the operator's
+# API writes during one idle minute.
+#
+#   bench/scale.sh                 # N=1000
+#   SCALE_N=100 SCALE_IDLE_SECONDS=10 bench/scale.sh   # the short setting CI runs
+# Needs the cluster up and Snooze installed (./demo.sh does both); run as root.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+N=${SCALE_N:-1000}
+IDLE=${SCALE_IDLE_SECONDS:-60}
+NS=scale-bench
+eval "$(e2e/cluster/cluster.sh env)"
+k() { ip netns exec "$SNOOZE_NETNS" kubectl "$@"; }
+in_ns() { ip netns exec "$SNOOZE_NETNS" "$@"; }
+
+pid_of() { # pod name in snooze-system → host PID of its container process
+  k get pod -n snooze-system "$1" -o jsonpath='{.status.containerStatuses[0].containerID}' | sed 's|snooze://||'
+}
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+leader=$(k get lease -n snooze-system snooze-operator -o jsonpath='{.spec.holderIdentity}')
+[ -n "$leader" ] || { echo "no operator leader: is Snooze installed?" >&2; exit 1; }
+op_pid=$(pid_of "$leader")
+op_ip=$(k get pod -n snooze-system "$leader" -o jsonpath='{.status.podIP}')
+act_pods=$(k get pods -n snooze-system -l app.kubernetes.io/component=activator -o jsonpath='{.items[*].metadata.name}')
+writes() { in_ns curl -s "http://$op_ip:9091/metrics" | awk '/^snooze_operator_api_writes_total/ {print $2}'; }
+
+echo "operator leader $leader: RSS $(rss_mb "$op_pid") MB before"
+k delete ns $NS --ignore-not-found --wait=true >/dev/null
+k create ns $NS >/dev/null
+gen=$(mktemp)
+for i in $(seq 1 "$N"); do
+cat <<YAML
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app-$i, namespace: $NS}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: app-$i}}
+  template:
+    metadata: {labels: {app: app-$i}}
+    spec:
+      containers: [{name: app, image: ghcr.io/snooze-sh/testapp:dev, ports: [{name: http, containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: app-$i, namespace: $NS}
+spec:
+  selector: {app: app-$i}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: snooze.dev/v1alpha1
+kind: ScaledService
+metadata: {name: app-$i, namespace: $NS}
+spec:
+  scaleTargetRef: {name: app-$i}
+  service: app-$i
+  idleTimeout: 1h
+YAML
+done > "$gen"
+w0=$(writes); c0=$(cpu_ticks "$op_pid"); t0=$(date +%s.%N)
+k apply -f "$gen" --server-side >/dev/null
+t_applied=$(date +%s.%N)
+while :; do
+  ready=$(k get ssvc -n $NS -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True || true)
+  [ "$ready" -ge "$N" ] && break
+  sleep 1
+done
+t_ready=$(date +%s.%N)
+# Programmed also means every activator listens on every assigned port.
+ports=$(k get ssvc -n $NS -o jsonpath='{range .items[*]}{.status.ports[0].activatorPort}{"\n"}{end}' | sort -u | wc -l)
+for p in $act_pods; do
+  ip=$(k get pod -n snooze-system "$p" -o jsonpath='{.status.podIP}')
+  while [ "$(in_ns ss -ltn "src $ip" | grep -c LISTEN)" -lt "$N" ]; do sleep 0.5; done
+done
+t_listen=$(date +%s.%N)
+w1=$(writes); c1=$(cpu_ticks "$op_pid")
+echo "created $N ScaledServices (+$N Deployments, $N Services): apply took $(awk "BEGIN {printf \"%.1f\", $t_applied - $t0}") s"
+echo "all Ready=True $(awk "BEGIN {printf \"%.1f\", $t_ready - $t0}") s after the apply started; all activators listening on all $ports ports after $(awk "BEGIN {printf \"%.1f\", $t_listen - $t0}") s"
+echo "operator: RSS $(rss_mb "$op_pid") MB, CPU $(( (c1 - c0) / $(getconf CLK_TCK) )) s while programming, $((${w1%.*} - ${w0%.*})) API writes"
+for p in $act_pods; do
+  pid=$(pid_of "$p"); echo "activator $p: RSS $(rss_mb "$pid") MB"
+done
+sleep 5
+w2=$(writes); c2=$(cpu_ticks "$op_pid")
+sleep "$IDLE"
+w3=$(writes); c3=$(cpu_ticks "$op_pid")
+echo "idle for ${IDLE}s: operator API writes $((${w3%.*} - ${w2%.*})), CPU $(( (c3 - c2) * 1000 / $(getconf CLK_TCK) )) ms, RSS $(rss_mb "$op_pid") MB"
+rm -f "$gen"
+[ "${SCALE_KEEP:-0}" = 1 ] || k delete ns $NS --wait=false >/dev/null
