@@ -221,6 +221,12 @@ impl Runner {
                 ),
             ));
         }
+        let exe = pull(&exe, &self.ctx.cfg.state_dir.join("images")).map_err(|e| {
+            Waiting::new(
+                "ErrImagePull",
+                format!("pulling {image:?} from {}: {e}", exe.display()),
+            )
+        })?;
         let pod = self.ctx.pod.borrow().clone();
         let objects = fetch_objects(&self.ctx.client, &self.ctx.namespace, &pod).await?;
         let env = spec::container_env(
@@ -458,6 +464,35 @@ impl Runner {
             r = liveness => r,
         }
     }
+}
+
+/// "Pulls" an executable into the node's image store, as a runtime unpacks an image
+/// into its own storage: a snapshot keyed by path, size and mtime (a rebuild is a new
+/// image; running containers keep theirs), readable and executable by any user the
+/// container runs as, wherever the build output lives (e.g. under a 0700 home).
+fn pull(exe: &Path, store: &Path) -> std::io::Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(exe)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    exe.hash(&mut h);
+    meta.len().hash(&mut h);
+    meta.modified()?.hash(&mut h);
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dest = store.join(format!("{name}-{:016x}", h.finish()));
+    if dest.is_file() {
+        return Ok(dest);
+    }
+    std::fs::create_dir_all(store)?;
+    std::fs::set_permissions(store, std::fs::Permissions::from_mode(0o755))?;
+    let tmp = store.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::copy(exe, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &dest)?;
+    Ok(dest)
 }
 
 fn unreachable_string() -> String {
