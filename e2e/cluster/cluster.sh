@@ -141,6 +141,7 @@ up() {
   down_quiet
   rm -rf "$LOGS"
   mkdir -p "$STATE" "$LOGS" "$STATE/etcd" "$STATE/node"
+  chmod 755 "$STATE" "$STATE/node"   # containers run as other users and read from here
   gen_pki
   kubeconfig admin admin
   kubeconfig controller-manager controller-manager
