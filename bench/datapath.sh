@@ -45,7 +45,8 @@ http {
   access_log off;
   client_body_temp_path $work/nginx;
   proxy_temp_path $work/nginx;
-  upstream backend { server 127.0.0.1:$BACK; keepalive 256; }
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACK; keepalive 256; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGX;
     location / {
@@ -96,7 +97,8 @@ kill $ACT_PID; wait $ACT_PID 2>/dev/null || true
 wait_port $ACT; sleep 1
 ACT_RSS_IDLE=$(rss_kb $ACT_PID)
 
-RELEASE=$("$T/snooze-bench" release --requests "$(( HELD < 2000 ? HELD : 2000 ))")
+RELEASE1=$("$T/snooze-bench" release --requests 1 --rounds 50)
+RELEASE=$("$T/snooze-bench" release --requests "$(( HELD < 2000 ? HELD : 2000 ))" --rounds 3)
 
 python3 - "$work/results.jsonl" <<PY
 import json, statistics, sys
@@ -112,4 +114,5 @@ print(f"throughput: activator/nginx = {a['rps']/n['rps']:.2f}, activator/direct 
 print(f"added p99 over direct: activator {a['p99_ms']-d['p99_ms']:.3f} ms, nginx {n['p99_ms']-d['p99_ms']:.3f} ms")
 PY
 echo "activator RSS: idle $((ACT_RSS_IDLE/1024)) MB, after the load $((ACT_RSS_LOADED/1024)) MB, with $HELD requests held $((ACT_RSS_HELD/1024)) MB (queued gauge: ${QUEUED:-?})"
-echo "pod appears → held requests answered (in-process activator): $RELEASE"
+echo "pod appears → answer, one held request, 50 cold starts (in-process activator): $RELEASE1"
+echo "pod appears → answers, $(( HELD < 2000 ? HELD : 2000 )) held requests, 3 cold starts: $RELEASE"

@@ -14,6 +14,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 pub enum Conn {
     H1(http1::SendRequest<Incoming>),
@@ -23,15 +24,23 @@ pub enum Conn {
 pub struct Pool {
     h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    /// Connection attempts in progress per pod are bounded: when a pod appears with
+    /// thousands of held requests, they reuse the connections the first ones opened
+    /// instead of flooding the pod's accept queue.
+    connecting: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
     connect_timeout: Duration,
     max_idle_per_pod: usize,
 }
+
+/// Most connection attempts in progress to one pod.
+const MAX_CONNECTING_PER_POD: usize = 32;
 
 impl Pool {
     pub fn new(connect_timeout: Duration, max_idle_per_pod: usize) -> Arc<Self> {
         Arc::new(Self {
             h1: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
             connect_timeout,
             max_idle_per_pod,
         })
@@ -68,13 +77,22 @@ impl Pool {
             return Ok(Conn::H2(send));
         }
         if !fresh {
-            let mut idle = self.h1.lock();
-            if let Some(list) = idle.get_mut(&addr) {
-                while let Some(s) = list.pop() {
-                    if s.is_ready() {
-                        return Ok(Conn::H1(s));
-                    }
-                }
+            if let Some(s) = self.idle(addr) {
+                return Ok(Conn::H1(s));
+            }
+        }
+        let gate = self
+            .connecting
+            .lock()
+            .entry(addr)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CONNECTING_PER_POD)))
+            .clone();
+        let _permit = gate.acquire().await.map_err(io::Error::other)?;
+        // While this request waited, another may have finished and returned its
+        // connection.
+        if !fresh {
+            if let Some(s) = self.idle(addr) {
+                return Ok(Conn::H1(s));
             }
         }
         let io = self.connect(addr).await?;
@@ -86,6 +104,17 @@ impl Pool {
             let _ = conn.with_upgrades().await;
         });
         Ok(Conn::H1(send))
+    }
+
+    fn idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.h1.lock();
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
     }
 
     /// Puts an HTTP/1.1 connection back once its response is complete.
@@ -106,5 +135,6 @@ impl Pool {
     pub fn forget(&self, addr: &SocketAddr) {
         self.h1.lock().remove(addr);
         self.h2.lock().remove(addr);
+        self.connecting.lock().remove(addr);
     }
 }

@@ -233,7 +233,17 @@ impl Proxy {
         exclude: &[SocketAddr],
     ) -> Result<Slot, Refusal> {
         let settings = svc.settings();
-        if let Some(s) = svc.pick(port_name, settings.pod_concurrency, exclude) {
+        // Pods that refused this request are passed over while another can take it; when
+        // none can, they are tried again (the attempts are bounded by the caller).
+        let pick = || {
+            svc.pick(port_name, settings.pod_concurrency, exclude)
+                .or_else(|| {
+                    (!exclude.is_empty())
+                        .then(|| svc.pick(port_name, settings.pod_concurrency, &[]))
+                        .flatten()
+                })
+        };
+        if let Some(s) = pick() {
             return Ok(s);
         }
         // Hold the request: a place in the service's queue and in the global bound.
@@ -257,7 +267,7 @@ impl Proxy {
             self.stats.wake(svc);
         }
         loop {
-            if let Some(s) = svc.pick(port_name, settings.pod_concurrency, exclude) {
+            if let Some(s) = pick() {
                 svc.metrics.cold_wait.observe(start.elapsed().as_secs_f64());
                 return Ok(s);
             }

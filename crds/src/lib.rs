@@ -82,6 +82,11 @@ pub struct ScaledServiceSpec {
     /// Request-driven scaling between 1 and `maxReplicas`.
     #[serde(default)]
     pub scaling: ScalingPolicy,
+
+    /// Windows with a raised floor of replicas (a warm pool before predictable load).
+    /// Outside them the normal policy applies, zero included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
 }
 
 fn default_max_replicas() -> i32 {
@@ -169,6 +174,7 @@ pub enum ScalingMetric {
 
 /// How replicas follow the load between 1 and `maxReplicas`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("duration(self.panicWindow) <= duration(self.stableWindow)").message("scaling.panicWindow must not be longer than scaling.stableWindow"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicy {
     /// `concurrency` (in-flight requests per replica) or `rps` (requests per second per
@@ -184,6 +190,35 @@ pub struct ScalingPolicy {
     #[serde(default = "default_wake_replicas")]
     #[schemars(range(min = 1, max = 10000))]
     pub wake_replicas: i32,
+    /// The load is averaged over this window to decide the replicas.
+    #[serde(default = "default_stable_window")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('6s') && duration(self) <= duration('1h')").message("scaling.stableWindow must be between 6s and 1h"))]
+    pub stable_window: Duration,
+    /// A short window that reacts to bursts; while it needs `panicThreshold` times the
+    /// ready replicas, the workload scales up at once and never down.
+    #[serde(default = "default_panic_window")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("scaling.panicWindow must be at least 1s"))]
+    pub panic_window: Duration,
+    /// Panic when the panic-window load needs this many times the ready replicas
+    /// (percent: 200 means twice).
+    #[serde(default = "default_panic_threshold")]
+    #[schemars(range(min = 110, max = 1000))]
+    pub panic_threshold_percent: u32,
+    /// Most replicas after one scale-up, as a factor of the current ones (×100: 200
+    /// means at most double).
+    #[serde(default = "default_max_scale_up_rate")]
+    #[schemars(range(min = 110, max = 100000))]
+    pub max_scale_up_rate_percent: u32,
+    /// Cooldown: no scale-down until this long after the last change.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub scale_down_delay: Duration,
+    /// Most replicas removed in one step.
+    #[serde(default = "default_max_scale_down_step")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_scale_down_step: i32,
 }
 
 impl Default for ScalingPolicy {
@@ -192,8 +227,56 @@ impl Default for ScalingPolicy {
             metric: ScalingMetric::Concurrency,
             target: default_target(),
             wake_replicas: default_wake_replicas(),
+            stable_window: default_stable_window(),
+            panic_window: default_panic_window(),
+            panic_threshold_percent: default_panic_threshold(),
+            max_scale_up_rate_percent: default_max_scale_up_rate(),
+            scale_down_delay: default_scale_down_delay(),
+            max_scale_down_step: default_max_scale_down_step(),
         }
     }
+}
+
+fn default_stable_window() -> Duration {
+    StdDuration::from_secs(60).into()
+}
+fn default_panic_window() -> Duration {
+    StdDuration::from_secs(6).into()
+}
+fn default_panic_threshold() -> u32 {
+    200
+}
+fn default_max_scale_up_rate() -> u32 {
+    100_000
+}
+fn default_scale_down_delay() -> Duration {
+    StdDuration::from_secs(0).into()
+}
+fn default_max_scale_down_step() -> i32 {
+    1
+}
+
+/// A raised floor of replicas during predictable busy hours.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// When the window starts: a five-field cron expression (`0 8 * * 1-5`).
+    #[x_kube(validation = Rule::new("self.matches('^\\\\s*\\\\S+(\\\\s+\\\\S+){4}\\\\s*$')").message("cron must have five fields: minute hour day-of-month month day-of-week"))]
+    pub cron: String,
+    /// IANA time zone of the cron expression (`Europe/Paris`); UTC by default.
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+    /// How long the window lasts from each start.
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("schedules[].duration must be at least 1m"))]
+    pub duration: Duration,
+    /// Fewest replicas inside the window (a warm pool).
+    #[schemars(range(min = 1, max = 10000))]
+    pub min_replicas: i32,
+}
+
+fn default_time_zone() -> String {
+    "UTC".into()
 }
 
 fn default_target() -> u32 {

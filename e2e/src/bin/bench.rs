@@ -6,9 +6,9 @@
 //! - `hold --url U --requests N`: opens N connections that each send one request and
 //!   wait for the answer (for the activator's RSS with N held requests); prints a line
 //!   once they are all sent, then waits for the answers until killed.
-//! - `release --requests N`: runs the activator's proxy in this process with one
-//!   service and no pod, holds N requests, then makes a pod appear and measures, for
-//!   each request, the time from the endpoint event to its first response byte.
+//! - `release --requests N --rounds R`: runs the activator's proxy in this process with
+//!   one service and no pod, holds N requests, then makes a pod appear and measures,
+//!   for each request, the time from the endpoint event to its answer; R cold starts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +48,10 @@ enum Cmd {
     Release {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
+        /// Cold starts to measure; the first answer of each gives the "pod ready →
+        /// first byte" distribution.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
     },
 }
 
@@ -197,7 +201,9 @@ async fn hold(url: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn release(n: usize) -> anyhow::Result<()> {
+/// One cold start: hold `n` requests, make a pod appear, and return each request's
+/// time from the endpoint event to its answer (sorted, microseconds).
+async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
     use snooze_activator::{
         listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*,
     };
@@ -206,7 +212,7 @@ async fn release(n: usize) -> anyhow::Result<()> {
     let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
     let proxy = Arc::new(Proxy {
         table: table.clone(),
-        pool: Pool::new(Duration::from_secs(1), 256),
+        pool: Pool::new(Duration::from_secs(2), 256),
         stats,
         response_timeout: Duration::from_secs(60),
     });
@@ -273,10 +279,20 @@ async fn release(n: usize) -> anyhow::Result<()> {
                 .header("host", "bench")
                 .body(Empty::<Bytes>::new())
                 .expect("request");
-            if let Ok(resp) = s.send_request(req).await
-                && resp.status().is_success()
-            {
-                let _ = tx.send(Instant::now());
+            match s.send_request(req).await {
+                Ok(resp) if resp.status().is_success() => {
+                    let _ = tx.send(Instant::now());
+                }
+                Ok(resp) => {
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    eprintln!("release: {}", String::from_utf8_lossy(&body).trim());
+                }
+                Err(e) => eprintln!("release: client error: {e}"),
             }
         });
     }
@@ -300,11 +316,8 @@ async fn release(n: usize) -> anyhow::Result<()> {
         lat.push(t.duration_since(t0).as_micros() as u32);
     }
     lat.sort_unstable();
-    println!(
-        "{}",
-        json!({"held": n, "answered": lat.len(), "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99), "max_ms": percentile(&lat, 1.0)})
-    );
-    Ok(())
+    listeners.drain(Duration::from_millis(100)).await;
+    Ok(lat)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -321,7 +334,28 @@ fn main() -> anyhow::Result<()> {
                 label,
             } => load(&url, connections, duration, &label).await,
             Cmd::Hold { url, requests } => hold(&url, requests).await,
-            Cmd::Release { requests } => release(requests).await,
+            Cmd::Release { requests, rounds } => {
+                let mut firsts = Vec::new();
+                let mut all = Vec::new();
+                let mut answered = 0;
+                for _ in 0..rounds.max(1) {
+                    let lat = release(requests).await?;
+                    answered += lat.len();
+                    firsts.extend(lat.first().copied());
+                    all.extend(lat);
+                }
+                firsts.sort_unstable();
+                all.sort_unstable();
+                println!(
+                    "{}",
+                    json!({
+                        "rounds": rounds, "held_per_round": requests, "answered": answered,
+                        "first_byte_p50_ms": percentile(&firsts, 0.5), "first_byte_p99_ms": percentile(&firsts, 0.99),
+                        "all_p50_ms": percentile(&all, 0.5), "all_p99_ms": percentile(&all, 0.99), "all_max_ms": percentile(&all, 1.0),
+                    })
+                );
+                Ok(())
+            }
         }
     })
 }
