@@ -76,10 +76,8 @@ impl Pool {
             self.h2.lock().insert(addr, send.clone());
             return Ok(Conn::H2(send));
         }
-        if !fresh {
-            if let Some(s) = self.idle(addr) {
-                return Ok(Conn::H1(s));
-            }
+        if !fresh && let Some(s) = self.idle(addr) {
+            return Ok(Conn::H1(s));
         }
         let gate = self
             .connecting
@@ -90,10 +88,8 @@ impl Pool {
         let _permit = gate.acquire().await.map_err(io::Error::other)?;
         // While this request waited, another may have finished and returned its
         // connection.
-        if !fresh {
-            if let Some(s) = self.idle(addr) {
-                return Ok(Conn::H1(s));
-            }
+        if !fresh && let Some(s) = self.idle(addr) {
+            return Ok(Conn::H1(s));
         }
         let io = self.connect(addr).await?;
         let (send, conn) = http1::Builder::new()

@@ -82,8 +82,7 @@ pub fn observed(
             // The sample just before the window is the baseline when there is one.
             let base = samples
                 .iter()
-                .filter(|s| s.at <= from)
-                .next_back()
+                .rfind(|s| s.at <= from)
                 .or(in_window.first().copied());
             let (Some(first), Some(last)) = (base, in_window.last()) else {
                 return None;
@@ -209,8 +208,12 @@ mod tests {
     #[test]
     fn follows_load_over_the_stable_window() {
         let s = samples(&[50.0; 60]);
-        let (d, _, why) = desired(&policy(), &s, 1, 1, 0, 20, ScaleState::default(), at(60));
+        let (d, _, why) = desired(&policy(), &s, 4, 4, 0, 20, ScaleState::default(), at(60));
         assert_eq!((d, why), (5, "Load"));
+        // From 1 ready replica the same load is a burst (5× the ready capacity): panic.
+        let (d, st, why) = desired(&policy(), &s, 1, 1, 0, 20, ScaleState::default(), at(60));
+        assert_eq!((d, why), (5, "Panic"));
+        assert_eq!(st.panic_since, Some(at(60)));
     }
 
     #[test]
@@ -366,7 +369,7 @@ mod tests {
             }
             // It may go up then settle, or come down step by step; it never reverses twice.
             prop_assert!(directions.len() <= 2, "direction changes: {directions:?}");
-            let want = ((level / p.target).ceil() as i32).max(1);
+            let want = ((level / p.target).ceil() as i32).clamp(1, 1000);
             // Settled, unless the cooldown and step make the way down longer than the run.
             let steps_down = ((start - want).max(0) + p.max_scale_down_step - 1) / p.max_scale_down_step;
             let needed = steps_down as u64 * (p.scale_down_delay.as_secs() + 1) + p.stable_window.as_secs();
