@@ -51,6 +51,17 @@ impl Default for Autoscale {
     }
 }
 
+/// The replicas now and the bounds for the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    pub current: i32,
+    /// Ready pods (the panic threshold compares with them).
+    pub ready: i32,
+    /// `minReplicas`, raised by an active schedule.
+    pub floor: i32,
+    pub max: i32,
+}
+
 /// What the autoscaler remembers between decisions for one service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ScaleState {
@@ -112,13 +123,16 @@ pub fn observed(
 pub fn desired(
     p: &Autoscale,
     samples: &[Sample],
-    current: i32,
-    ready: i32,
-    floor: i32,
-    max: i32,
+    r: Replicas,
     state: ScaleState,
     now: SystemTime,
 ) -> (i32, ScaleState, &'static str) {
+    let Replicas {
+        current,
+        ready,
+        floor,
+        max,
+    } = r;
     let floor = floor.max(1);
     let max = max.max(floor);
     let current = current.max(1);
@@ -208,10 +222,32 @@ mod tests {
     #[test]
     fn follows_load_over_the_stable_window() {
         let s = samples(&[50.0; 60]);
-        let (d, _, why) = desired(&policy(), &s, 4, 4, 0, 20, ScaleState::default(), at(60));
+        let (d, _, why) = desired(
+            &policy(),
+            &s,
+            Replicas {
+                current: 4,
+                ready: 4,
+                floor: 0,
+                max: 20,
+            },
+            ScaleState::default(),
+            at(60),
+        );
         assert_eq!((d, why), (5, "Load"));
         // From 1 ready replica the same load is a burst (5× the ready capacity): panic.
-        let (d, st, why) = desired(&policy(), &s, 1, 1, 0, 20, ScaleState::default(), at(60));
+        let (d, st, why) = desired(
+            &policy(),
+            &s,
+            Replicas {
+                current: 1,
+                ready: 1,
+                floor: 0,
+                max: 20,
+            },
+            ScaleState::default(),
+            at(60),
+        );
         assert_eq!((d, why), (5, "Panic"));
         assert_eq!(st.panic_since, Some(at(60)));
     }
@@ -227,7 +263,19 @@ mod tests {
         let r = observed(ScalingMetric::Rps, &s, at(60), Duration::from_secs(60)).unwrap();
         assert!((r - 20.0).abs() < 0.5, "{r}");
         assert_eq!(
-            desired(&p, &s, 1, 1, 0, 20, ScaleState::default(), at(60)).0,
+            desired(
+                &p,
+                &s,
+                Replicas {
+                    current: 1,
+                    ready: 1,
+                    floor: 0,
+                    max: 20
+                },
+                ScaleState::default(),
+                at(60)
+            )
+            .0,
             4
         );
     }
@@ -237,13 +285,35 @@ mod tests {
         let mut load = vec![10.0; 54];
         load.extend([200.0; 6]); // the last 6 s
         let s = samples(&load);
-        let (d, st, why) = desired(&policy(), &s, 1, 1, 0, 50, ScaleState::default(), at(60));
+        let (d, st, why) = desired(
+            &policy(),
+            &s,
+            Replicas {
+                current: 1,
+                ready: 1,
+                floor: 0,
+                max: 50,
+            },
+            ScaleState::default(),
+            at(60),
+        );
         assert_eq!((d, why), (20, "Panic"));
         assert!(st.panic_since.is_some());
         // The burst is gone, but within the stable window it stays at least where it is.
         let mut quiet = load.clone();
         quiet.extend([0.0; 10]);
-        let (d2, _, why2) = desired(&policy(), &samples(&quiet), 20, 20, 0, 50, st, at(70));
+        let (d2, _, why2) = desired(
+            &policy(),
+            &samples(&quiet),
+            Replicas {
+                current: 20,
+                ready: 20,
+                floor: 0,
+                max: 50,
+            },
+            st,
+            at(70),
+        );
         assert_eq!((d2, why2), (20, "Panic"));
     }
 
@@ -259,12 +329,38 @@ mod tests {
             last_change: Some(at(40)),
             panic_since: None,
         };
-        assert_eq!(desired(&p, &s, 8, 8, 0, 20, recent, at(60)).0, 8);
+        assert_eq!(
+            desired(
+                &p,
+                &s,
+                Replicas {
+                    current: 8,
+                    ready: 8,
+                    floor: 0,
+                    max: 20
+                },
+                recent,
+                at(60)
+            )
+            .0,
+            8
+        );
         let old = ScaleState {
             last_change: Some(at(20)),
             panic_since: None,
         };
-        let (d, st, why) = desired(&p, &s, 8, 8, 0, 20, old, at(60));
+        let (d, st, why) = desired(
+            &p,
+            &s,
+            Replicas {
+                current: 8,
+                ready: 8,
+                floor: 0,
+                max: 20,
+            },
+            old,
+            at(60),
+        );
         assert_eq!((d, why), (6, "ScaleDownStep"));
         assert_eq!(st.last_change, Some(at(60)));
     }
@@ -278,11 +374,35 @@ mod tests {
         };
         let s = samples(&[1000.0; 60]); // wants 100
         assert_eq!(
-            desired(&p, &s, 3, 3, 0, 50, ScaleState::default(), at(60)).0,
+            desired(
+                &p,
+                &s,
+                Replicas {
+                    current: 3,
+                    ready: 3,
+                    floor: 0,
+                    max: 50
+                },
+                ScaleState::default(),
+                at(60)
+            )
+            .0,
             6
         );
         assert_eq!(
-            desired(&p, &s, 40, 40, 0, 50, ScaleState::default(), at(60)).0,
+            desired(
+                &p,
+                &s,
+                Replicas {
+                    current: 40,
+                    ready: 40,
+                    floor: 0,
+                    max: 50
+                },
+                ScaleState::default(),
+                at(60)
+            )
+            .0,
             50
         );
         // The floor (minReplicas or a schedule) holds with no load.
@@ -290,10 +410,12 @@ mod tests {
             desired(
                 &p,
                 &samples(&[0.0; 60]),
-                3,
-                3,
-                3,
-                50,
+                Replicas {
+                    current: 3,
+                    ready: 3,
+                    floor: 3,
+                    max: 50
+                },
                 ScaleState::default(),
                 at(60)
             )
@@ -340,7 +462,7 @@ mod tests {
             let floor = min.max(schedule_floor).min(max);
             let s = samples(&load);
             let now = at(load.len() as u64);
-            let (d, _, _) = desired(&p, &s, current, current, floor, max, ScaleState::default(), now);
+            let (d, _, _) = desired(&p, &s, Replicas { current, ready: current, floor, max }, ScaleState::default(), now);
             prop_assert!(d >= floor.max(1) && d <= max.max(floor.max(1)), "{d} outside [{floor}, {max}]");
             if d > current {
                 prop_assert!(d <= ((f64::from(current) * p.max_scale_up_rate).ceil() as i32).max(current + 1).max(floor));
@@ -359,7 +481,7 @@ mod tests {
             let mut directions = Vec::new();
             for sec in 1..=600u64 {
                 history.push(Sample { at: at(sec), concurrency: level, requests: 0 });
-                let (d, st, _) = desired(&p, &history, current, current, 0, 1000, state, at(sec));
+                let (d, st, _) = desired(&p, &history, Replicas { current, ready: current, floor: 0, max: 1000 }, state, at(sec));
                 if d != current {
                     let dir = d > current;
                     if directions.last() != Some(&dir) { directions.push(dir); }
