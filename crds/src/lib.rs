@@ -71,7 +71,7 @@ pub struct ScaledServiceSpec {
     /// How long without any request (and nothing in flight) before the workload is
     /// scaled to `minReplicas`, zero included. Go duration syntax: `30s`, `5m`, `1h`.
     #[serde(default = "default_idle_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("idleTimeout must be a duration of at least 1s, such as 30s or 5m"))]
     pub idle_timeout: Duration,
 
@@ -86,6 +86,7 @@ pub struct ScaledServiceSpec {
     /// Windows with a raised floor of replicas (a warm pool before predictable load).
     /// Outside them the normal policy applies, zero included.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
     pub schedules: Vec<Schedule>,
 }
 
@@ -124,7 +125,7 @@ fn default_kind() -> String {
 pub struct ActivationSpec {
     /// Longest a request waits for a ready pod; past it the client gets 504.
     #[serde(default = "default_activation_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('1h')").message("activation.timeout must be between 1s and 1h"))]
     pub timeout: Duration,
 
@@ -192,13 +193,13 @@ pub struct ScalingPolicy {
     pub wake_replicas: i32,
     /// The load is averaged over this window to decide the replicas.
     #[serde(default = "default_stable_window")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('6s') && duration(self) <= duration('1h')").message("scaling.stableWindow must be between 6s and 1h"))]
     pub stable_window: Duration,
     /// A short window that reacts to bursts; while it needs `panicThreshold` times the
     /// ready replicas, the workload scales up at once and never down.
     #[serde(default = "default_panic_window")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("scaling.panicWindow must be at least 1s"))]
     pub panic_window: Duration,
     /// Panic when the panic-window load needs this many times the ready replicas
@@ -213,7 +214,7 @@ pub struct ScalingPolicy {
     pub max_scale_up_rate_percent: u32,
     /// Cooldown: no scale-down until this long after the last change.
     #[serde(default = "default_scale_down_delay")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     pub scale_down_delay: Duration,
     /// Most replicas removed in one step.
     #[serde(default = "default_max_scale_down_step")]
@@ -262,12 +263,14 @@ fn default_max_scale_down_step() -> i32 {
 pub struct Schedule {
     /// When the window starts: a five-field cron expression (`0 8 * * 1-5`).
     #[x_kube(validation = Rule::new("self.matches('^\\\\s*\\\\S+(\\\\s+\\\\S+){4}\\\\s*$')").message("cron must have five fields: minute hour day-of-month month day-of-week"))]
+    #[schemars(length(min = 9, max = 100))]
     pub cron: String,
     /// IANA time zone of the cron expression (`Europe/Paris`); UTC by default.
     #[serde(default = "default_time_zone")]
+    #[schemars(length(max = 64))]
     pub time_zone: String,
     /// How long the window lasts from each start.
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("schedules[].duration must be at least 1m"))]
     pub duration: Duration,
     /// Fewest replicas inside the window (a warm pool).
