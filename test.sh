@@ -55,11 +55,11 @@ eval "$(e2e/cluster/cluster.sh env)"
 # Inside the cluster's network namespace: pod IPs are only reachable there.
 e2e() {
   ip netns exec "$SNOOZE_NETNS" env PATH="$PATH" KUBECONFIG="$KUBECONFIG" \
-    cargo test --offline -p snooze-e2e --test "$1" -- --ignored --nocapture --test-threads=4 ${E2E_FILTER:-}
+    cargo test --offline -p snooze-e2e --test "$1" -- --ignored --nocapture --test-threads=${E2E_THREADS:-4} ${E2E_FILTER:-}
 }
 step "end-to-end: the local cluster itself"
 e2e cluster
 step "end-to-end: Snooze installed with helm"
 e2e snooze
-step "end-to-end: helm uninstall"
-e2e zz_uninstall
+step "end-to-end: activator churn, then helm uninstall (one at a time)"
+E2E_THREADS=1 e2e zz_disruptive

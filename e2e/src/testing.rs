@@ -324,3 +324,37 @@ pub async fn deployment_replicas(deploys: &Api<Deployment>, name: &str) -> Resul
     let d = deploys.get(name).await.map_err(|e| e.to_string())?;
     Ok(d.spec.and_then(|s| s.replicas).unwrap_or(1))
 }
+
+/// The test application: a Deployment and its Service, both named `name`.
+pub async fn app(client: &kube::Client, ns: &str, name: &str, replicas: i32, extra: &[&str]) {
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams::default();
+    deploys
+        .create(&pp, &testapp_deployment(name, replicas, extra))
+        .await
+        .unwrap();
+    services.create(&pp, &testapp_service(name)).await.unwrap();
+}
+
+/// The test application `web` with its Service and a ScaledService for it.
+pub async fn scaled_app(
+    client: &kube::Client,
+    ns: &str,
+    replicas: i32,
+    min: i32,
+    max: i32,
+    idle: &str,
+    extra: &[&str],
+) -> Api<snooze_crds::ScaledService> {
+    app(client, ns, "web", replicas, extra).await;
+    let ssvcs: Api<snooze_crds::ScaledService> = Api::namespaced(client.clone(), ns);
+    ssvcs
+        .create(
+            &PostParams::default(),
+            &scaled_service("web", min, max, idle),
+        )
+        .await
+        .unwrap();
+    ssvcs
+}

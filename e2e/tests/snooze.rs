@@ -18,38 +18,7 @@ use snooze_e2e::testing::*;
 
 const T: Duration = Duration::from_secs(90);
 
-async fn app(client: &kube::Client, ns: &str, name: &str, replicas: i32, extra: &[&str]) {
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let pp = PostParams::default();
-    deploys
-        .create(&pp, &testapp_deployment(name, replicas, extra))
-        .await
-        .unwrap();
-    services.create(&pp, &testapp_service(name)).await.unwrap();
-}
 
-/// The test application `web` with its Service and a ScaledService for it.
-async fn scaled_app(
-    client: &kube::Client,
-    ns: &str,
-    replicas: i32,
-    min: i32,
-    max: i32,
-    idle: &str,
-    extra: &[&str],
-) -> Api<ScaledService> {
-    app(client, ns, "web", replicas, extra).await;
-    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
-    ssvcs
-        .create(
-            &PostParams::default(),
-            &scaled_service("web", min, max, idle),
-        )
-        .await
-        .unwrap();
-    ssvcs
-}
 
 async fn ready_condition(
     ssvcs: &Api<ScaledService>,
@@ -191,6 +160,10 @@ async fn kubectl_apply_rejects_invalid_specs_with_readable_messages() {
             ("  scaleTargetRef: {name: web}\n  service: web\n  idleTimeout: 5 minutes\n", "idleTimeout"),
             ("  scaleTargetRef: {name: web}\n  service: web\n  idleTimeout: 0s\n", "idleTimeout must be a duration of at least 1s"),
             ("  scaleTargetRef: {name: web}\n", "service: Required value"),
+            (
+                "  scaleTargetRef: {name: web}\n  service: web\n  schedules: [{cron: every day, duration: 1h, minReplicas: 1}]\n",
+                "cron must have five fields",
+            ),
         ];
         for (spec, want) in cases {
             std::fs::write(&file, bad(spec)).unwrap();
@@ -595,77 +568,126 @@ async fn deleting_restores_replicas_and_removes_the_managed_service() {
     .await;
 }
 
+/// `clients` closed-loop clients for `dur`, round robin over `targets`; (ok, failed).
+/// Failures are printed (the first few) and paced, so a broken path does not spin.
+async fn closed_loop(targets: Vec<String>, clients: usize, dur: Duration) -> (u64, u64) {
+    let until = Instant::now() + dur;
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let url = format!("http://{}/", targets[c % targets.len()]);
+        handles.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while Instant::now() < until {
+                match http_get(&url, Duration::from_secs(60)).await {
+                    Ok((200, _)) => ok += 1,
+                    other => {
+                        failed += 1;
+                        if failed <= 3 {
+                            eprintln!("closed loop: {other:?}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let mut total = (0, 0);
+    for h in handles {
+        let (o, f) = h.await.unwrap();
+        total = (total.0 + o, total.1 + f);
+    }
+    total
+}
+
 #[tokio::test]
 #[ignore = "needs the local cluster: run ./test.sh"]
-async fn routing_follows_the_activator_pods() {
+async fn follows_a_load_ramp_then_steps_down_and_sleeps() {
     ensure_snooze().await;
-    in_namespace("follow", |client, ns| async move {
-        scaled_app(&client, &ns, 1, 0, 2, "1h", &[]).await;
-        let activators: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
-        let ips = || async {
-            let mut v: Vec<String> =
-                ready_pods(&activators, "app.kubernetes.io/component=activator")
-                    .await?
-                    .into_iter()
-                    .map(|(_, ip)| ip)
-                    .collect();
-            v.sort();
-            Ok::<_, String>(v)
-        };
-        let want = wait_for("two ready activators", T, || async {
-            let v = ips().await?;
-            (v.len() == 2).then_some(v.clone()).ok_or(format!("{v:?}"))
-        })
-        .await;
-        wait_for("slice lists the activators", T, || async {
-            let t = ingress_targets(&client, &ns, "web", "http").await?;
-            let got: Vec<String> = t
-                .iter()
-                .map(|a| a.rsplit_once(':').unwrap().0.to_string())
-                .collect();
-            (got == want)
-                .then_some(())
-                .ok_or(format!("{got:?} != {want:?}"))
-        })
-        .await;
-        // Replace one activator pod: the slice follows the new set.
-        let victim = activators
-            .list(&ListParams::default().labels("app.kubernetes.io/component=activator"))
-            .await
-            .unwrap()
-            .items[0]
-            .name_any();
-        activators
-            .delete(&victim, &DeleteParams::default())
+    in_namespace("ramp", |client, ns| async move {
+        // Every request takes 100 ms; target 2 in flight per replica.
+        app(&client, &ns, "web", 1, &["--delay-ms", "100"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let ss: ScaledService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "snooze.dev/v1alpha1", "kind": "ScaledService",
+            "metadata": {"name": "web"},
+            "spec": {
+                "scaleTargetRef": {"name": "web"}, "service": "web",
+                "minReplicas": 0, "maxReplicas": 6, "idleTimeout": "6s",
+                "scaling": {"metric": "concurrency", "target": 2, "stableWindow": "6s", "panicWindow": "2s",
+                            "scaleDownDelay": "0s", "maxScaleDownStep": 1},
+            },
+        }))
+        .unwrap();
+        ssvcs.create(&PostParams::default(), &ss).await.unwrap();
+        let targets = wait_for("managed endpoints", T, || ingress_targets(&client, &ns, "web", "http")).await;
+
+        // 8 clients in a closed loop ≈ 8 in flight → about 4 replicas.
+        let peak = Arc::new(AtomicU64::new(0));
+        let load = tokio::spawn(closed_loop(targets.clone(), 8, Duration::from_secs(20)));
+        let start = Instant::now();
+        while !load.is_finished() {
+            let r = deployment_replicas(&deploys, "web").await.unwrap_or(0) as u64;
+            peak.fetch_max(r, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (ok, failed) = load.await.unwrap();
+        let peak = peak.load(Ordering::SeqCst);
+        eprintln!("ramp: {ok} requests in {:?}, {failed} failed, peak {peak} replicas", start.elapsed());
+        assert_eq!(failed, 0);
+        assert!((3..=5).contains(&peak), "8 in flight with target 2 should give about 4 replicas, got {peak}");
+
+        // Load stops: down one replica at a time, then to zero after idleTimeout.
+        let mut seen = vec![deployment_replicas(&deploys, "web").await.unwrap()];
+        let until = Instant::now() + Duration::from_secs(60);
+        while *seen.last().unwrap() > 0 {
+            assert!(Instant::now() < until, "did not reach zero: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let r = deployment_replicas(&deploys, "web").await.unwrap();
+            if r != *seen.last().unwrap() {
+                seen.push(r);
+            }
+        }
+        eprintln!("ramp down: {seen:?}");
+        for w in seen.windows(2) {
+            assert!(w[1] < w[0], "went back up: {seen:?}");
+            assert!(w[0] - w[1] == 1 || (w[0] == 1 && w[1] == 0), "removed more than one at a time: {seen:?}");
+        }
+        let reason = ssvcs.get("web").await.unwrap().status.unwrap().last_scale_reason;
+        assert_eq!(reason.as_deref(), Some("Idle"));
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_schedule_window_holds_its_floor() {
+    ensure_snooze().await;
+    in_namespace("sched", |client, ns| async move {
+        app(&client, &ns, "web", 0, &[]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        // A window that started this minute and lasts two: always active in this test.
+        let mut ss = scaled_service("web", 0, 4, "2s");
+        ss.spec.schedules = serde_json::from_value(serde_json::json!([
+            {"cron": "* * * * *", "timeZone": "Europe/Paris", "duration": "2m", "minReplicas": 2}
+        ]))
+        .unwrap();
+        ssvcs.create(&PostParams::default(), &ss).await.unwrap();
+        wait_replicas(&deploys, "web", 2, T).await;
+        // Held well past idleTimeout with no traffic at all.
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
+        }
+        // Without the window it sleeps.
+        let patch = serde_json::json!({"spec": {"schedules": []}});
+        ssvcs
+            .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
             .await
             .unwrap();
-        let start = Instant::now();
-        wait_for("slice follows the replacement", T, || async {
-            let now = ips().await?;
-            if now.len() != 2 || now == want {
-                return Err(format!("activators {now:?}"));
-            }
-            let t = ingress_targets(&client, &ns, "web", "http").await?;
-            let got: Vec<String> = t
-                .iter()
-                .map(|a| a.rsplit_once(':').unwrap().0.to_string())
-                .collect();
-            (got == now)
-                .then_some(())
-                .ok_or(format!("{got:?} != {now:?}"))
-        })
-        .await;
-        eprintln!(
-            "activator replaced; slice updated {} ms after the delete call",
-            start.elapsed().as_millis()
-        );
-        // Traffic through every listed activator works.
-        for t in ingress_targets(&client, &ns, "web", "http").await.unwrap() {
-            let (s, _) = http_get(&format!("http://{t}/"), Duration::from_secs(30))
-                .await
-                .unwrap();
-            assert_eq!(s, 200);
-        }
+        wait_replicas(&deploys, "web", 0, T).await;
     })
     .await;
 }

@@ -2,7 +2,7 @@
 //! routing objects as data, apply what differs, decide and write the replicas, write
 //! the status when it changed. Runs only on the leader.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,6 +24,7 @@ use snooze_crds::{FINALIZER, MANAGER, ScaledService, ScaledServiceStatus};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::autoscale::{self, Autoscale, Replicas, Sample, ScaleState};
 use crate::decision::{self, Load, Policy, Reason};
 use crate::metrics::{Metrics, ScaleLabels, ServiceLabels};
 use crate::objects;
@@ -56,6 +57,14 @@ pub struct Context {
     /// Wakes in progress or just done, by service: repeated signals for the same cold
     /// start (every waiting request, every activator) patch once.
     pub waking: Mutex<HashMap<ServiceRef, Instant>>,
+    /// Per-second load samples of each service (trimmed to its stable window).
+    pub history: Mutex<HashMap<ServiceRef, VecDeque<Sample>>>,
+    /// The autoscaler's memory (last change, panic) per service.
+    pub scale_state: Mutex<HashMap<ServiceRef, ScaleState>>,
+    /// Replicas (current, ready) of each programmed service, as last read.
+    pub replicas: Mutex<HashMap<ServiceRef, (i32, i32)>>,
+    /// The last scale the operator made per service: when and why (for the status).
+    pub last_scale: Mutex<HashMap<ServiceRef, (Time, String)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +110,98 @@ fn key_of(ss: &ScaledService) -> ServiceRef {
     }
 }
 
+/// The policy now: `minReplicas` raised by an active schedule (an invalid schedule
+/// raises nothing; the reconcile reports it).
 pub fn policy(ss: &ScaledService) -> Policy {
+    let floor = crate::schedule::floor_at(&ss.spec.schedules, SystemTime::now()).unwrap_or(0);
     Policy {
-        min_replicas: ss.spec.min_replicas,
+        min_replicas: ss.spec.min_replicas.max(floor.min(ss.spec.max_replicas)),
         max_replicas: ss.spec.max_replicas,
         idle_timeout: ss.spec.idle_timeout(),
         wake_replicas: ss.spec.scaling.wake_replicas,
+    }
+}
+
+pub fn autoscale_policy(ss: &ScaledService) -> Autoscale {
+    let p = &ss.spec.scaling;
+    Autoscale {
+        metric: p.metric,
+        target: f64::from(p.target),
+        stable_window: p.stable_window.into(),
+        panic_window: p.panic_window.into(),
+        panic_threshold: f64::from(p.panic_threshold_percent) / 100.0,
+        max_scale_up_rate: f64::from(p.max_scale_up_rate_percent) / 100.0,
+        scale_down_delay: p.scale_down_delay.into(),
+        max_scale_down_step: p.max_scale_down_step,
+    }
+}
+
+/// When the idle clock starts: the last request the status recorded, or when Snooze
+/// took the workload over (this operator's start at the earliest).
+fn idle_since(ctx: &Context, ss: &ScaledService) -> SystemTime {
+    let created = ss.metadata.creation_timestamp.as_ref().map(to_system).unwrap_or(ctx.started);
+    let last = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.last_request_time.as_ref())
+        .map(to_system)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    created.max(ctx.started).max(last)
+}
+
+/// Once a second on the leader: record every service's load and let the autoscaler
+/// follow it. Writes only when the replicas change.
+pub async fn autoscale_tick(ctx: &Context, trigger: &tokio::sync::mpsc::Sender<ObjectRef<ScaledService>>) {
+    let now = SystemTime::now();
+    let activators = ctx.activators.borrow().stats.clone();
+    for ss in ctx.store.state() {
+        let key = key_of(&ss);
+        let Some((current, ready)) = ctx.replicas.lock().get(&key).copied() else { continue };
+        if ss.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let mut load = ctx.stats.load(&key, &activators);
+        let ap = autoscale_policy(&ss);
+        let samples: Vec<Sample> = {
+            let mut h = ctx.history.lock();
+            let q = h.entry(key.clone()).or_default();
+            q.push_back(Sample {
+                at: now,
+                concurrency: (load.in_flight + load.queued) as f64,
+                requests: load.requests,
+            });
+            let keep = ap.stable_window.max(ap.panic_window) + Duration::from_secs(2);
+            while q.front().is_some_and(|s| now.duration_since(s.at).unwrap_or_default() > keep) {
+                q.pop_front();
+            }
+            q.iter().copied().collect()
+        };
+        let pol = policy(&ss);
+        if current > 0 {
+            let state = ctx.scale_state.lock().get(&key).copied().unwrap_or_default();
+            let r = Replicas {
+                current,
+                ready,
+                floor: pol.min_replicas,
+                max: pol.max_replicas,
+            };
+            let (wants, next, _why) = autoscale::desired(&ap, &samples, r, state, now);
+            ctx.scale_state.lock().insert(key.clone(), next);
+            load.wants = Some(wants);
+        }
+        let d = decision::decide(&pol, current, &load, now, idle_since(ctx, &ss));
+        if d.desired == current {
+            continue;
+        }
+        let Ok(Ok(api)) = scale_api(ctx, &ss).await else { continue };
+        match scale_to(ctx, &ss, &api, current, d.desired, d.reason, None).await {
+            Ok(()) => {
+                ctx.replicas.lock().insert(key.clone(), (d.desired, ready));
+                ctx.last_scale.lock().insert(key.clone(), (now_time(), d.reason.as_str().into()));
+                let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
+            }
+            Err(e) => warn!(service = ?key, "autoscale: {e}"),
+        }
     }
 }
 
@@ -283,6 +378,12 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         None
     };
     let problem = problem.or_else(|| {
+        crate::schedule::validate(&ss.spec.schedules).err().map(|e| Problem {
+            reason: "InvalidSchedule",
+            message: e,
+        })
+    });
+    let problem = problem.or_else(|| {
         backend.is_none().then(|| Problem {
             reason: "ServiceNotFound",
             message: format!("Service {} not found in namespace {ns}", ss.spec.service),
@@ -413,6 +514,13 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
 
     // 4. Status.
     let ready_replicas = ready_endpoints(ctx, &ns, &ss.spec.service);
+    ctx.replicas.lock().insert(key.clone(), (if d.desired != current { d.desired } else { current }, ready_replicas));
+    if let Some((t, why)) = ctx.last_scale.lock().get(&key).cloned() {
+        if status.last_scale_time.as_ref().is_none_or(|o| o.0 < t.0) {
+            status.last_scale_time = Some(t);
+            status.last_scale_reason = Some(why);
+        }
+    }
     status.replicas = Some(if d.desired != current {
         d.desired
     } else {
@@ -534,6 +642,8 @@ pub async fn scale_to(
         Reason::Idle => "ScaledDown",
         Reason::MinReplicas => "ScaledToMin",
         Reason::MaxReplicas => "ScaledToMax",
+        Reason::Load if to > from => "ScaledUp",
+        Reason::Load => "ScaledDown",
         Reason::Steady => "Restored",
     };
     publish(
@@ -617,6 +727,14 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
         Err(e) => return Err(e),
     }
     ctx.ports.lock().release(&ns, &name);
+    let key = ServiceRef {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+    ctx.replicas.lock().remove(&key);
+    ctx.history.lock().remove(&key);
+    ctx.scale_state.lock().remove(&key);
+    ctx.last_scale.lock().remove(&key);
     ctx.metrics.desired_replicas.remove(&ServiceLabels {
         namespace: ns,
         name,
@@ -665,6 +783,8 @@ async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result
     let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), ctx.started);
     if d.desired != current && d.reason == Reason::Wake {
         scale_to(ctx, &ss, &api, current, d.desired, d.reason, Some(received)).await?;
+        ctx.replicas.lock().insert(key.clone(), (d.desired, 0));
+        ctx.last_scale.lock().insert(key.clone(), (now_time(), d.reason.as_str().into()));
         return Ok(true);
     }
     Ok(false)

@@ -15,6 +15,11 @@ pub struct Load {
     pub complete: bool,
     /// An activator asked to wake this service just now.
     pub wake: bool,
+    /// Requests received, summed over the activators (a counter).
+    pub requests: u64,
+    /// Replicas the autoscaler derives from the recent load (see `autoscale`), when
+    /// it has decided; `None` keeps the current replicas while awake.
+    pub wants: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +41,8 @@ pub enum Reason {
     MinReplicas,
     /// Lowered to `maxReplicas`.
     MaxReplicas,
+    /// Following the load between 1 and `maxReplicas` (the autoscaler).
+    Load,
     /// Nothing to change.
     Steady,
 }
@@ -47,6 +54,7 @@ impl Reason {
             Reason::Idle => "Idle",
             Reason::MinReplicas => "MinReplicas",
             Reason::MaxReplicas => "MaxReplicas",
+            Reason::Load => "Load",
             Reason::Steady => "Steady",
         }
     }
@@ -110,8 +118,17 @@ pub fn decide(
             recheck_in: None,
         };
     }
+    // Awake: follow the load, never below 1 while awake.
+    let follow = |recheck_in| match load.wants.map(|w| w.clamp(floor.max(1), ceiling)) {
+        Some(w) if w != current => Decision {
+            desired: w,
+            reason: Reason::Load,
+            recheck_in,
+        },
+        _ => steady(current, recheck_in),
+    };
     if busy {
-        return steady(current, Some(policy.idle_timeout));
+        return follow(Some(policy.idle_timeout));
     }
     let since = load.last_request.map_or(idle_since, |t| t.max(idle_since));
     let idle_for = now.duration_since(since).unwrap_or_default();
@@ -129,7 +146,7 @@ pub fn decide(
         }
         return steady(current, None);
     }
-    steady(current, Some(policy.idle_timeout - idle_for))
+    follow(Some(policy.idle_timeout - idle_for))
 }
 
 #[cfg(test)]
@@ -158,6 +175,7 @@ mod tests {
             last_request: last.map(at),
             complete: true,
             wake,
+            ..Default::default()
         }
     }
 
@@ -321,6 +339,21 @@ mod tests {
         let d = decide(&policy(0, 3), 1, &l, at(1000), at(0));
         assert_eq!(d.desired, 1);
         assert_eq!(d.recheck_in, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn awake_follows_the_autoscaler_within_bounds() {
+        let mut l = load(30, 0, Some(100), false);
+        l.wants = Some(4);
+        let d = decide(&policy(0, 3), 1, &l, at(100), at(0));
+        assert_eq!((d.desired, d.reason), (3, Reason::Load), "capped at max");
+        l.wants = Some(0);
+        let d = decide(&policy(2, 5), 4, &l, at(100), at(0));
+        assert_eq!((d.desired, d.reason), (2, Reason::Load), "not below min");
+        // Idle wins over the autoscaler: sleep after idleTimeout.
+        let mut quiet = load(0, 0, Some(0), false);
+        quiet.wants = Some(1);
+        assert_eq!(decide(&policy(0, 5), 1, &quiet, at(400), at(0)).desired, 0);
     }
 
     #[test]

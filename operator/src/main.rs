@@ -408,7 +408,27 @@ async fn lead(
         discovery: Mutex::new(HashMap::new()),
         api_timeout,
         waking: Mutex::new(HashMap::new()),
+        history: Mutex::new(HashMap::new()),
+        scale_state: Mutex::new(HashMap::new()),
+        replicas: Mutex::new(HashMap::new()),
+        last_scale: Mutex::new(HashMap::new()),
     });
+    // The autoscaler: once a second, follow the load (writes only on change).
+    {
+        let ctx = ctx.clone();
+        let trigger_tx = trigger_tx.clone();
+        let stop = shutdown.child_token();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => controller::autoscale_tick(&ctx, &trigger_tx).await,
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
 
     // Wake signals: scale at once, then reconcile for the status.
     {

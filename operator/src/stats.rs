@@ -115,6 +115,7 @@ impl StatsStore {
             if let Some(s) = st.services.get(key) {
                 load.in_flight += s.in_flight;
                 load.queued += s.queued;
+                load.requests += s.requests;
                 last_ms = last_ms.max(s.last_request_ms);
             }
         }
