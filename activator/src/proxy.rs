@@ -300,95 +300,115 @@ impl Proxy {
         // this request (it has not been sent yet): the next pick goes to another pod,
         // or waits for one like a cold request. Three refusals end in 502.
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let (slot, conn) = loop {
-            let slot = match self.acquire(svc, &route.port_name, start, &tried).await {
-                Ok(s) => s,
-                Err(Refusal::QueueFull { queued }) => {
-                    let mut r = text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!(
-                            "snooze: {} has too many requests waiting ({queued}); retry later\n",
-                            svc.display
-                        ),
-                    );
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return r;
-                }
-                Err(Refusal::Timeout { waited }) => {
-                    return text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "snooze: {} had no ready pod after waiting {:.1}s\n",
-                            svc.display,
-                            waited.as_secs_f64()
-                        ),
-                    );
-                }
-            };
-            let guard = SlotGuard {
-                service: svc.clone(),
-                slot,
-            };
-            let addr = SocketAddr::new(guard.slot.endpoint.ip, guard.slot.port);
-            match self.pool.checkout(addr, h2, upgrade).await {
-                Ok(c) => break (guard, c),
-                Err(e) => {
-                    warn!(service = %svc.display, %addr, "connect failed: {e}");
-                    self.pool.forget(&addr);
-                    tried.push(addr);
-                    if tried.len() >= 3 {
-                        return text(
-                            StatusCode::BAD_GATEWAY,
-                            format!(
-                                "snooze: {}: could not connect to a pod ({addr}: {e})\n",
-                                svc.display
-                            ),
-                        );
-                    }
-                    drop(guard);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
-        let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
         if !h2 {
             set_origin_form(&mut req);
         }
-
-        let sent = match conn {
-            Conn::H1(mut s) => {
-                let r = tokio::time::timeout(self.response_timeout, s.send_request(req)).await;
-                if !upgrade {
-                    self.pool.checkin(addr, s);
+        let mut req = Some(req);
+        let (slot, mut resp) = 'attempt: loop {
+            let (slot, conn) = loop {
+                let slot = match self.acquire(svc, &route.port_name, start, &tried).await {
+                    Ok(s) => s,
+                    Err(Refusal::QueueFull { queued }) => {
+                        let mut r = text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "snooze: {} has too many requests waiting ({queued}); retry later\n",
+                                svc.display
+                            ),
+                        );
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                        return r;
+                    }
+                    Err(Refusal::Timeout { waited }) => {
+                        return text(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "snooze: {} had no ready pod after waiting {:.1}s\n",
+                                svc.display,
+                                waited.as_secs_f64()
+                            ),
+                        );
+                    }
+                };
+                let guard = SlotGuard {
+                    service: svc.clone(),
+                    slot,
+                };
+                let addr = SocketAddr::new(guard.slot.endpoint.ip, guard.slot.port);
+                match self.pool.checkout(addr, h2, upgrade).await {
+                    Ok(c) => break (guard, c),
+                    Err(e) => {
+                        warn!(service = %svc.display, %addr, "connect failed: {e}");
+                        self.pool.forget(&addr);
+                        tried.push(addr);
+                        if tried.len() >= 3 {
+                            return text(
+                                StatusCode::BAD_GATEWAY,
+                                format!(
+                                    "snooze: {}: could not connect to a pod ({addr}: {e})\n",
+                                    svc.display
+                                ),
+                            );
+                        }
+                        drop(guard);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
-                r
-            }
-            Conn::H2(mut s) => {
-                tokio::time::timeout(self.response_timeout, s.send_request(req)).await
-            }
-        };
-        let mut resp = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                debug!(service = %svc.display, %addr, "upstream error: {e}");
+            };
+            let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
+            let Some(this) = req.take() else {
                 return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "snooze: {}: pod {addr} failed before answering: {e}\n",
-                        svc.display
-                    ),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "snooze: request lost\n".into(),
                 );
-            }
-            Err(_) => {
-                return text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "snooze: {}: pod {addr} did not answer within {}s\n",
-                        svc.display,
-                        self.response_timeout.as_secs()
-                    ),
-                );
+            };
+            let sent = match conn {
+                Conn::H1(mut s) => {
+                    let r =
+                        tokio::time::timeout(self.response_timeout, s.try_send_request(this)).await;
+                    if !upgrade {
+                        self.pool.checkin(addr, s);
+                    }
+                    r
+                }
+                Conn::H2(mut s) => {
+                    tokio::time::timeout(self.response_timeout, s.try_send_request(this)).await
+                }
+            };
+            match sent {
+                Ok(Ok(r)) => break 'attempt (slot, r),
+                // The connection closed before the request was written (a pod closing
+                // its idle keep-alive connections, or shutting down): it was not sent, so
+                // it goes to another connection or pod.
+                Ok(Err(mut e)) if e.message().is_some() && tried.len() < 2 => {
+                    debug!(service = %svc.display, %addr, "not sent, retrying: {}", e.error());
+                    req = e.take_message();
+                    tried.push(addr);
+                    drop(slot);
+                    continue 'attempt;
+                }
+                Ok(Err(e)) => {
+                    let e = e.into_error();
+                    debug!(service = %svc.display, %addr, "upstream error: {e}");
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "snooze: {}: pod {addr} failed before answering: {e}\n",
+                            svc.display
+                        ),
+                    );
+                }
+                Err(_) => {
+                    return text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "snooze: {}: pod {addr} did not answer within {}s\n",
+                            svc.display,
+                            self.response_timeout.as_secs()
+                        ),
+                    );
+                }
             }
         };
 

@@ -13,7 +13,6 @@ use snooze_e2e::testing::*;
 
 const T: Duration = Duration::from_secs(90);
 
-
 #[tokio::test]
 #[ignore = "needs the local cluster: run ./test.sh"]
 async fn a_routing_follows_the_activator_pods() {

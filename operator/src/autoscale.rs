@@ -13,7 +13,7 @@ use snooze_crds::ScalingMetric;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
     pub at: SystemTime,
-    /// Requests in flight plus queued.
+    /// Requests received and not yet answered (queued ones included).
     pub concurrency: f64,
     /// Requests received so far (a counter summed over activators).
     pub requests: u64,

@@ -119,6 +119,7 @@ pub fn policy(ss: &ScaledService) -> Policy {
         max_replicas: ss.spec.max_replicas,
         idle_timeout: ss.spec.idle_timeout(),
         wake_replicas: ss.spec.scaling.wake_replicas,
+        max_step: ss.spec.scaling.max_scale_down_step,
     }
 }
 
@@ -139,7 +140,12 @@ pub fn autoscale_policy(ss: &ScaledService) -> Autoscale {
 /// When the idle clock starts: the last request the status recorded, or when Snooze
 /// took the workload over (this operator's start at the earliest).
 fn idle_since(ctx: &Context, ss: &ScaledService) -> SystemTime {
-    let created = ss.metadata.creation_timestamp.as_ref().map(to_system).unwrap_or(ctx.started);
+    let created = ss
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(to_system)
+        .unwrap_or(ctx.started);
     let last = ss
         .status
         .as_ref()
@@ -151,12 +157,17 @@ fn idle_since(ctx: &Context, ss: &ScaledService) -> SystemTime {
 
 /// Once a second on the leader: record every service's load and let the autoscaler
 /// follow it. Writes only when the replicas change.
-pub async fn autoscale_tick(ctx: &Context, trigger: &tokio::sync::mpsc::Sender<ObjectRef<ScaledService>>) {
+pub async fn autoscale_tick(
+    ctx: &Context,
+    trigger: &tokio::sync::mpsc::Sender<ObjectRef<ScaledService>>,
+) {
     let now = SystemTime::now();
     let activators = ctx.activators.borrow().stats.clone();
     for ss in ctx.store.state() {
         let key = key_of(&ss);
-        let Some((current, ready)) = ctx.replicas.lock().get(&key).copied() else { continue };
+        let Some((current, ready)) = ctx.replicas.lock().get(&key).copied() else {
+            continue;
+        };
         if ss.metadata.deletion_timestamp.is_some() {
             continue;
         }
@@ -167,18 +178,28 @@ pub async fn autoscale_tick(ctx: &Context, trigger: &tokio::sync::mpsc::Sender<O
             let q = h.entry(key.clone()).or_default();
             q.push_back(Sample {
                 at: now,
-                concurrency: (load.in_flight + load.queued) as f64,
+                // in_flight counts every request from its arrival to its answer, the
+                // queued ones included.
+                concurrency: load.in_flight as f64,
                 requests: load.requests,
             });
             let keep = ap.stable_window.max(ap.panic_window) + Duration::from_secs(2);
-            while q.front().is_some_and(|s| now.duration_since(s.at).unwrap_or_default() > keep) {
+            while q
+                .front()
+                .is_some_and(|s| now.duration_since(s.at).unwrap_or_default() > keep)
+            {
                 q.pop_front();
             }
             q.iter().copied().collect()
         };
         let pol = policy(&ss);
         if current > 0 {
-            let state = ctx.scale_state.lock().get(&key).copied().unwrap_or_default();
+            let state = ctx
+                .scale_state
+                .lock()
+                .get(&key)
+                .copied()
+                .unwrap_or_default();
             let r = Replicas {
                 current,
                 ready,
@@ -193,11 +214,15 @@ pub async fn autoscale_tick(ctx: &Context, trigger: &tokio::sync::mpsc::Sender<O
         if d.desired == current {
             continue;
         }
-        let Ok(Ok(api)) = scale_api(ctx, &ss).await else { continue };
+        let Ok(Ok(api)) = scale_api(ctx, &ss).await else {
+            continue;
+        };
         match scale_to(ctx, &ss, &api, current, d.desired, d.reason, None).await {
             Ok(()) => {
                 ctx.replicas.lock().insert(key.clone(), (d.desired, ready));
-                ctx.last_scale.lock().insert(key.clone(), (now_time(), d.reason.as_str().into()));
+                ctx.last_scale
+                    .lock()
+                    .insert(key.clone(), (now_time(), d.reason.as_str().into()));
                 let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
             }
             Err(e) => warn!(service = ?key, "autoscale: {e}"),
@@ -378,10 +403,12 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         None
     };
     let problem = problem.or_else(|| {
-        crate::schedule::validate(&ss.spec.schedules).err().map(|e| Problem {
-            reason: "InvalidSchedule",
-            message: e,
-        })
+        crate::schedule::validate(&ss.spec.schedules)
+            .err()
+            .map(|e| Problem {
+                reason: "InvalidSchedule",
+                message: e,
+            })
     });
     let problem = problem.or_else(|| {
         backend.is_none().then(|| Problem {
@@ -514,12 +541,22 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
 
     // 4. Status.
     let ready_replicas = ready_endpoints(ctx, &ns, &ss.spec.service);
-    ctx.replicas.lock().insert(key.clone(), (if d.desired != current { d.desired } else { current }, ready_replicas));
-    if let Some((t, why)) = ctx.last_scale.lock().get(&key).cloned() {
-        if status.last_scale_time.as_ref().is_none_or(|o| o.0 < t.0) {
-            status.last_scale_time = Some(t);
-            status.last_scale_reason = Some(why);
-        }
+    ctx.replicas.lock().insert(
+        key.clone(),
+        (
+            if d.desired != current {
+                d.desired
+            } else {
+                current
+            },
+            ready_replicas,
+        ),
+    );
+    if let Some((t, why)) = ctx.last_scale.lock().get(&key).cloned()
+        && status.last_scale_time.as_ref().is_none_or(|o| o.0 < t.0)
+    {
+        status.last_scale_time = Some(t);
+        status.last_scale_reason = Some(why);
     }
     status.replicas = Some(if d.desired != current {
         d.desired
@@ -784,7 +821,9 @@ async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result
     if d.desired != current && d.reason == Reason::Wake {
         scale_to(ctx, &ss, &api, current, d.desired, d.reason, Some(received)).await?;
         ctx.replicas.lock().insert(key.clone(), (d.desired, 0));
-        ctx.last_scale.lock().insert(key.clone(), (now_time(), d.reason.as_str().into()));
+        ctx.last_scale
+            .lock()
+            .insert(key.clone(), (now_time(), d.reason.as_str().into()));
         return Ok(true);
     }
     Ok(false)

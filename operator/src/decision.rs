@@ -29,6 +29,8 @@ pub struct Policy {
     pub idle_timeout: Duration,
     /// Replicas to start on a wake from zero.
     pub wake_replicas: i32,
+    /// Most replicas removed per decision, going to sleep too.
+    pub max_step: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,10 +140,12 @@ pub fn decide(
             return steady(current, Some(Duration::from_secs(2)));
         }
         if current > floor {
+            // Step by step, like any scale-down: N → … → 1 → 0.
+            let desired = (current - policy.max_step.max(1)).max(floor);
             return Decision {
-                desired: floor,
+                desired,
                 reason: Reason::Idle,
-                recheck_in: None,
+                recheck_in: (desired > floor).then_some(Duration::from_secs(1)),
             };
         }
         return steady(current, None);
@@ -165,6 +169,7 @@ mod tests {
             max_replicas: max,
             idle_timeout: Duration::from_secs(300),
             wake_replicas: 1,
+            max_step: 1,
         }
     }
 
@@ -184,10 +189,20 @@ mod tests {
         // (name, min, max, current, load, now, want desired, want reason)
         let cases = [
             (
-                "idle past timeout scales to zero",
+                "idle past timeout steps down",
                 0,
                 5,
                 2,
+                load(0, 0, Some(0), false),
+                300,
+                1,
+                Reason::Idle,
+            ),
+            (
+                "idle past timeout at one sleeps",
+                0,
+                5,
+                1,
                 load(0, 0, Some(0), false),
                 300,
                 0,

@@ -265,25 +265,36 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("testapp: listening on {listen}");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => { eprintln!("testapp: accept: {e}"); continue; }
             },
-            _ = term.recv() => {
-                eprintln!("testapp: SIGTERM, served {} requests", app.requests.load(Ordering::Relaxed));
-                return Ok(());
-            }
+            _ = term.recv() => break,
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let svc = hyper::service::service_fn(move |req| handle(app.clone(), req));
+        let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(app.clone(), req));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            let _ = conn.await;
         });
     }
+    // Like a well-behaved app: stop accepting, finish the requests in progress (idle
+    // keep-alive connections are closed), then exit.
+    drop(listener);
+    let drained = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_ok();
+    eprintln!(
+        "testapp: SIGTERM, served {} requests, drained={drained}",
+        app.requests.load(Ordering::Relaxed)
+    );
+    Ok(())
 }
