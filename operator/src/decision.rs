@@ -121,7 +121,11 @@ pub fn decide(
         };
     }
     // Awake: follow the load, never below 1 while awake.
-    let follow = |recheck_in| match load.wants.map(|w| w.clamp(floor.max(1), ceiling)) {
+    let step = policy.max_step.max(1);
+    let follow = |recheck_in| match load
+        .wants
+        .map(|w| w.max(current - step).clamp(floor.max(1), ceiling))
+    {
         Some(w) if w != current => Decision {
             desired: w,
             reason: Reason::Load,
@@ -363,8 +367,10 @@ mod tests {
         let d = decide(&policy(0, 3), 1, &l, at(100), at(0));
         assert_eq!((d.desired, d.reason), (3, Reason::Load), "capped at max");
         l.wants = Some(0);
-        let d = decide(&policy(2, 5), 4, &l, at(100), at(0));
+        let d = decide(&policy(2, 5), 3, &l, at(100), at(0));
         assert_eq!((d.desired, d.reason), (2, Reason::Load), "not below min");
+        let d = decide(&policy(0, 5), 4, &l, at(100), at(0));
+        assert_eq!(d.desired, 3, "one step at a time");
         // Idle wins over the autoscaler: sleep after idleTimeout.
         let mut quiet = load(0, 0, Some(0), false);
         quiet.wants = Some(1);
@@ -377,5 +383,32 @@ mod tests {
         p.wake_replicas = 5;
         let d = decide(&p, 0, &load(0, 2, None, true), at(0), at(0));
         assert_eq!(d.desired, 3);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_sleeps_with_work_and_stays_in_bounds(
+            min in 0i32..5,
+            extra in 0i32..10,
+            current in 0i32..20,
+            in_flight in 0u64..3,
+            queued in 0u64..3,
+            wake in proptest::bool::ANY,
+            wants in proptest::option::of(0i32..30),
+            last in proptest::option::of(0u64..1000),
+            now in 0u64..2000,
+            complete in proptest::bool::ANY,
+        ) {
+            let max = min.max(1) + extra;
+            let l = Load { in_flight, queued, last_request: last.map(at), complete, wake, requests: 0, wants };
+            let d = decide(&policy(min, max), current, &l, at(now), at(0));
+            if in_flight > 0 || queued > 0 || wake {
+                proptest::prop_assert!(d.desired >= 1, "{d:?} with work waiting");
+            }
+            proptest::prop_assert!(d.desired >= min && d.desired <= max, "{d:?} outside [{min}, {max}]");
+            if d.desired < current {
+                proptest::prop_assert!(current - d.desired <= 1 || current > max, "{d:?} from {current}: more than one step");
+            }
+        }
     }
 }

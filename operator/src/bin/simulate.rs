@@ -47,7 +47,13 @@ struct Trace {
 fn traces() -> Vec<Trace> {
     // A flash crowd: quiet, then a near-vertical jump to 40× (seed 004), then decay.
     let mut flash = vec![5.0; 600];
-    flash.extend((0..300).map(|i| if i < 120 { 400.0 } else { 400.0 * (-(i as f64 - 120.0) / 60.0).exp() + 5.0 }));
+    flash.extend((0..300).map(|i| {
+        if i < 120 {
+            400.0
+        } else {
+            400.0 * (-(i as f64 - 120.0) / 60.0).exp() + 5.0
+        }
+    }));
     flash.extend(vec![5.0; 600]);
     // A diurnal curve over 6 hours (a compressed day): 0 at night to 300 rps at noon.
     let day = 6 * 3600;
@@ -59,11 +65,33 @@ fn traces() -> Vec<Trace> {
         .collect();
     // Sparse traffic below 2 requests per second (seed 001): a burst of a few requests
     // every few minutes.
-    let sparse = (0..3 * 3600).map(|s| if s % 420 < 3 { 1.5 } else if s % 97 == 0 { 1.0 } else { 0.0 }).collect();
+    let sparse = (0..3 * 3600)
+        .map(|s| {
+            if s % 420 < 3 {
+                1.5
+            } else if s % 97 == 0 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
     vec![
-        Trace { name: "flash-crowd", title: "Flash crowd: 5 → 400 req/s in one second", rps: flash },
-        Trace { name: "diurnal", title: "Diurnal curve (6 h): 0 → 300 → 0 req/s", rps: diurnal },
-        Trace { name: "sparse", title: "Sparse: under 2 req/s, a few requests every few minutes", rps: sparse },
+        Trace {
+            name: "flash-crowd",
+            title: "Flash crowd: 5 → 400 req/s in one second",
+            rps: flash,
+        },
+        Trace {
+            name: "diurnal",
+            title: "Diurnal curve (6 h): 0 → 300 → 0 req/s",
+            rps: diurnal,
+        },
+        Trace {
+            name: "sparse",
+            title: "Sparse: under 2 req/s, a few requests every few minutes",
+            rps: sparse,
+        },
     ]
 }
 
@@ -96,12 +124,25 @@ fn policies(target: u32) -> Vec<Named> {
         ..Autoscale::default()
     };
     vec![
-        Named { name: "snooze default", kind: Kind::Snooze(snooze, base) },
+        Named {
+            name: "snooze default",
+            kind: Kind::Snooze(snooze, base),
+        },
         Named {
             name: "knative-like",
-            kind: Kind::Snooze(knative_like, Policy { idle_timeout: Duration::from_secs(30), max_step: 1000, ..base }),
+            kind: Kind::Snooze(
+                knative_like,
+                Policy {
+                    idle_timeout: Duration::from_secs(30),
+                    max_step: 1000,
+                    ..base
+                },
+            ),
         },
-        Named { name: "fixed 3 replicas", kind: Kind::Fixed(3) },
+        Named {
+            name: "fixed 3 replicas",
+            kind: Kind::Fixed(3),
+        },
     ]
 }
 
@@ -155,7 +196,9 @@ fn run(args: &Args, trace: &Trace, p: &Named) -> Outcome {
         let mut capacity = f64::from(ready.max(0)) * per_pod_rps;
         let mut served_now = 0.0;
         while capacity > 0.0 {
-            let Some((arrived, n)) = queue.front_mut() else { break };
+            let Some((arrived, n)) = queue.front_mut() else {
+                break;
+            };
             let take = n.min(capacity);
             // Served in the second it arrived → no wait beyond the service time;
             // later → waited at least a second.
@@ -183,7 +226,11 @@ fn run(args: &Args, trace: &Trace, p: &Named) -> Outcome {
         out.replicas.push(desired.max(0));
 
         if let Kind::Snooze(ap, pol) = &p.kind {
-            history.push(Sample { at: t(sec), concurrency: in_flight, requests: total_requests as u64 });
+            history.push(Sample {
+                at: t(sec),
+                concurrency: in_flight,
+                requests: total_requests as u64,
+            });
             let keep = ap.stable_window.as_secs() + 2;
             if history.len() as u64 > keep {
                 history.remove(0);
@@ -196,7 +243,12 @@ fn run(args: &Args, trace: &Trace, p: &Named) -> Outcome {
                 wake: queued > 0.0 && desired == 0,
                 requests: total_requests as u64,
                 wants: (desired > 0).then(|| {
-                    let r = Replicas { current: desired, ready, floor: pol.min_replicas, max: pol.max_replicas };
+                    let r = Replicas {
+                        current: desired,
+                        ready,
+                        floor: pol.min_replicas,
+                        max: pol.max_replicas,
+                    };
                     let (w, next, _) = autoscale::desired(ap, &history, r, state, t(sec));
                     state = next;
                     w
@@ -218,7 +270,13 @@ fn svg(trace: &Trace, results: &[(&Named, Outcome)]) -> String {
     let (w, h, pad) = (900.0, 320.0, 40.0);
     let n = trace.rps.len().max(1) as f64;
     let max_rps = trace.rps.iter().cloned().fold(1.0, f64::max);
-    let max_rep = results.iter().flat_map(|(_, o)| o.replicas.iter()).cloned().max().unwrap_or(1).max(1) as f64;
+    let max_rep = results
+        .iter()
+        .flat_map(|(_, o)| o.replicas.iter())
+        .cloned()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let x = |i: usize| pad + (i as f64 / n) * (w - 2.0 * pad);
     let y = |v: f64, max: f64| h - pad - (v / max) * (h - 2.0 * pad);
     let step = (trace.rps.len() / 900).max(1);
@@ -239,14 +297,25 @@ fn svg(trace: &Trace, results: &[(&Named, Outcome)]) -> String {
     for (i, v) in trace.rps.iter().enumerate().step_by(step) {
         let _ = write!(pts, "{:.1},{:.1} ", x(i), y(*v, max_rps));
     }
-    let _ = writeln!(s, r##"<polyline fill="#dde8f5" stroke="#9bb7dd" points="{:.1},{:.1} {pts}{:.1},{:.1}"/>"##, x(0), h - pad, x(trace.rps.len()), h - pad);
+    let _ = writeln!(
+        s,
+        r##"<polyline fill="#dde8f5" stroke="#9bb7dd" points="{:.1},{:.1} {pts}{:.1},{:.1}"/>"##,
+        x(0),
+        h - pad,
+        x(trace.rps.len()),
+        h - pad
+    );
     let colors = ["#d62728", "#2ca02c", "#7f7f7f"];
     for (k, (p, o)) in results.iter().enumerate() {
         let mut pts = String::new();
         for (i, v) in o.replicas.iter().enumerate().step_by(step) {
             let _ = write!(pts, "{:.1},{:.1} ", x(i), y(f64::from(*v), max_rep));
         }
-        let _ = writeln!(s, r##"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{pts}"/>"##, colors[k % 3]);
+        let _ = writeln!(
+            s,
+            r##"<polyline fill="none" stroke="{}" stroke-width="1.5" points="{pts}"/>"##,
+            colors[k % 3]
+        );
         let _ = writeln!(
             s,
             r##"<text x="{}" y="{}" fill="{}">{}: {:.0} replica-s, {:.2}% waited &gt;100 ms, {:.2}% refused</text>"##,
@@ -272,10 +341,13 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.out)?;
     let target = (args.pod_concurrency / 2).max(1) as u32;
-    let mut md = String::from("| trace | policy | replica-seconds | waited > 100 ms | refused |\n|---|---|---:|---:|---:|\n");
+    let mut md = String::from(
+        "| trace | policy | replica-seconds | waited > 100 ms | refused |\n|---|---|---:|---:|---:|\n",
+    );
     for trace in traces() {
         let ps = policies(target);
-        let results: Vec<(&Named, Outcome)> = ps.iter().map(|p| (p, run(&args, &trace, p))).collect();
+        let results: Vec<(&Named, Outcome)> =
+            ps.iter().map(|p| (p, run(&args, &trace, p))).collect();
         for (p, o) in &results {
             let line = format!(
                 "| {} | {} | {:.0} | {:.2} % | {:.2} % |\n",
@@ -288,7 +360,10 @@ fn main() -> anyhow::Result<()> {
             print!("{line}");
             md.push_str(&line);
         }
-        std::fs::write(args.out.join(format!("{}.svg", trace.name)), svg(&trace, &results))?;
+        std::fs::write(
+            args.out.join(format!("{}.svg", trace.name)),
+            svg(&trace, &results),
+        )?;
     }
     std::fs::write(args.out.join("summary.md"), md)?;
     Ok(())
