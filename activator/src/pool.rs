@@ -105,26 +105,24 @@ impl Pool {
     fn idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
         let mut idle = self.h1.lock();
         let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
-            if s.is_ready() {
-                return Some(s);
-            }
-        }
-        None
+        // Closed connections go; one that is still finishing its last response (its
+        // connection task has not run yet) stays for the next request.
+        list.retain(|s| !s.is_closed());
+        let i = list.iter().rposition(|s| s.is_ready())?;
+        Some(list.swap_remove(i))
     }
 
-    /// Puts an HTTP/1.1 connection back once its response is complete.
-    pub fn checkin(self: &Arc<Self>, addr: SocketAddr, mut send: http1::SendRequest<Incoming>) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if send.ready().await.is_ok() {
-                let mut idle = pool.h1.lock();
-                let list = idle.entry(addr).or_default();
-                if list.len() < pool.max_idle_per_pod {
-                    list.push(send);
-                }
-            }
-        });
+    /// Puts an HTTP/1.1 connection back; called when its response body is done (see
+    /// [`Lease`]), so no task is needed to wait for it.
+    fn put(&self, addr: SocketAddr, send: http1::SendRequest<Incoming>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut idle = self.h1.lock();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle_per_pod {
+            list.push(send);
+        }
     }
 
     /// Forgets the connections of a pod that is gone.
@@ -132,5 +130,36 @@ impl Pool {
         self.h1.lock().remove(addr);
         self.h2.lock().remove(addr);
         self.connecting.lock().remove(addr);
+    }
+}
+
+/// An HTTP/1.1 connection lent to one request; it goes back to the pool when dropped
+/// (with the response body, once the client has it all).
+pub struct Lease {
+    pool: Arc<Pool>,
+    addr: SocketAddr,
+    send: Option<http1::SendRequest<Incoming>>,
+}
+
+impl Lease {
+    pub fn new(pool: Arc<Pool>, addr: SocketAddr, send: http1::SendRequest<Incoming>) -> Self {
+        Self {
+            pool,
+            addr,
+            send: Some(send),
+        }
+    }
+
+    /// Closes the connection instead of returning it (its request failed or timed out).
+    pub fn discard(mut self) {
+        self.send = None;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(s) = self.send.take() {
+            self.pool.put(self.addr, s);
+        }
     }
 }

@@ -17,7 +17,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::pool::{Conn, Pool};
+use crate::pool::{Conn, Lease, Pool};
 use crate::stats::StatsHub;
 use crate::table::{Service, Slot, Table};
 
@@ -95,7 +95,7 @@ impl Drop for Queued<'_> {
 /// in-flight counts and pod slots cover streamed responses.
 struct Guarded<B> {
     inner: B,
-    _guards: (InFlight, Option<SlotGuard>),
+    _guards: (InFlight, Option<SlotGuard>, Option<Lease>),
 }
 
 impl<B> hyper::body::Body for Guarded<B>
@@ -304,6 +304,7 @@ impl Proxy {
             set_origin_form(&mut req);
         }
         let mut req = Some(req);
+        let mut lease: Option<Lease> = None;
         let (slot, mut resp) = 'attempt: loop {
             let (slot, conn) = loop {
                 let slot = match self.acquire(svc, &route.port_name, start, &tried).await {
@@ -368,7 +369,7 @@ impl Proxy {
                     let r =
                         tokio::time::timeout(self.response_timeout, s.try_send_request(this)).await;
                     if !upgrade {
-                        self.pool.checkin(addr, s);
+                        lease = Some(Lease::new(self.pool.clone(), addr, s));
                     }
                     r
                 }
@@ -389,6 +390,9 @@ impl Proxy {
                     continue 'attempt;
                 }
                 Ok(Err(e)) => {
+                    if let Some(l) = lease.take() {
+                        l.discard();
+                    }
                     let e = e.into_error();
                     debug!(service = %svc.display, %addr, "upstream error: {e}");
                     return text(
@@ -400,6 +404,9 @@ impl Proxy {
                     );
                 }
                 Err(_) => {
+                    if let Some(l) = lease.take() {
+                        l.discard();
+                    }
                     return text(
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
@@ -435,7 +442,7 @@ impl Proxy {
         let (parts, body) = resp.into_parts();
         let body = Guarded {
             inner: body,
-            _guards: (in_flight, Some(slot)),
+            _guards: (in_flight, Some(slot), lease),
         };
         Response::from_parts(parts, BodyExt::boxed(body))
     }
