@@ -9,7 +9,8 @@
 //! - `/stream?chunks=N&interval_ms=M` streams N chunks, M ms apart;
 //! - `/ws` is a WebSocket echo;
 //! - `/snooze.test.Echo/Echo` is a unary gRPC echo (framed body back, `grpc-status` trailer);
-//! - `/api-check` lists pods in its namespace with its service-account token.
+//! - `/api-check` lists pods in its namespace with its service-account token;
+//! - `/bytes?n=N` answers N bytes.
 //!
 //! HTTP/1.1 and h2c (prior knowledge) are served on the same port.
 
@@ -100,6 +101,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         "/ws" => websocket(req),
         "/snooze.test.Echo/Echo" => grpc_echo(req).await,
         "/api-check" => api_check().await,
+        "/bytes" => {
+            // A body of n bytes (benchmarks: 8 KB, 1 MB), capped at 64 MiB.
+            let n = query_u64(&req, "n").unwrap_or(1024).min(64 << 20) as usize;
+            full(StatusCode::OK, Bytes::from(vec![b'x'; n]))
+        }
         _ => {
             let delay = query_u64(&req, "delay_ms")
                 .map(Duration::from_millis)
