@@ -7,6 +7,7 @@
 #   bench/datapath.sh                                  # defaults below
 #   BENCH_DURATION=10s BENCH_ROUNDS=5 BENCH_CONNECTIONS=64 bench/datapath.sh
 #   BENCH_HELD=10000 bench/datapath.sh
+#   BENCH_SERVICES=1000 bench/datapath.sh    # 1,000 more services configured
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -14,6 +15,8 @@ DURATION=${BENCH_DURATION:-5s}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNS=${BENCH_CONNECTIONS:-32}
 HELD=${BENCH_HELD:-10000}
+# Extra services configured on the activator (routing must not slow down with them).
+EXTRA=${BENCH_SERVICES:-0}
 PATH_Q=${BENCH_PATH:-/}
 
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
@@ -59,12 +62,17 @@ http {
 }
 CONF
 "$NGINX" -p "$work" -c "$work/nginx.conf" & pids+=($!)
-cat > "$work/activator.json" <<CONF
-{"services": [
-  {"namespace": "bench", "name": "web", "port": $ACT, "endpoints": ["127.0.0.1:$BACK"]},
-  {"namespace": "bench", "name": "cold", "port": $COLD, "endpoints": [], "timeout": "1h", "maxQueuedRequests": 100000}
-]}
-CONF
+python3 - "$work/activator.json" "$ACT" "$COLD" "$BACK" "$EXTRA" <<'PY'
+import json, sys
+path, act, cold, back, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+services = [
+    {"namespace": "bench", "name": "web", "port": act, "endpoints": [f"127.0.0.1:{back}"]},
+    {"namespace": "bench", "name": "cold", "port": cold, "endpoints": [], "timeout": "1h", "maxQueuedRequests": 100000},
+]
+# Ports 21000.. sit below the ephemeral range, away from the ones picked above.
+services += [{"namespace": "bench", "name": f"extra-{i}", "port": 21000 + i, "endpoints": [f"127.0.0.1:{back}"]} for i in range(extra)]
+json.dump({"services": services}, open(path, "w"))
+PY
 "$T/snooze-activator" --static-config "$work/activator.json" --listen-address 127.0.0.1 \
   --admin-address 127.0.0.1:$ADMIN --worker-threads 1 --max-queued-total 100000 2>"$work/activator.log" & ACT_PID=$!; pids+=($ACT_PID)
 wait_port $BACK; wait_port $NGX; wait_port $ACT
@@ -72,7 +80,7 @@ wait_port $BACK; wait_port $NGX; wait_port $ACT
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 load() { "$T/snooze-bench" load --url "http://127.0.0.1:$1$PATH_Q" --connections "$CONNS" --duration "$DURATION" --label "$2"; }
 
-echo "machine: $(nproc) cores, $(uname -r); connections=$CONNS duration=$DURATION rounds=$ROUNDS path=$PATH_Q"
+echo "machine: $(nproc) cores, $(uname -r); connections=$CONNS duration=$DURATION rounds=$ROUNDS path=$PATH_Q services=$((EXTRA + 2))"
 load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $ACT warmup >/dev/null
 : > "$work/results.jsonl"
 for r in $(seq 1 "$ROUNDS"); do
