@@ -251,7 +251,7 @@ async fn sleeps_when_idle_and_wakes_on_the_first_request() {
             });
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let targets = ingress_targets(&client, &ns, "web", "http").await.unwrap();
+        let targets = listening_targets(&client, &ns, "web", "http").await.unwrap();
         let t_req = t0.elapsed();
         let (status, body) = http_get(&format!("http://{}/", targets[0]), Duration::from_secs(60)).await.unwrap();
         let t_byte = t0.elapsed();
@@ -289,7 +289,7 @@ async fn two_hundred_concurrent_requests_while_cold_all_succeed() {
         scaled_app(&client, &ns, 0, 0, 3, "30s", &["--startup-delay-ms", "500"]).await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let targets = wait_for("managed endpoints", T, || {
-            ingress_targets(&client, &ns, "web", "http")
+            listening_targets(&client, &ns, "web", "http")
         })
         .await;
         assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 0);
@@ -350,7 +350,7 @@ async fn steady_load_through_zero_one_zero_one_loses_nothing() {
         scaled_app(&client, &ns, 0, 0, 3, "3s", &[]).await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let targets = wait_for("managed endpoints", T, || {
-            ingress_targets(&client, &ns, "web", "http")
+            listening_targets(&client, &ns, "web", "http")
         })
         .await;
 
@@ -626,7 +626,7 @@ async fn follows_a_load_ramp_then_steps_down_and_sleeps() {
         }))
         .unwrap();
         ssvcs.create(&PostParams::default(), &ss).await.unwrap();
-        let targets = wait_for("managed endpoints", T, || ingress_targets(&client, &ns, "web", "http")).await;
+        let targets = wait_for("managed endpoints", T, || listening_targets(&client, &ns, "web", "http")).await;
 
         // 8 clients in a closed loop ≈ 8 in flight → about 4 replicas.
         let peak = Arc::new(AtomicU64::new(0));

@@ -78,7 +78,10 @@ async fn a_routing_follows_the_activator_pods() {
             start.elapsed().as_millis()
         );
         // Traffic through every listed activator works.
-        for t in ingress_targets(&client, &ns, "web", "http").await.unwrap() {
+        for t in listening_targets(&client, &ns, "web", "http")
+            .await
+            .unwrap()
+        {
             let (s, _) = http_get(&format!("http://{t}/"), Duration::from_secs(30))
                 .await
                 .unwrap();
