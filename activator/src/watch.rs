@@ -101,7 +101,11 @@ pub async fn scaled_services(
             }
             Event::InitDone => {
                 all = init.take().unwrap_or_default();
+                // Ready only once the listeners of every known service are open: the
+                // operator publishes ready activators in the managed EndpointSlices.
+                apply_scaled_services(&table, &listeners, &all).await;
                 synced.send_replace(true);
+                continue;
             }
             Event::Apply(ss) => {
                 all.insert(key(&ss), ss);

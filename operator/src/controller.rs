@@ -525,7 +525,7 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
                 .map(to_system)
                 .unwrap_or(SystemTime::UNIX_EPOCH),
         );
-    let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), idle_since);
+    let mut d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), idle_since);
     ctx.metrics
         .desired_replicas
         .get_or_create(&ServiceLabels {
@@ -533,6 +533,13 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
             name: name.clone(),
         })
         .set(i64::from(d.desired));
+    // Scaling down for idleness and following the load belong to the autoscaler tick
+    // (one decision a second, so steps stay steps); the reconcile wakes and enforces
+    // the bounds.
+    if matches!(d.reason, Reason::Idle | Reason::Load) {
+        d.desired = current;
+        d.recheck_in = Some(d.recheck_in.unwrap_or(Duration::from_secs(30)));
+    }
     if d.desired != current {
         scale_to(ctx, &ss, &scale_api, current, d.desired, d.reason, None).await?;
         status.last_scale_time = Some(now.clone());
