@@ -659,8 +659,14 @@ async fn follows_a_load_ramp_then_steps_down_and_sleeps() {
             assert!(w[1] < w[0], "went back up: {seen:?}");
             assert_eq!(w[0] - w[1], 1, "removed more than one at a time: {seen:?}");
         }
-        let reason = ssvcs.get("web").await.unwrap().status.unwrap().last_scale_reason;
-        assert_eq!(reason.as_deref(), Some("Idle"));
+        // The status follows the scale (written by the reconcile the scale triggers).
+        wait_for("lastScaleReason Idle", T, || async {
+            let st = ssvcs.get("web").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            (st.last_scale_reason.as_deref() == Some("Idle") && st.replicas == Some(0))
+                .then_some(())
+                .ok_or(format!("{:?} {:?}", st.last_scale_reason, st.replicas))
+        })
+        .await;
     })
     .await;
 }
