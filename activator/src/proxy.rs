@@ -451,12 +451,18 @@ impl Proxy {
 /// Prepares a request for the pod: hop-by-hop headers out, `X-Forwarded-*` in, `Host`
 /// kept, and the request line in the form the upstream protocol wants.
 fn rewrite_request(req: &mut Request<Incoming>, remote: IpAddr, upgrade: bool, h2: bool) {
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    // The authority is copied only when it has to move (into the h2 `:authority`, or
+    // into a Host header an h2 client did not send).
+    let has_host = req.headers().contains_key(header::HOST);
+    let authority = if h2 || !has_host {
+        req.headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+    } else {
+        None
+    };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -471,43 +477,37 @@ fn rewrite_request(req: &mut Request<Incoming>, remote: IpAddr, upgrade: bool, h
     }
     if h2 {
         headers.remove(header::HOST);
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
         let auth = authority.unwrap_or_else(|| "localhost".into());
         if let Ok(u) = Uri::builder()
             .scheme("http")
             .authority(auth)
-            .path_and_query(pq)
+            .path_and_query(path_and_query(req))
             .build()
         {
             *req.uri_mut() = u;
         }
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if !req.headers().contains_key(header::HOST)
-            && let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
-        {
+        if let Some(a) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             req.headers_mut().insert(header::HOST, a);
         }
         *req.version_mut() = Version::HTTP_11;
     }
 }
 
+fn path_and_query(req: &Request<Incoming>) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string()
+}
+
 fn set_origin_form(req: &mut Request<Incoming>) {
-    if req.uri().authority().is_some() {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_string();
-        if let Ok(u) = pq.parse() {
-            *req.uri_mut() = u;
-        }
+    if req.uri().authority().is_some()
+        && let Ok(u) = path_and_query(req).parse()
+    {
+        *req.uri_mut() = u;
     }
 }
 

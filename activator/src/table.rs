@@ -40,7 +40,7 @@ impl Endpoint {
 
 pub type EndpointSet = Arc<Vec<Arc<Endpoint>>>;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
     pub timeout: Duration,
     pub max_queued: u64,
@@ -99,7 +99,7 @@ impl Service {
     }
 
     pub fn settings(&self) -> Settings {
-        self.settings.read().clone()
+        *self.settings.read()
     }
 
     pub fn set_settings(&self, s: Settings) {

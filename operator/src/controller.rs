@@ -512,20 +512,13 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     }
     let key = key_of(&ss);
     let load = ctx.stats.load(&key, &activators.stats);
-    let idle_since = ss
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(to_system)
-        .unwrap_or(ctx.started)
-        .max(ctx.started)
-        .max(
-            old.last_request_time
-                .as_ref()
-                .map(to_system)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-        );
-    let mut d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), idle_since);
+    let mut d = decision::decide(
+        &policy(&ss),
+        current,
+        &load,
+        SystemTime::now(),
+        idle_since(ctx, &ss),
+    );
     ctx.metrics
         .desired_replicas
         .get_or_create(&ServiceLabels {

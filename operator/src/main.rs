@@ -298,11 +298,7 @@ async fn lead(
     existing.sort_by_key(|s| (s.metadata.creation_timestamp.clone(), s.name_any()));
     for ss in &existing {
         for p in ss.status.iter().flat_map(|s| s.ports.iter()) {
-            let id = p
-                .name
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| p.port.to_string());
+            let id = snooze_operator::objects::port_id(p.name.as_deref(), p.port);
             if let Ok(port) = u16::try_from(p.activator_port) {
                 let key = PortKey::new(&ss.namespace().unwrap_or_default(), &ss.name_any(), &id);
                 if !alloc.claim(key, port) {

@@ -13,11 +13,11 @@ use snooze_crds::{LABEL_SCALED_SERVICE, MANAGER, PortStatus, ScaledService};
 use crate::ports::{Exhausted, PortAllocator, PortKey};
 
 /// The key of a Service port in the allocator: its name, or its number when unnamed.
-pub fn port_id(p: &ServicePort) -> String {
-    p.name
-        .clone()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| p.port.to_string())
+pub fn port_id(name: Option<&str>, port: i32) -> String {
+    match name {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => port.to_string(),
+    }
 }
 
 /// Assigns an activator port to every TCP port of the backend Service.
@@ -34,7 +34,7 @@ pub fn port_statuses(
         if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
             continue;
         }
-        let key = PortKey::new(&ns, &name, &port_id(p));
+        let key = PortKey::new(&ns, &name, &port_id(p.name.as_deref(), p.port));
         let activator_port = alloc.assign(&key)?;
         keys.push(key);
         out.push(PortStatus {

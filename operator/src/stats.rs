@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
 use http_body_util::{BodyExt, Empty};
@@ -214,11 +214,6 @@ async fn stream_once(store: &StatsStore, addr: SocketAddr) -> anyhow::Result<()>
             anyhow::bail!("stats line over {MAX_LINE} bytes");
         }
     }
-}
-
-/// Wall-clock now, for decisions.
-pub fn now() -> SystemTime {
-    SystemTime::now()
 }
 
 #[cfg(test)]

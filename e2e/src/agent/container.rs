@@ -432,7 +432,7 @@ impl Runner {
             match &self.container.readiness_probe {
                 None => {
                     self.update(|s| s.ready = true);
-                    std::future::pending::<()>().await
+                    std::future::pending::<std::convert::Infallible>().await
                 }
                 Some(p) => {
                     let mut state = ProbeState::new(p);
@@ -460,7 +460,7 @@ impl Runner {
             }
         };
         tokio::select! {
-            _ = readiness => unreachable_string(),
+            never = readiness => match never {},
             r = liveness => r,
         }
     }
@@ -493,10 +493,6 @@ fn pull(exe: &Path, store: &Path) -> std::io::Result<PathBuf> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&tmp, &dest)?;
     Ok(dest)
-}
-
-fn unreachable_string() -> String {
-    "readiness loop ended".into()
 }
 
 fn cstring(p: &Path) -> Result<CString, Waiting> {
