@@ -87,6 +87,8 @@ impl Listeners {
                     true
                 } else {
                     info!(port, "closing listener");
+                    // Connections still open on it answer 503 from now on.
+                    h.route.send_replace(None);
                     h.cancel.cancel();
                     false
                 }
@@ -132,6 +134,7 @@ impl Listeners {
                 }
             }
         }
+        self.proxy.stats.set_listening(self.ports());
         failed
     }
 

@@ -209,10 +209,15 @@ impl Proxy {
         remote: SocketAddr,
     ) -> Response<Body> {
         let Some(route) = route else {
-            return text(
+            // The service was removed while this connection stayed open: answer, and
+            // close the connection so the client connects afresh.
+            let mut resp = text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("snooze: no service is configured on port {listen_port}\n"),
             );
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
         };
         let svc = route.service.clone();
         let start = Instant::now();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 use snooze_crds::stats::{Report, ServiceRef, ServiceStats};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::time::{Interval, MissedTickBehavior};
 
 use crate::table::{Service, Table};
@@ -19,6 +19,8 @@ pub struct StatsHub {
     activator: String,
     instance: u64,
     wake_tx: broadcast::Sender<ServiceRef>,
+    /// Ports with an open listener (sorted).
+    listening: watch::Sender<Vec<u16>>,
     interval: Duration,
 }
 
@@ -29,6 +31,7 @@ impl StatsHub {
             activator,
             instance: rand::random(),
             wake_tx: broadcast::channel(1024).0,
+            listening: watch::channel(Vec::new()).0,
             interval,
         })
     }
@@ -39,11 +42,25 @@ impl StatsHub {
         let _ = self.wake_tx.send(svc.key.clone());
     }
 
+    /// Records the ports with an open listener; a change is reported at once.
+    pub fn set_listening(&self, mut ports: Vec<u16>) {
+        ports.sort_unstable();
+        self.listening.send_if_modified(|cur| {
+            if *cur != ports {
+                *cur = ports;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     fn report(
         &self,
         full: bool,
         last: &mut HashMap<ServiceRef, ServiceStats>,
         wake: Vec<ServiceRef>,
+        listening: Option<Vec<u16>>,
     ) -> Bytes {
         let services = self.table.services();
         let mut out = Vec::new();
@@ -62,6 +79,7 @@ impl StatsHub {
             full,
             services: out,
             wake,
+            listening,
         };
         let mut line = serde_json::to_vec(&report).unwrap_or_default();
         line.push(b'\n');
@@ -75,12 +93,14 @@ impl StatsHub {
             last: HashMap<ServiceRef, ServiceStats>,
             tick: Interval,
             wake_rx: broadcast::Receiver<ServiceRef>,
+            listening_rx: watch::Receiver<Vec<u16>>,
             first: bool,
         }
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let state = State {
             wake_rx: self.wake_tx.subscribe(),
+            listening_rx: self.listening.subscribe(),
             hub: self,
             last: HashMap::new(),
             tick,
@@ -90,20 +110,31 @@ impl StatsHub {
             if st.first {
                 st.first = false;
                 st.tick.reset();
-                let line = st.hub.report(true, &mut st.last, vec![]);
+                let ports = st.listening_rx.borrow_and_update().clone();
+                let line = st.hub.report(true, &mut st.last, vec![], Some(ports));
                 return Some((line, st));
             }
             let line = tokio::select! {
-                _ = st.tick.tick() => st.hub.report(false, &mut st.last, vec![]),
+                _ = st.tick.tick() => st.hub.report(false, &mut st.last, vec![], None),
+                r = st.listening_rx.changed() => match r {
+                    Ok(()) => {
+                        let ports = st.listening_rx.borrow_and_update().clone();
+                        st.hub.report(false, &mut st.last, vec![], Some(ports))
+                    }
+                    Err(_) => return None,
+                },
                 w = st.wake_rx.recv() => match w {
                     Ok(first) => {
                         let mut wake = vec![first];
                         while let Ok(more) = st.wake_rx.try_recv() {
                             if !wake.contains(&more) { wake.push(more); }
                         }
-                        st.hub.report(false, &mut st.last, wake)
+                        st.hub.report(false, &mut st.last, wake, None)
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => st.hub.report(true, &mut st.last, vec![]),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let ports = st.listening_rx.borrow_and_update().clone();
+                        st.hub.report(true, &mut st.last, vec![], Some(ports))
+                    }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
             };

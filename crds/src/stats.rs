@@ -24,6 +24,12 @@ pub struct Report {
     /// Services whose requests wait for a pod right now: scale them up immediately.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wake: Vec<ServiceRef>,
+    /// The activator ports this activator has an open listener on, sorted: in every
+    /// full report and at once whenever the set changes; absent means unchanged. The
+    /// operator lists an activator in a managed EndpointSlice only for ports it reports
+    /// here, so an ingress is never sent to a port that is not open yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listening: Option<Vec<u16>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -74,7 +74,7 @@ struct Activator {
     stats: Arc<StatsHub>,
     svc: Arc<Service>,
     port: u16,
-    _listeners: Arc<Listeners>,
+    listeners: Arc<Listeners>,
 }
 
 impl Activator {
@@ -133,7 +133,7 @@ async fn activator_with(
         stats,
         svc,
         port,
-        _listeners: listeners,
+        listeners,
     }
 }
 
@@ -195,6 +195,128 @@ async fn cold_request_is_held_woken_and_released_by_the_endpoint_event() {
         .unwrap();
     assert_eq!(status, 200);
     assert!(body.starts_with("hello from backend-"), "{body}");
+}
+
+#[tokio::test]
+async fn stats_report_the_open_listeners_and_each_change_at_once() {
+    let a = activator(Settings::default()).await;
+    let mut reports = Box::pin(a.stats.clone().stream());
+    let first: Report = serde_json::from_slice(&reports.next().await.unwrap()).unwrap();
+    assert!(first.full);
+    assert_eq!(first.listening, Some(vec![a.port]));
+
+    let route = |svc: &Arc<Service>| {
+        Arc::new(Route {
+            service: svc.clone(),
+            port_name: "http".into(),
+            h2c: false,
+        })
+    };
+    let other = a.table.upsert(
+        ServiceRef {
+            namespace: "test".into(),
+            name: "other".into(),
+        },
+        "other",
+        Settings::default(),
+    );
+    let port2 = free_port();
+    let failed = a
+        .listeners
+        .sync([(a.port, route(&a.svc)), (port2, route(&other))].into())
+        .await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let mut want = vec![a.port, port2];
+    want.sort_unstable();
+    // Reported at once (the periodic report is a second away and never lists ports).
+    let changed: Report = tokio::time::timeout(Duration::from_millis(500), reports.next())
+        .await
+        .expect("a report within 500 ms")
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap();
+    assert_eq!(changed.listening, Some(want));
+    tokio::net::TcpStream::connect(("127.0.0.1", port2))
+        .await
+        .expect("the reported port accepts connections");
+
+    let failed = a.listeners.sync([(port2, route(&other))].into()).await;
+    assert!(failed.is_empty());
+    let closed: Report = tokio::time::timeout(Duration::from_millis(500), reports.next())
+        .await
+        .expect("a report within 500 ms")
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap();
+    assert_eq!(closed.listening, Some(vec![port2]));
+}
+
+#[tokio::test]
+async fn a_connection_left_open_on_a_removed_service_gets_503_with_a_message() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    let req = b"GET / HTTP/1.1\r\nhost: web\r\n\r\n";
+    conn.write_all(req).await.unwrap();
+    let first = read_response(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+    // The ScaledService goes away: its listener closes, this connection stays open.
+    assert!(a.listeners.sync(Default::default()).await.is_empty());
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+            .await
+            .is_err(),
+        "the listener is closed"
+    );
+    conn.write_all(req).await.unwrap();
+    let second = read_response(&mut conn).await;
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+    assert!(
+        second.contains(&format!("no service is configured on port {}", a.port)),
+        "{second}"
+    );
+    assert!(
+        second.to_ascii_lowercase().contains("connection: close"),
+        "{second}"
+    );
+    // ...and the activator closes it.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("closed by the activator")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&rest));
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body from a raw connection.
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before a full response");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a response within 5 s")
 }
 
 #[tokio::test]

@@ -706,3 +706,79 @@ async fn a_schedule_window_holds_its_floor() {
     })
     .await;
 }
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn managed_slice_lists_an_activator_only_once_it_listens() {
+    ensure_snooze().await;
+    in_namespace("listen", |client, ns| async move {
+        // Watch the managed EndpointSlices the way an ingress controller does and
+        // connect to every listed endpoint the moment it appears.
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+        let cfg = watcher::Config::default()
+            .labels("endpointslice.kubernetes.io/managed-by=operator.snooze.dev");
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<(String, Result<(), String>)>(256);
+        let watch = tokio::spawn(async move {
+            let mut s = std::pin::pin!(watcher::watcher(slices, cfg));
+            let mut checked = std::collections::HashSet::new();
+            while let Some(Ok(ev)) = s.next().await {
+                let watcher::Event::Apply(slice) = ev else { continue };
+                let Some(port) = slice.ports.iter().flatten().find_map(|p| p.port) else { continue };
+                for e in &slice.endpoints {
+                    for a in &e.addresses {
+                        let t = format!("{a}:{port}");
+                        if !checked.insert(t.clone()) {
+                            continue;
+                        }
+                        let r = match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(t.as_str())).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("connect timed out".into()),
+                        };
+                        if seen_tx.send((t, r)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        // A few ScaledServices in quick succession (one app each, kept at zero).
+        let n = 6;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        for i in 0..n {
+            let name = format!("web{i}");
+            app(&client, &ns, &name, 0, &[]).await;
+            ssvcs.create(&PostParams::default(), &scaled_service(&name, 0, 1, "5m")).await.unwrap();
+        }
+        let activators = ready_pods(
+            &Api::namespaced(client.clone(), "snooze-system"),
+            "app.kubernetes.io/component=activator",
+        )
+        .await
+        .unwrap()
+        .len();
+        let want = n * activators;
+        let mut results = Vec::new();
+        let deadline = Instant::now() + T;
+        while results.len() < want {
+            match tokio::time::timeout_at(deadline.into(), seen_rx.recv()).await {
+                Ok(Some(r)) => results.push(r),
+                _ => panic!("only {} of {want} endpoints were listed: {results:?}", results.len()),
+            }
+        }
+        watch.abort();
+        let refused: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+        eprintln!("{} endpoints listed, each connected to at once after its slice event; refused: {refused:?}", results.len());
+        assert!(refused.is_empty(), "listed before listening: {refused:?}");
+        // The status follows the slice in the same reconcile.
+        for i in 0..n {
+            let name = format!("web{i}");
+            wait_for(&format!("{name} Ready"), T, || async {
+                let (s, reason, msg) = ready_condition(&ssvcs, &name).await?;
+                (s == "True" && reason == "Programmed").then_some(()).ok_or(format!("{s} {reason}: {msg}"))
+            })
+            .await;
+        }
+    })
+    .await;
+}

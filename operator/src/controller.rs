@@ -20,7 +20,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use parking_lot::Mutex;
 use serde_json::json;
 use snooze_crds::stats::ServiceRef;
-use snooze_crds::{FINALIZER, MANAGER, ScaledService, ScaledServiceStatus};
+use snooze_crds::{FINALIZER, MANAGER, PortStatus, ScaledService, ScaledServiceStatus};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -330,6 +330,30 @@ async fn scale_api(
     })
 }
 
+/// The ready activators that listen on every one of `ports` (the ones an ingress may be
+/// sent to for this ScaledService). An activator opens a new service's listeners only
+/// once its watch delivers the status with the ports, a few milliseconds after the
+/// operator wrote it; listing it before would get connections refused.
+fn serving_activators(ctx: &Context, activators: &Activators, ports: &[PortStatus]) -> Vec<String> {
+    let ports: Vec<u16> = ports
+        .iter()
+        .filter_map(|p| u16::try_from(p.activator_port).ok())
+        .collect();
+    activators
+        .ips
+        .iter()
+        .filter(|ip| {
+            let ip: Option<std::net::IpAddr> = ip.parse().ok();
+            activators
+                .stats
+                .iter()
+                .filter(|a| Some(a.ip()) == ip)
+                .all(|a| ctx.stats.serves(a, &ports))
+        })
+        .cloned()
+        .collect()
+}
+
 async fn publish(ctx: &Context, ss: &ScaledService, type_: EventType, reason: &str, note: String) {
     let reference: ObjectReference = ss.object_ref(&());
     let ev = Event {
@@ -478,8 +502,9 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         objects::port_statuses(&ss, &backend, &mut alloc)?
     };
     let activators = ctx.activators.borrow().clone();
+    let serving = serving_activators(ctx, &activators, &ports);
     let want_svc = objects::managed_service(&ss, &ports);
-    let want_slice = objects::managed_slice(&ss, &ports, &activators.ips);
+    let want_slice = objects::managed_slice(&ss, &ports, &serving);
     let svc_name = ss.managed_service_name();
     let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let ssa = PatchParams::apply(MANAGER).force();
@@ -581,20 +606,36 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         .iter()
         .map(|p| format!("{}→{}", p.port, p.activator_port))
         .collect();
-    let ready = objects::condition(
-        &old.conditions,
-        "Ready",
-        true,
-        "Programmed",
-        format!(
-            "Service {svc_name} routes to {} through {} activator(s) (ports {})",
-            ss.spec.service,
-            activators.ips.len(),
-            port_list.join(", ")
-        ),
-        gen_,
-        &now,
-    );
+    let ready = if serving.is_empty() {
+        objects::condition(
+            &old.conditions,
+            "Ready",
+            false,
+            "NoActivator",
+            format!(
+                "no ready activator listens on ports {} yet ({} ready activator(s)); Service {svc_name} has no endpoint until one does",
+                port_list.join(", "),
+                activators.ips.len()
+            ),
+            gen_,
+            &now,
+        )
+    } else {
+        objects::condition(
+            &old.conditions,
+            "Ready",
+            true,
+            "Programmed",
+            format!(
+                "Service {svc_name} routes to {} through {} activator(s) (ports {})",
+                ss.spec.service,
+                serving.len(),
+                port_list.join(", ")
+            ),
+            gen_,
+            &now,
+        )
+    };
     let (active, reason, msg) = match (ready_replicas, status.replicas.unwrap_or(0)) {
         (r, _) if r > 0 => (true, "ReplicasReady", format!("{r} ready replica(s)")),
         (_, 0) => (
@@ -609,11 +650,12 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         ),
     };
     let active = objects::condition(&old.conditions, "Active", active, reason, msg, gen_, &now);
-    if old
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .is_none_or(|c| c.status != "True")
+    if ready.status == "True"
+        && old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .is_none_or(|c| c.status != "True")
     {
         publish(
             ctx,

@@ -1,7 +1,7 @@
 //! `snooze-operator`: leader election, the watches, the controller, the stats streams
 //! and the admin server (`/livez`, `/readyz`, `/metrics`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -421,6 +421,36 @@ async fn lead(
                 tokio::select! {
                     _ = tick.tick() => controller::autoscale_tick(&ctx, &trigger_tx).await,
                     _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    // An activator opened or closed listeners: reconcile the services on those ports
+    // (their managed EndpointSlice lists an activator only once it listens).
+    {
+        let ctx = ctx.clone();
+        let trigger_tx = trigger_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                ctx.stats.listening_notify.notified().await;
+                let owners: BTreeSet<(String, String)> = {
+                    let ports = ctx.ports.lock();
+                    ctx.stats
+                        .take_listening_changes()
+                        .into_iter()
+                        .filter_map(|p| ports.owner(p))
+                        .map(|k| (k.namespace.clone(), k.name.clone()))
+                        .collect()
+                };
+                for (ns, name) in owners {
+                    if trigger_tx
+                        .send(ObjectRef::new(&name).within(&ns))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
             }
         });

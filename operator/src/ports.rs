@@ -86,6 +86,11 @@ impl PortAllocator {
         self.by_key.get(key).copied()
     }
 
+    /// Who holds `port`.
+    pub fn owner(&self, port: u16) -> Option<&PortKey> {
+        self.by_port.get(&port)
+    }
+
     /// Frees the ports of a ScaledService except those in `keep`.
     pub fn retain(&mut self, namespace: &str, name: &str, keep: &[PortKey]) {
         let drop: Vec<PortKey> = self

@@ -1,7 +1,7 @@
 //! The leader's side of the stats stream: one long-lived `GET /v1/stats` to every
 //! ready activator pod, the latest numbers of each, and wake signals forwarded at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use snooze_crds::stats::{Report, STATS_PATH, ServiceRef, ServiceStats};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -29,11 +29,19 @@ struct ActivatorState {
     connected: bool,
     last_report: Instant,
     services: HashMap<ServiceRef, ServiceStats>,
+    /// Ports it has an open listener on (None: it has not said, e.g. an older
+    /// activator).
+    listening: Option<BTreeSet<u16>>,
 }
 
 pub struct StatsStore {
     activators: Mutex<HashMap<SocketAddr, ActivatorState>>,
     wake_tx: mpsc::Sender<(ServiceRef, Instant)>,
+    /// Activator ports whose set of listening activators changed since the last
+    /// [`StatsStore::take_listening_changes`] (bounded by the port range).
+    listening_changed: Mutex<BTreeSet<u16>>,
+    /// Notified when `listening_changed` gains ports.
+    pub listening_notify: Notify,
 }
 
 impl StatsStore {
@@ -41,7 +49,31 @@ impl StatsStore {
         Arc::new(Self {
             activators: Mutex::new(HashMap::new()),
             wake_tx,
+            listening_changed: Mutex::new(BTreeSet::new()),
+            listening_notify: Notify::new(),
         })
+    }
+
+    /// The ports whose listening activators changed since the last call.
+    pub fn take_listening_changes(&self) -> BTreeSet<u16> {
+        std::mem::take(&mut *self.listening_changed.lock())
+    }
+
+    /// Whether the activator whose stats stream is at `addr` serves all of `ports`.
+    /// Only a live stream's word counts: an activator that has not reported its
+    /// listeners (an older version, or a stream that is down) is assumed to serve them,
+    /// as every ready activator opens the listeners of the services it knows.
+    pub fn serves(&self, addr: &SocketAddr, ports: &[u16]) -> bool {
+        let all = self.activators.lock();
+        match all.get(addr) {
+            Some(st) if st.connected && st.last_report.elapsed() <= FRESH_FOR => {
+                match &st.listening {
+                    Some(set) => ports.iter().all(|p| set.contains(p)),
+                    None => true,
+                }
+            }
+            _ => true,
+        }
     }
 
     pub fn apply(&self, addr: SocketAddr, report: Report) {
@@ -53,9 +85,22 @@ impl StatsStore {
                 connected: true,
                 last_report: received,
                 services: HashMap::new(),
+                listening: None,
             });
             if report.full || st.instance != report.instance {
                 st.services.clear();
+            }
+            if let Some(ports) = report.listening {
+                let next: BTreeSet<u16> = ports.into_iter().collect();
+                let changed: Vec<u16> = match &st.listening {
+                    Some(prev) => prev.symmetric_difference(&next).copied().collect(),
+                    None => next.iter().copied().collect(),
+                };
+                st.listening = Some(next);
+                if !changed.is_empty() {
+                    self.listening_changed.lock().extend(changed);
+                    self.listening_notify.notify_one();
+                }
             }
             st.instance = report.instance;
             st.connected = true;
@@ -227,6 +272,7 @@ mod tests {
             full,
             services,
             wake: vec![],
+            listening: None,
         }
     }
 
@@ -280,5 +326,39 @@ mod tests {
         }];
         s.apply("10.0.0.1:9090".parse().unwrap(), r);
         assert_eq!(rx.try_recv().unwrap().0.name, "web");
+    }
+
+    #[test]
+    fn serves_only_reported_ports_of_a_live_stream() {
+        let (tx, _rx) = mpsc::channel(8);
+        let s = StatsStore::new(tx);
+        let a: SocketAddr = "10.0.0.1:9090".parse().unwrap();
+        // Never heard of, or not saying: assumed to serve (ready activators open the
+        // listeners of every service they know before they report ready).
+        assert!(s.serves(&a, &[20000]));
+        s.apply(a, report(1, true, vec![]));
+        assert!(s.serves(&a, &[20000]));
+        assert!(s.take_listening_changes().is_empty());
+
+        let mut r = report(1, true, vec![]);
+        r.listening = Some(vec![20000]);
+        s.apply(a, r);
+        assert!(s.serves(&a, &[20000]));
+        assert!(!s.serves(&a, &[20000, 20001]), "20001 is not open yet");
+        assert_eq!(s.take_listening_changes(), BTreeSet::from([20000]));
+
+        // A delta report without `listening` leaves the set as it was.
+        s.apply(a, report(1, false, vec![]));
+        assert!(!s.serves(&a, &[20001]));
+        let mut r = report(1, false, vec![]);
+        r.listening = Some(vec![20001]);
+        s.apply(a, r);
+        assert!(s.serves(&a, &[20001]) && !s.serves(&a, &[20000]));
+        assert_eq!(s.take_listening_changes(), BTreeSet::from([20000, 20001]));
+        assert!(s.take_listening_changes().is_empty());
+
+        // A stream that is down is not trusted either way.
+        s.disconnected(a);
+        assert!(s.serves(&a, &[20000]));
     }
 }
