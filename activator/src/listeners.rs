@@ -4,20 +4,47 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::proxy::{Proxy, Route};
+use crate::proxy::{Parked, Proxy, Route};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior
+/// knowledge opens with it.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the connection opens with the HTTP/2 preface, read without consuming it (so
+/// hyper reads the request from the socket itself). None: closed first.
+async fn starts_with_h2_preface(stream: &TcpStream) -> io::Result<Option<bool>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some(false));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some(true));
+        }
+        // A prefix of the preface so far ("P…"): wait for more (the caller bounds it).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
@@ -49,8 +76,10 @@ pub struct Listeners {
     bind: IpAddr,
     limits: ServerLimits,
     open: Mutex<HashMap<u16, Handle>>,
-    graceful: Mutex<Option<GracefulShutdown>>,
-    /// Cancelled when the activator stops accepting (shutdown).
+    /// Every client connection's task (parked or served).
+    tasks: TaskTracker,
+    /// Cancelled when the activator stops accepting (shutdown); open connections
+    /// then finish their requests and close.
     pub stop_accepting: CancellationToken,
 }
 
@@ -61,7 +90,7 @@ impl Listeners {
             bind,
             limits,
             open: Mutex::new(HashMap::new()),
-            graceful: Mutex::new(Some(GracefulShutdown::new())),
+            tasks: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
         })
     }
@@ -145,6 +174,14 @@ impl Listeners {
         route: watch::Receiver<Option<Arc<Route>>>,
         cancel: CancellationToken,
     ) {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_buf_size(self.limits.max_header_bytes.max(8192));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(self.limits.max_h2_streams);
+        let builders = Arc::new((h1, h2));
         loop {
             let (stream, remote) = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -159,45 +196,110 @@ impl Listeners {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let proxy = self.proxy.clone();
-            let route = route.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let current = route.borrow().clone();
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(current, port, req, remote).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.limits.header_read_timeout)
-                .max_buf_size(self.limits.max_header_bytes.max(8192));
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(self.limits.max_h2_streams);
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let watched = self.graceful.lock().as_ref().map(|g| g.watch(conn));
-            if let Some(conn) = watched {
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(port, %remote, "connection: {e}");
-                    }
-                });
+            self.tasks.spawn(self.clone().connection(
+                stream,
+                remote,
+                port,
+                route.clone(),
+                builders.clone(),
+            ));
+        }
+    }
+
+    /// One client connection: wait for its first bytes, park it while its service has
+    /// no pod (see [`Proxy::park`]), then serve it with hyper as HTTP/1.1 or, when it
+    /// opens with the HTTP/2 preface, h2c.
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        remote: SocketAddr,
+        port: u16,
+        route: watch::Receiver<Option<Arc<Route>>>,
+        builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
+    ) {
+        let limit = self.limits.header_read_timeout;
+        // Nothing is woken or parked for a connection that sends nothing (a TCP probe).
+        match tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+        let since = Instant::now();
+        let mut parked_since = None;
+        let current = route.borrow().clone();
+        if let Some(r) = current {
+            match self
+                .proxy
+                .park(&r.service, &r.port_name, &stream, since)
+                .await
+            {
+                Parked::NotNeeded | Parked::Full => {}
+                Parked::Closed => return,
+                Parked::Released | Parked::TimedOut => {
+                    parked_since = Some(since);
+                    // Waiting consumed the read readiness of the bytes already there;
+                    // a fresh registration reports them again.
+                    stream = match stream.into_std().and_then(TcpStream::from_std) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            debug!(port, %remote, "re-register: {e}");
+                            return;
+                        }
+                    };
+                }
             }
         }
+        let h2 = match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
+            Ok(Ok(Some(h2))) => h2,
+            _ => return,
+        };
+        let proxy = self.proxy.clone();
+        let parked_since = std::sync::Mutex::new(parked_since);
+        let svc = hyper::service::service_fn(move |req| {
+            let current = route.borrow().clone();
+            let proxy = proxy.clone();
+            let since = parked_since.lock().ok().and_then(|mut p| p.take());
+            async move { Ok::<_, Infallible>(proxy.handle(current, port, req, remote, since).await) }
+        });
+        let io = TokioIo::new(stream);
+        let r = if h2 {
+            let conn = builders.1.serve_connection(io, svc);
+            self.serve(conn, |c| c.graceful_shutdown()).await
+        } else if self.stop_accepting.is_cancelled() {
+            // Draining: answer this connection's request, then close it.
+            let mut h1 = builders.0.clone();
+            h1.keep_alive(false);
+            h1.serve_connection(io, svc).with_upgrades().await
+        } else {
+            let conn = builders.0.serve_connection(io, svc).with_upgrades();
+            self.serve(conn, |c| c.graceful_shutdown()).await
+        };
+        if let Err(e) = r {
+            debug!(port, %remote, "connection: {e}");
+        }
+    }
+
+    /// Runs a hyper connection; once the activator drains, asks it to finish its
+    /// requests and close.
+    async fn serve<F, E>(&self, conn: F, shutdown: impl FnOnce(Pin<&mut F>)) -> Result<(), E>
+    where
+        F: Future<Output = Result<(), E>>,
+    {
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            _ = self.stop_accepting.cancelled() => {}
+        }
+        shutdown(conn.as_mut());
+        conn.await
     }
 
     /// Stops accepting, asks open connections to finish their requests, and waits for
     /// them up to `grace`. Returns true when all finished in time.
     pub async fn drain(&self, grace: Duration) -> bool {
         self.stop_accepting.cancel();
-        let g = self.graceful.lock().take();
-        match g {
-            Some(g) => tokio::time::timeout(grace, g.shutdown()).await.is_ok(),
-            None => true,
-        }
+        self.tasks.close();
+        // Served and parked connections alike: their requests were accepted.
+        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
     }
 }

@@ -41,6 +41,21 @@ pub struct Proxy {
     pub response_timeout: Duration,
 }
 
+/// What became of a connection parked before its first request was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// The service has a pod for this port: nothing to wait for.
+    NotNeeded,
+    /// The queue is full: serve at once (the request gets its 503).
+    Full,
+    /// A pod became ready while the connection waited.
+    Released,
+    /// The activation timeout passed (the request gets its 504).
+    TimedOut,
+    /// The client went away while waiting.
+    Closed,
+}
+
 enum Refusal {
     QueueFull { queued: u64 },
     Timeout { waited: Duration },
@@ -119,6 +134,22 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Resolves when the peer closes or resets the connection. Pending request bytes do
+/// not count: each readiness event is consumed and the next one awaited.
+async fn peer_closed(stream: &tokio::net::TcpStream) {
+    loop {
+        match stream.ready(tokio::io::Interest::READABLE).await {
+            Ok(r) if r.is_read_closed() => return,
+            Err(_) => return,
+            Ok(_) => {
+                let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
     }
 }
 
@@ -201,12 +232,16 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 impl Proxy {
     /// Handles one request that arrived on a listener; `route` is `None` when the port
     /// has no service any more.
+    ///
+    /// `parked_since`: when the connection's first request started waiting, if it was
+    /// parked before being read (its wait counts against the activation timeout).
     pub async fn handle(
         self: Arc<Self>,
         route: Option<Arc<Route>>,
         listen_port: u16,
         req: Request<Incoming>,
         remote: SocketAddr,
+        parked_since: Option<Instant>,
     ) -> Response<Body> {
         let Some(route) = route else {
             // The service was removed while this connection stayed open: answer, and
@@ -220,7 +255,7 @@ impl Proxy {
             return resp;
         };
         let svc = route.service.clone();
-        let start = Instant::now();
+        let start = parked_since.unwrap_or_else(Instant::now);
         svc.requests.fetch_add(1, Ordering::Relaxed);
         svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
         let in_flight = InFlight::new(svc.clone());
@@ -228,6 +263,56 @@ impl Proxy {
         svc.metrics.response(resp.status().as_u16());
         svc.metrics.latency.observe(start.elapsed().as_secs_f64());
         resp
+    }
+
+    /// A new connection for a service with no pod for its port: wait, without reading
+    /// the request, until a pod is ready, the activation timeout passes, or the client
+    /// goes away. The request stays in the kernel's socket buffer meanwhile, so a
+    /// parked connection costs the activator a socket and a small task, not HTTP
+    /// buffers. It takes a place in the service's queue and in the global bound and
+    /// sends the wake signal at once, like a request held inside the proxy.
+    ///
+    /// After `Released` or `TimedOut` the stream's read readiness may have been
+    /// consumed: register it afresh before reading from it.
+    pub async fn park(
+        &self,
+        svc: &Service,
+        port_name: &str,
+        stream: &tokio::net::TcpStream,
+        since: Instant,
+    ) -> Parked {
+        let has_pod =
+            |eps: &crate::table::EndpointSet| eps.iter().any(|e| e.port(port_name).is_some());
+        let mut rx = svc.subscribe();
+        if has_pod(&rx.borrow_and_update()) {
+            return Parked::NotNeeded;
+        }
+        let settings = svc.settings();
+        let q = svc.queued.fetch_add(1, Ordering::AcqRel);
+        let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
+        let _queued = Queued {
+            service: svc,
+            table: &self.table,
+        };
+        svc.metrics.queued.inc();
+        if q >= settings.max_queued || g >= self.table.max_queued_total {
+            return Parked::Full;
+        }
+        self.stats.wake(svc);
+        let deadline = tokio::time::Instant::from_std(since + settings.timeout);
+        let mut closed = std::pin::pin!(peer_closed(stream));
+        loop {
+            tokio::select! {
+                r = rx.changed() => {
+                    if r.is_err() || has_pod(&rx.borrow_and_update()) {
+                        svc.metrics.cold_wait.observe(since.elapsed().as_secs_f64());
+                        return Parked::Released;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Parked::TimedOut,
+                _ = &mut closed => return Parked::Closed,
+            }
+        }
     }
 
     async fn acquire(

@@ -428,6 +428,60 @@ async fn global_queue_bound_protects_the_activator() {
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_while_held_frees_its_place_and_a_bare_connect_wakes_nothing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let settings = Settings {
+        max_queued: 1,
+        ..Settings::default()
+    };
+    let a = activator(settings).await;
+    let queued = || a.svc.queued.load(Relaxed);
+    let wakes = || a.svc.metrics.wakes.get();
+
+    // A TCP connection that sends nothing (a probe) is neither queued nor a wake.
+    let probe = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((queued(), wakes()), (0, 0));
+    drop(probe);
+
+    // A request that is held, then abandoned by its client, gives its place back.
+    let mut gone = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    gone.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while queued() != 1 {
+        assert!(start.elapsed() < Duration::from_secs(5), "never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(wakes(), 1);
+    // The queue (1) is full: the next request is refused at once.
+    assert_eq!(get(&a.url("/")).await.0, 503);
+    drop(gone);
+    let start = Instant::now();
+    while queued() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the abandoned request still holds its place"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...so the next one is held and answered once a pod is there.
+    let url = a.url("/");
+    let next = tokio::spawn(async move { get(&url).await.0 });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!next.is_finished(), "held, not refused");
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    assert_eq!(next.await.unwrap(), 200);
+    assert_eq!(a.table.queued_total.load(Relaxed), 0);
+}
+
+#[tokio::test]
 async fn ten_megabyte_post_during_a_cold_start_arrives_intact() {
     let a = activator(Settings::default()).await;
     let body: Vec<u8> = (0..10 * 1024 * 1024u32)
