@@ -704,6 +704,9 @@ pub async fn scale_to(
             reason: reason.as_str(),
         })
         .inc();
+    if let Some(t) = woken_at {
+        ctx.metrics.wake_to_patch.observe(t.elapsed().as_secs_f64());
+    }
     let signal = woken_at
         .map(|t| {
             format!(

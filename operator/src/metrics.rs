@@ -81,6 +81,12 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             m.leader.clone(),
         );
+        registry.register_with_unit(
+            "wake_to_patch",
+            "From an activator's wake signal arriving to the scale patch written",
+            prometheus_client::registry::Unit::Seconds,
+            m.wake_to_patch.clone(),
+        );
         registry.register(
             "stats_streams",
             "Open stats streams to activators",
