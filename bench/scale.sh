@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Scale benchmark on the local cluster: N ScaledServices (each with its Deployment at
 # zero and its Service). Reports the time until all are programmed (Ready=True with the
-# activator listening), the operator's and activators' RSS and CPU, and the operator's
-# API writes during one idle minute.
+# activator listening), the operator's and activators' RSS and CPU, Snooze's API
+# requests during one idle minute as the API server's audit log records them, and then
+# W services woken at once (one request each, sent together).
 #
-#   bench/scale.sh                 # N=1000
-#   SCALE_N=100 SCALE_IDLE_SECONDS=10 bench/scale.sh   # the short setting CI runs
+#   bench/scale.sh                 # N=1000, W=100
+#   SCALE_N=20 SCALE_IDLE_SECONDS=5 SCALE_WAKE=5 bench/scale.sh   # the short setting CI runs
 # Needs the cluster up and Snooze installed (./demo.sh does both); run as root.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 N=${SCALE_N:-1000}
 IDLE=${SCALE_IDLE_SECONDS:-60}
+WAKE=${SCALE_WAKE:-100}
+[ "$WAKE" -le "$N" ] || WAKE=$N
 NS=scale-bench
 eval "$(e2e/cluster/cluster.sh env)"
+STATE_DIR=${SNOOZE_CLUSTER_DIR:-/tmp/snooze-cluster}
 k() { ip netns exec "$SNOOZE_NETNS" kubectl "$@"; }
 in_ns() { ip netns exec "$SNOOZE_NETNS" "$@"; }
 
@@ -45,7 +49,16 @@ spec:
   template:
     metadata: {labels: {app: app-$i}}
     spec:
-      containers: [{name: app, image: ghcr.io/snooze-sh/testapp:dev, ports: [{name: http, containerPort: 8080}]}]
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: app
+        image: ghcr.io/snooze-sh/testapp:dev
+        args: ["--port", "8080"]
+        env:
+        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1, failureThreshold: 1}
 ---
 apiVersion: v1
 kind: Service
@@ -87,9 +100,46 @@ for p in $act_pods; do
   pid=$(pid_of "$p"); echo "activator $p: RSS $(rss_mb "$pid") MB"
 done
 sleep 5
+audit=$STATE_DIR/logs/audit.log
+a2=$(wc -l < "$audit" 2>/dev/null || echo 0)
 w2=$(writes); c2=$(cpu_ticks "$op_pid")
 sleep "$IDLE"
 w3=$(writes); c3=$(cpu_ticks "$op_pid")
-echo "idle for ${IDLE}s: operator API writes $((${w3%.*} - ${w2%.*})), CPU $(( (c3 - c2) * 1000 / $(getconf CLK_TCK) )) ms, RSS $(rss_mb "$op_pid") MB"
+a3=$(wc -l < "$audit" 2>/dev/null || echo 0)
+echo "idle for ${IDLE}s: operator API writes $((${w3%.*} - ${w2%.*})) (its own count), CPU $(( (c3 - c2) * 1000 / $(getconf CLK_TCK) )) ms, RSS $(rss_mb "$op_pid") MB"
+# The same minute at the API server: every request by Snooze's service accounts.
+tail -n +"$((a2 + 1))" "$audit" | head -n "$((a3 - a2))" | python3 -c '
+import collections, json, sys
+idle = float(sys.argv[1])
+c = collections.Counter()
+for line in sys.stdin:
+    e = json.loads(line)
+    who = e["user"]["username"].rsplit(":", 1)[-1]
+    res = (e.get("objectRef") or {}).get("resource", e.get("requestURI", "?"))
+    c[(who, e["verb"], res)] += 1
+total = sum(c.values())
+print(f"API server audit log, idle {idle:.0f}s: {total} requests from Snooze ({total * 60 / idle:.1f}/min)" + "".join(f"\n  {n:>5}  {w} {v} {r}" for (w, v, r), n in c.most_common()))
+' "$IDLE"
+
+# W services woken at once: one request each, all sent together, to the activators.
+if [ "$WAKE" -gt 0 ]; then
+  urls=$(mktemp)
+  for i in $(seq 1 "$WAKE"); do
+    k get endpointslice -n $NS -l kubernetes.io/service-name=app-$i-snooze \
+      -o jsonpath='{.items[0].endpoints[0].addresses[0]}:{.items[0].ports[0].port}{"\n"}' | sed 's|^|http://|'
+  done > "$urls"
+  t_w=$(date +%s.%N)
+  in_ns xargs -P "$WAKE" -n 1 curl -s -o /dev/null --max-time 120 -w '%{http_code} %{time_starttransfer}\n' < "$urls" > "$urls.out" || true
+  t_w_end=$(date +%s.%N)
+  python3 - "$urls.out" "$WAKE" "$(awk "BEGIN {print $t_w_end - $t_w}")" <<'PY'
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+ok = sorted(float(t) * 1000 for c, t in rows if c == "200")
+n, wall = int(sys.argv[2]), float(sys.argv[3])
+at = lambda p: ok[min(len(ok) - 1, max(0, int(len(ok) * p + 0.999) - 1))] if ok else float("nan")
+print(f"{n} services woken at once: {len(ok)}/{n} answered 200; first byte p50 {at(0.5):.0f} ms, p95 {at(0.95):.0f} ms, max {at(1.0):.0f} ms; all answered after {wall:.1f} s")
+PY
+  rm -f "$urls" "$urls.out"
+fi
 rm -f "$gen"
 [ "${SCALE_KEEP:-0}" = 1 ] || k delete ns $NS --wait=false >/dev/null

@@ -2,4 +2,5 @@
 //! code of the end-to-end tests.
 
 pub mod agent;
+pub mod coldstart;
 pub mod testing;

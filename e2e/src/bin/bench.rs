@@ -6,6 +6,8 @@
 //! - `hold --url U --requests N`: opens N connections that each send one request and
 //!   wait for the answer (for the activator's RSS with N held requests); prints a line
 //!   once they are all sent, then waits for the answers until killed.
+//! - `coldstart --rounds R`: R cold starts on the local cluster, split into segments
+//!   (see `snooze_e2e::coldstart`).
 //! - `release --requests N --rounds R`: runs the activator's proxy in this process with
 //!   one service and no pod, holds N requests, then makes a pod appear and measures,
 //!   for each request, the time from the endpoint event to its answer; R cold starts.
@@ -44,6 +46,17 @@ enum Cmd {
         url: String,
         #[arg(long, default_value_t = 10_000)]
         requests: usize,
+    },
+    /// Cold starts of the test application on the local cluster (needs Snooze
+    /// installed and KUBECONFIG; run inside the cluster's network namespace).
+    Coldstart {
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// The test application's start-up delay.
+        #[arg(long, default_value_t = 300)]
+        startup_delay_ms: u64,
+        #[arg(long, default_value = "coldstart-bench")]
+        namespace: String,
     },
     Release {
         #[arg(long, default_value_t = 1000)]
@@ -334,6 +347,11 @@ fn main() -> anyhow::Result<()> {
                 label,
             } => load(&url, connections, duration, &label).await,
             Cmd::Hold { url, requests } => hold(&url, requests).await,
+            Cmd::Coldstart {
+                rounds,
+                startup_delay_ms,
+                namespace,
+            } => snooze_e2e::coldstart::run(rounds, startup_delay_ms, &namespace).await,
             Cmd::Release { requests, rounds } => {
                 let mut firsts = Vec::new();
                 let mut all = Vec::new();
