@@ -95,10 +95,10 @@ async fn watch_round(
                     watcher::Event::InitDone => {
                         let _ = tx.send(()).await;
                     }
-                    watcher::Event::Apply(d) => {
-                        if d.spec.and_then(|s| s.replicas).unwrap_or(0) >= 1 {
-                            seen.lock().unwrap().patch.get_or_insert(Instant::now());
-                        }
+                    watcher::Event::Apply(d)
+                        if d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) >= 1 =>
+                    {
+                        seen.lock().unwrap().patch.get_or_insert(Instant::now());
                     }
                     _ => {}
                 }
