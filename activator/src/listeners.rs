@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::proxy::{Parked, Proxy, Route};
+use crate::proxy::{Parked, Proxy, Route, forwarded_for};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior
 /// knowledge opens with it.
@@ -254,11 +254,19 @@ impl Listeners {
         };
         let proxy = self.proxy.clone();
         let parked_since = std::sync::Mutex::new(parked_since);
+        let forwarded_for = forwarded_for(remote.ip());
         let svc = hyper::service::service_fn(move |req| {
             let current = route.borrow().clone();
             let proxy = proxy.clone();
             let since = parked_since.lock().ok().and_then(|mut p| p.take());
-            async move { Ok::<_, Infallible>(proxy.handle(current, port, req, remote, since).await) }
+            let forwarded_for = forwarded_for.clone();
+            async move {
+                Ok::<_, Infallible>(
+                    proxy
+                        .handle(current, port, req, &forwarded_for, since)
+                        .await,
+                )
+            }
         });
         let io = TokioIo::new(stream);
         let r = if h2 {

@@ -181,10 +181,24 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+
+/// Whether a header is hop-by-hop by name (or is `TE`, kept only as `trailers`).
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::TE || HOP_BY_HOP.iter().any(|h| h == n)
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): the fixed list, whatever
 /// `Connection` names, and `TE` unless it is `trailers` (gRPC needs it). With
 /// `upgrade`, `Connection: upgrade` and `Upgrade` are carried through.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names settles that (a header
+    // `Connection` names is only removed when `Connection` itself is there).
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -215,6 +229,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The client's address as an `X-Forwarded-For` value; made once per connection.
+pub fn forwarded_for(remote: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&remote.to_string()).expect("an IP address is a valid header value")
+}
+
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
@@ -240,7 +259,7 @@ impl Proxy {
         route: Option<Arc<Route>>,
         listen_port: u16,
         req: Request<Incoming>,
-        remote: SocketAddr,
+        forwarded_for: &HeaderValue,
         parked_since: Option<Instant>,
     ) -> Response<Body> {
         let Some(route) = route else {
@@ -259,7 +278,9 @@ impl Proxy {
         svc.requests.fetch_add(1, Ordering::Relaxed);
         svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
         let in_flight = InFlight::new(svc.clone());
-        let resp = self.serve(&route, in_flight, req, remote, start).await;
+        let resp = self
+            .serve(&route, in_flight, req, forwarded_for, start)
+            .await;
         svc.metrics.response(resp.status().as_u16());
         svc.metrics.latency.observe(start.elapsed().as_secs_f64());
         resp
@@ -377,13 +398,13 @@ impl Proxy {
         route: &Route,
         in_flight: InFlight,
         mut req: Request<Incoming>,
-        remote: SocketAddr,
+        forwarded_for: &HeaderValue,
         start: Instant,
     ) -> Response<Body> {
         let svc = &route.service;
         let upgrade = is_upgrade(&req);
         let h2 = route.h2c || (req.version() == Version::HTTP_2 && !upgrade);
-        rewrite_request(&mut req, remote.ip(), upgrade, h2);
+        rewrite_request(&mut req, forwarded_for, upgrade, h2);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         // Pick a pod and connect. A pod that refuses the connection is passed over for
@@ -540,7 +561,12 @@ impl Proxy {
 
 /// Prepares a request for the pod: hop-by-hop headers out, `X-Forwarded-*` in, `Host`
 /// kept, and the request line in the form the upstream protocol wants.
-fn rewrite_request(req: &mut Request<Incoming>, remote: IpAddr, upgrade: bool, h2: bool) {
+fn rewrite_request(
+    req: &mut Request<Incoming>,
+    forwarded_for: &HeaderValue,
+    upgrade: bool,
+    h2: bool,
+) {
     // The authority is copied only when it has to move (into the h2 `:authority`, or
     // into a Host header an h2 client did not send).
     let has_host = req.headers().contains_key(header::HOST);
@@ -555,15 +581,21 @@ fn rewrite_request(req: &mut Request<Incoming>, remote: IpAddr, upgrade: bool, h
     };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {remote}")),
-        None => HeaderValue::from_str(&remote.to_string()),
+    let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + forwarded_for.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(forwarded_for.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        None => Some(forwarded_for.clone()),
     };
-    if let Ok(v) = xff {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
     }
     if h2 {
         headers.remove(header::HOST);
@@ -619,6 +651,27 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_without_a_connection_header_too() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        plain.insert(header::TE, HeaderValue::from_static("trailers"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain, before);
     }
 
     #[test]

@@ -667,6 +667,34 @@ async fn host_header_is_kept_and_forwarded_headers_added() {
     assert!(text.contains("x-forwarded-for: 127.0.0.1"), "{text}");
     assert!(text.contains("x-forwarded-proto: http"), "{text}");
     assert!(!text.contains("x-drop-me"), "{text}");
+
+    // A request that already went through a proxy, with hop-by-hop headers but no
+    // `Connection`: the chain grows, `TE` other than `trailers` and `Keep-Alive` go.
+    let resp = client()
+        .request(
+            Request::get(a.url("/headers"))
+                .header("x-forwarded-for", "10.1.2.3")
+                .header("x-forwarded-proto", "https")
+                .header("te", "gzip")
+                .header("keep-alive", "timeout=5")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert!(
+        text.contains("x-forwarded-for: 10.1.2.3, 127.0.0.1"),
+        "{text}"
+    );
+    assert!(text.contains("x-forwarded-proto: https"), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("te:") || l.starts_with("keep-alive:")),
+        "{text}"
+    );
 }
 
 async fn raw(port: u16, request: &[u8]) -> String {
