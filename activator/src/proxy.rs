@@ -56,6 +56,13 @@ pub enum Parked {
     Closed,
 }
 
+/// A queue was full: the service's count of held requests, and whether it was the
+/// global bound that refused.
+struct QueueFull {
+    queued: u64,
+    global: bool,
+}
+
 enum Refusal {
     QueueFull { queued: u64 },
     Timeout { waited: Duration },
@@ -309,16 +316,10 @@ impl Proxy {
             return Parked::NotNeeded;
         }
         let settings = svc.settings();
-        let q = svc.queued.fetch_add(1, Ordering::AcqRel);
-        let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
-        let _queued = Queued {
-            service: svc,
-            table: &self.table,
-        };
-        svc.metrics.queued.inc();
-        if q >= settings.max_queued || g >= self.table.max_queued_total {
+        // A full queue is counted (and answered) when the request is served.
+        let Ok(_queued) = self.enter_queue(svc, settings.max_queued) else {
             return Parked::Full;
-        }
+        };
         self.stats.wake(svc);
         let deadline = tokio::time::Instant::from_std(since + settings.timeout);
         let mut closed = std::pin::pin!(peer_closed(stream));
@@ -334,6 +335,35 @@ impl Proxy {
                 _ = &mut closed => return Parked::Closed,
             }
         }
+    }
+
+    /// Takes a place in the service's queue and in the global bound, held until the
+    /// returned guard drops; refused (and given back) when either is full.
+    fn enter_queue<'a>(
+        &'a self,
+        svc: &'a Service,
+        max_queued: u64,
+    ) -> Result<Queued<'a>, QueueFull> {
+        let q = svc.queued.fetch_add(1, Ordering::AcqRel);
+        let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
+        let place = Queued {
+            service: svc,
+            table: &self.table,
+        };
+        svc.metrics.queued.inc();
+        if q >= max_queued {
+            return Err(QueueFull {
+                queued: q,
+                global: false,
+            });
+        }
+        if g >= self.table.max_queued_total {
+            return Err(QueueFull {
+                queued: q,
+                global: true,
+            });
+        }
+        Ok(place)
     }
 
     async fn acquire(
@@ -358,20 +388,17 @@ impl Proxy {
             return Ok(s);
         }
         // Hold the request: a place in the service's queue and in the global bound.
-        let q = svc.queued.fetch_add(1, Ordering::AcqRel);
-        let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
-        let _queued = Queued {
-            service: svc,
-            table: &self.table,
+        let _queued = match self.enter_queue(svc, settings.max_queued) {
+            Ok(q) => q,
+            Err(full) => {
+                if full.global {
+                    self.table.metrics.shed_global.inc();
+                }
+                return Err(Refusal::QueueFull {
+                    queued: full.queued,
+                });
+            }
         };
-        svc.metrics.queued.inc();
-        if q >= settings.max_queued {
-            return Err(Refusal::QueueFull { queued: q });
-        }
-        if g >= self.table.max_queued_total {
-            self.table.metrics.shed_global.inc();
-            return Err(Refusal::QueueFull { queued: q });
-        }
         let mut rx = svc.subscribe();
         let deadline = tokio::time::Instant::from_std(start + settings.timeout);
         if svc.endpoints().is_empty() {
