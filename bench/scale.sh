@@ -139,6 +139,27 @@ n, wall = int(sys.argv[2]), float(sys.argv[3])
 at = lambda p: ok[min(len(ok) - 1, max(0, int(len(ok) * p + 0.999) - 1))] if ok else float("nan")
 print(f"{n} services woken at once: {len(ok)}/{n} answered 200; first byte p50 {at(0.5):.0f} ms, p95 {at(0.95):.0f} ms, max {at(1.0):.0f} ms; all answered after {wall:.1f} s")
 PY
+  # Where the time went: the operator's scale patches for these services, as the API
+  # server's audit log has them, against the moment the requests were sent.
+  python3 - "$audit" "$t_w" "$NS" "$WAKE" <<'PY'
+import datetime, json, sys
+path, sent, ns, n = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+wanted = {f"app-{i}" for i in range(1, n + 1)}
+first = {}
+for line in open(path):
+    e = json.loads(line)
+    o = e.get("objectRef") or {}
+    if (e.get("stage") == "ResponseComplete" and e["verb"] == "patch" and o.get("namespace") == ns
+            and o.get("subresource") == "scale" and o.get("name") in wanted):
+        t = datetime.datetime.fromisoformat(e["stageTimestamp"].replace("Z", "+00:00")).timestamp()
+        if t >= sent:
+            first.setdefault(o["name"], t - sent)
+if first:
+    ts = sorted(first.values())
+    print(f"  operator's scale patches for them (audit log): {len(ts)}/{n}, first {ts[0] * 1000:.0f} ms, "
+          f"median {ts[len(ts) // 2] * 1000:.0f} ms, last {ts[-1] * 1000:.0f} ms after the requests were sent; "
+          "the rest of each wait is kube's controllers and the node starting the pods")
+PY
   rm -f "$urls" "$urls.out"
 fi
 rm -f "$gen"

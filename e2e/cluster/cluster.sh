@@ -136,6 +136,12 @@ up() {
   done
   local bin
   bin=$("$here/build.sh" | tail -n 1)
+  if [ "${SNOOZE_PROFILE:-debug}" = release ]; then
+    # Benchmarks run on release pods: build them from the sources at hand (nothing
+    # builds release binaries otherwise, and stale ones measure old code).
+    log "building the release binaries the pods run"
+    (cd "$repo" && cargo build -q --release --bins -p snooze-operator -p snooze-activator -p snooze-e2e)
+  fi
   [ -x "$PROFILE_DIR/snooze-node-agent" ] || die "missing $PROFILE_DIR/snooze-node-agent: run cargo build --workspace --bins"
   local t0=$SECONDS
   down_quiet
