@@ -8,6 +8,7 @@
 #   BENCH_DURATION=10s BENCH_ROUNDS=5 BENCH_CONNECTIONS=64 bench/datapath.sh
 #   BENCH_HELD=10000 bench/datapath.sh
 #   BENCH_SERVICES=1000 bench/datapath.sh    # 1,000 more services configured
+#   BENCH_KEEP=1 bench/datapath.sh           # keep results.jsonl and the logs in /tmp/bench-work
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -30,13 +31,14 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+[ -n "${BENCH_KEEP:-}" ] && trap 'cp -r "$work" /tmp/bench-work; cleanup' EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACK=$(free_port); NGX=$(free_port); ACT=$(free_port); ADMIN=$(free_port); COLD=$(free_port)
 wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
-POD_NAME=backend "$T/snooze-testapp" --listen 127.0.0.1:$BACK 2>/dev/null & pids+=($!)
+POD_NAME=backend "$T/snooze-testapp" --listen 127.0.0.1:$BACK 2>/dev/null & BACK_PID=$!; pids+=($BACK_PID)
 mkdir -p "$work/nginx"
 cat > "$work/nginx.conf" <<CONF
 worker_processes 1;
@@ -61,7 +63,7 @@ http {
   }
 }
 CONF
-"$NGINX" -p "$work" -c "$work/nginx.conf" & pids+=($!)
+"$NGINX" -p "$work" -c "$work/nginx.conf" & NGX_PID=$!; pids+=($NGX_PID)
 python3 - "$work/activator.json" "$ACT" "$COLD" "$BACK" "$EXTRA" <<'PY'
 import json, sys
 path, act, cold, back, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -78,15 +80,27 @@ PY
 wait_port $BACK; wait_port $NGX; wait_port $ACT
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 load() { "$T/snooze-bench" load --url "http://127.0.0.1:$1$PATH_Q" --connections "$CONNS" --duration "$DURATION" --label "$2"; }
+# One load run, with the CPU time (user + system) the process serving it spent per
+# request: less at the mercy of the other tenants of a shared machine than req/s.
+measure() {
+  local c0 out c1
+  c0=$(cpu_ticks "$3"); out=$(load "$1" "$2"); c1=$(cpu_ticks "$3")
+  python3 -c 'import json, sys
+d = json.loads(sys.argv[1])
+d["cpu_us_per_req"] = (int(sys.argv[3]) - int(sys.argv[2])) * 1e6 / int(sys.argv[4]) / max(d["requests"], 1)
+print(json.dumps(d))' "$out" "$c0" "$c1" "$(getconf CLK_TCK)"
+}
 
 echo "machine: $(nproc) cores, $(uname -r); connections=$CONNS duration=$DURATION rounds=$ROUNDS path=$PATH_Q services=$((EXTRA + 2))"
 load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $ACT warmup >/dev/null
 : > "$work/results.jsonl"
+NGX_WORKER=$(pgrep -P "$NGX_PID" | head -n 1)
 for r in $(seq 1 "$ROUNDS"); do
-  load $BACK direct >> "$work/results.jsonl"
-  load $NGX nginx >> "$work/results.jsonl"
-  load $ACT activator >> "$work/results.jsonl"
+  measure $BACK direct "$BACK_PID" >> "$work/results.jsonl"
+  measure $NGX nginx "$NGX_WORKER" >> "$work/results.jsonl"
+  measure $ACT activator "$ACT_PID" >> "$work/results.jsonl"
 done
 ACT_RSS_LOADED=$(rss_kb $ACT_PID)
 
@@ -113,12 +127,13 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {}
 for r in rows: by.setdefault(r["label"], []).append(r)
-med = {k: {m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms", "p999_ms")} | {"errors": sum(x["errors"] for x in v)} for k, v in by.items()}
-print(f"{'target':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7}   (median of rounds)")
+med = {k: {m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req")} | {"errors": sum(x["errors"] for x in v)} for k, v in by.items()}
+print(f"{'target':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7} {'CPU µs/req':>11}   (median of rounds; CPU of the serving process)")
 for k in ("direct", "nginx", "activator"):
-    m = med[k]; print(f"{k:<10} {m['rps']:>10.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['p999_ms']:>9.3f} {m['errors']:>7}")
+    m = med[k]; print(f"{k:<10} {m['rps']:>10.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['p999_ms']:>9.3f} {m['errors']:>7} {m['cpu_us_per_req']:>11.1f}")
 d, n, a = med["direct"], med["nginx"], med["activator"]
 print(f"throughput: activator/nginx = {a['rps']/n['rps']:.2f}, activator/direct = {a['rps']/d['rps']:.2f}, nginx/direct = {n['rps']/d['rps']:.2f}")
+print(f"CPU per request: activator/nginx = {a['cpu_us_per_req']/n['cpu_us_per_req']:.2f}")
 print(f"added p99 over direct: activator {a['p99_ms']-d['p99_ms']:.3f} ms, nginx {n['p99_ms']-d['p99_ms']:.3f} ms")
 PY
 echo "activator RSS: idle $((ACT_RSS_IDLE/1024)) MB, after the load $((ACT_RSS_LOADED/1024)) MB, with $HELD requests held $((ACT_RSS_HELD/1024)) MB (queued gauge: ${QUEUED:-?})"
