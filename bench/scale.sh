@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scale benchmark on the local cluster: N ScaledServices (each with its Deployment at
 # zero and its Service). Reports the time until all are programmed (Ready=True with the
-# activator listening), the operator's and activators' RSS and CPU, Snooze's API
+# activator listening), the operator's and activators' RSS and CPU (while programming
+# and idle), Snooze's API
 # requests during one idle minute as the API server's audit log records them, and then
 # W services woken at once (one request each, sent together).
 #
@@ -76,7 +77,11 @@ spec:
   idleTimeout: 1h
 YAML
 done > "$gen"
-w0=$(writes); c0=$(cpu_ticks "$op_pid"); t0=$(date +%s.%N)
+declare -A act_pid act_c
+for p in $act_pods; do act_pid[$p]=$(pid_of "$p"); done
+act_ticks() { for p in $act_pods; do act_c[$p$1]=$(cpu_ticks "${act_pid[$p]}"); done; }
+act_cpu_ms() { echo $(( (act_c[$1$3] - act_c[$1$2]) * 1000 / $(getconf CLK_TCK) )); }
+w0=$(writes); c0=$(cpu_ticks "$op_pid"); act_ticks 0; t0=$(date +%s.%N)
 k apply -f "$gen" --server-side >/dev/null
 t_applied=$(date +%s.%N)
 while :; do
@@ -92,21 +97,24 @@ for p in $act_pods; do
   while [ "$(in_ns ss -ltn "src $ip" | grep -c LISTEN)" -lt "$N" ]; do sleep 0.5; done
 done
 t_listen=$(date +%s.%N)
-w1=$(writes); c1=$(cpu_ticks "$op_pid")
+w1=$(writes); c1=$(cpu_ticks "$op_pid"); act_ticks 1
 echo "created $N ScaledServices (+$N Deployments, $N Services): apply took $(awk "BEGIN {printf \"%.1f\", $t_applied - $t0}") s"
 echo "all Ready=True $(awk "BEGIN {printf \"%.1f\", $t_ready - $t0}") s after the apply started; all activators listening on all $ports ports after $(awk "BEGIN {printf \"%.1f\", $t_listen - $t0}") s"
 echo "operator: RSS $(rss_mb "$op_pid") MB, CPU $(( (c1 - c0) / $(getconf CLK_TCK) )) s while programming, $((${w1%.*} - ${w0%.*})) API writes"
 for p in $act_pods; do
-  pid=$(pid_of "$p"); echo "activator $p: RSS $(rss_mb "$pid") MB"
+  echo "activator $p: RSS $(rss_mb "${act_pid[$p]}") MB, CPU $(act_cpu_ms "$p" 0 1) ms while programming"
 done
 sleep 5
 audit=$STATE_DIR/logs/audit.log
 a2=$(wc -l < "$audit" 2>/dev/null || echo 0)
-w2=$(writes); c2=$(cpu_ticks "$op_pid")
+w2=$(writes); c2=$(cpu_ticks "$op_pid"); act_ticks 2
 sleep "$IDLE"
-w3=$(writes); c3=$(cpu_ticks "$op_pid")
+w3=$(writes); c3=$(cpu_ticks "$op_pid"); act_ticks 3
 a3=$(wc -l < "$audit" 2>/dev/null || echo 0)
 echo "idle for ${IDLE}s: operator API writes $((${w3%.*} - ${w2%.*})) (its own count), CPU $(( (c3 - c2) * 1000 / $(getconf CLK_TCK) )) ms, RSS $(rss_mb "$op_pid") MB"
+for p in $act_pods; do
+  echo "idle for ${IDLE}s: activator $p CPU $(act_cpu_ms "$p" 2 3) ms, RSS $(rss_mb "${act_pid[$p]}") MB"
+done
 # The same minute at the API server: every request by Snooze's service accounts.
 tail -n +"$((a2 + 1))" "$audit" | head -n "$((a3 - a2))" | python3 -c '
 import collections, json, sys
