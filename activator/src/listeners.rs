@@ -106,7 +106,7 @@ impl Listeners {
     /// Returns the ports that could not be opened.
     pub async fn sync(
         self: &Arc<Self>,
-        desired: HashMap<u16, Arc<Route>>,
+        desired: &HashMap<u16, Arc<Route>>,
     ) -> Vec<(u16, io::Error)> {
         let mut failed = Vec::new();
         {
@@ -122,7 +122,7 @@ impl Listeners {
                     false
                 }
             });
-            for (port, route) in &desired {
+            for (port, route) in desired {
                 if let Some(h) = open.get(port) {
                     let same = h.route.borrow().as_ref().is_some_and(|r| {
                         Arc::ptr_eq(&r.service, &route.service)
@@ -138,8 +138,9 @@ impl Listeners {
         let to_open: Vec<(u16, Arc<Route>)> = {
             let open = self.open.lock();
             desired
-                .into_iter()
+                .iter()
                 .filter(|(p, _)| !open.contains_key(p))
+                .map(|(p, r)| (*p, r.clone()))
                 .collect()
         };
         for (port, route) in to_open {

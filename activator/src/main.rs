@@ -181,7 +181,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }),
             );
         }
-        if let Some((port, e)) = listeners.sync(desired).await.into_iter().next() {
+        if let Some((port, e)) = listeners.sync(&desired).await.into_iter().next() {
             anyhow::bail!("cannot listen on port {port}: {e}");
         }
         ready_tx.send_replace(true);

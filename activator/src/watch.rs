@@ -103,8 +103,8 @@ impl Routes {
     }
 
     /// The route of every port.
-    pub fn ports(&self) -> HashMap<u16, Arc<Route>> {
-        self.by_port.clone()
+    pub fn ports(&self) -> &HashMap<u16, Arc<Route>> {
+        &self.by_port
     }
 }
 

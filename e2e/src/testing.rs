@@ -372,16 +372,18 @@ pub async fn listening_targets(
 ) -> Result<Vec<String>, String> {
     let targets = ingress_targets(client, ns, scaled_service, port_name).await?;
     for t in &targets {
-        match tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(t.as_str()),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("{t} is listed in the managed EndpointSlice but: {e}"),
-            Err(_) => panic!("{t} is listed in the managed EndpointSlice but connect timed out"),
+        if let Err(e) = accepts(t).await {
+            panic!("{t} is listed in the managed EndpointSlice but: {e}");
         }
     }
     Ok(targets)
+}
+
+/// Whether `addr` accepts a TCP connection within 2 s (a connect only, no request).
+pub async fn accepts(addr: &str) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".into()),
+    }
 }

@@ -114,19 +114,7 @@ async fn activator_with(
     };
     let svc = table.upsert(key, "web", settings);
     let port = free_port();
-    let failed = listeners
-        .sync(
-            [(
-                port,
-                Arc::new(Route {
-                    service: svc.clone(),
-                    port_name: "http".into(),
-                    h2c,
-                }),
-            )]
-            .into(),
-        )
-        .await;
+    let failed = listeners.sync(&[(port, route(&svc, h2c))].into()).await;
     assert!(failed.is_empty(), "{failed:?}");
     Activator {
         table,
@@ -135,6 +123,15 @@ async fn activator_with(
         port,
         listeners,
     }
+}
+
+/// The route of a listener to `svc`'s "http" port.
+fn route(svc: &Arc<Service>, h2c: bool) -> Arc<Route> {
+    Arc::new(Route {
+        service: svc.clone(),
+        port_name: "http".into(),
+        h2c,
+    })
 }
 
 async fn activator(settings: Settings) -> Activator {
@@ -214,13 +211,6 @@ async fn stats_report_the_open_listeners_and_each_change_at_once() {
     assert!(first.full);
     assert_eq!(first.listening, Some(vec![a.port]));
 
-    let route = |svc: &Arc<Service>| {
-        Arc::new(Route {
-            service: svc.clone(),
-            port_name: "http".into(),
-            h2c: false,
-        })
-    };
     let other = a.table.upsert(
         ServiceRef {
             namespace: "test".into(),
@@ -232,7 +222,13 @@ async fn stats_report_the_open_listeners_and_each_change_at_once() {
     let port2 = free_port();
     let failed = a
         .listeners
-        .sync([(a.port, route(&a.svc)), (port2, route(&other))].into())
+        .sync(
+            &[
+                (a.port, route(&a.svc, false)),
+                (port2, route(&other, false)),
+            ]
+            .into(),
+        )
         .await;
     assert!(failed.is_empty(), "{failed:?}");
     let mut want = vec![a.port, port2];
@@ -248,7 +244,10 @@ async fn stats_report_the_open_listeners_and_each_change_at_once() {
         .await
         .expect("the reported port accepts connections");
 
-    let failed = a.listeners.sync([(port2, route(&other))].into()).await;
+    let failed = a
+        .listeners
+        .sync(&[(port2, route(&other, false))].into())
+        .await;
     assert!(failed.is_empty());
     let closed: Report = tokio::time::timeout(Duration::from_millis(500), reports.next())
         .await
@@ -272,7 +271,7 @@ async fn a_connection_left_open_on_a_removed_service_gets_503_with_a_message() {
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
 
     // The ScaledService goes away: its listener closes, this connection stays open.
-    assert!(a.listeners.sync(Default::default()).await.is_empty());
+    assert!(a.listeners.sync(&Default::default()).await.is_empty());
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", a.port))
             .await

@@ -247,7 +247,7 @@ async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
         .port();
     listeners
         .sync(
-            [(
+            &[(
                 port,
                 Arc::new(Route {
                     service: svc.clone(),
