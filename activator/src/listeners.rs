@@ -9,17 +9,21 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::fast;
 use crate::proxy::{Parked, Proxy, Route, forwarded_for};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior
@@ -253,9 +257,27 @@ impl Listeners {
             Ok(Ok(Some(h2))) => h2,
             _ => return,
         };
+        let forwarded_for = forwarded_for(remote.ip());
+        // HTTP/1.1 takes the fast path while its requests qualify; what it read of a
+        // request it passes on goes to hyper first.
+        let mut read = Bytes::new();
+        if !h2 && !self.stop_accepting.is_cancelled() {
+            let client = fast::Client {
+                proxy: &self.proxy,
+                route: &route,
+                forwarded_for: forwarded_for.as_bytes(),
+                header_read_timeout: limit,
+                max_header_bytes: self.limits.max_header_bytes,
+                stop: &self.stop_accepting,
+                parked_since: &mut parked_since,
+            };
+            match fast::serve(client, stream).await {
+                fast::Outcome::Done => return,
+                fast::Outcome::Fallback(s, b) => (stream, read) = (s, b),
+            }
+        }
         let proxy = self.proxy.clone();
         let parked_since = std::sync::Mutex::new(parked_since);
-        let forwarded_for = forwarded_for(remote.ip());
         let svc = hyper::service::service_fn(move |req| {
             let current = route.borrow().clone();
             let proxy = proxy.clone();
@@ -269,7 +291,7 @@ impl Listeners {
                 )
             }
         });
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(Rewind { read, stream });
         let r = if h2 {
             let conn = builders.1.serve_connection(io, svc);
             self.serve(conn, |c| c.graceful_shutdown()).await
@@ -310,5 +332,58 @@ impl Listeners {
         self.tasks.close();
         // Served and parked connections alike: their requests were accepted.
         tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+}
+
+/// A client connection handed from the fast path to hyper: the bytes the fast path
+/// read are read again first.
+struct Rewind {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -23,6 +23,8 @@ pub enum Conn {
 
 pub struct Pool {
     h1: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>>,
+    /// Idle plain connections of the HTTP/1.1 fast path (`crate::fast`).
+    raw: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
     /// Connection attempts in progress per pod are bounded: when a pod appears with
     /// thousands of held requests, they reuse the connections the first ones opened
@@ -39,6 +41,7 @@ impl Pool {
     pub fn new(connect_timeout: Duration, max_idle_per_pod: usize) -> Arc<Self> {
         Arc::new(Self {
             h1: Mutex::new(HashMap::new()),
+            raw: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
             connect_timeout,
@@ -46,12 +49,60 @@ impl Pool {
         })
     }
 
-    async fn connect(&self, addr: SocketAddr) -> io::Result<TokioIo<TcpStream>> {
+    async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
-        Ok(TokioIo::new(stream))
+        Ok(stream)
+    }
+
+    /// The bound on connection attempts in progress to `addr`.
+    fn gate(&self, addr: SocketAddr) -> Arc<Semaphore> {
+        self.connecting
+            .lock()
+            .entry(addr)
+            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CONNECTING_PER_POD)))
+            .clone()
+    }
+
+    /// A plain connection to `addr` for the HTTP/1.1 fast path: an idle pooled one
+    /// when there is one, else a new one (under the same bound on connects in
+    /// progress as the hyper connections).
+    pub async fn checkout_raw(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        if let Some(s) = self.idle_raw(addr) {
+            return Ok(s);
+        }
+        let gate = self.gate(addr);
+        let _permit = gate.acquire().await.map_err(io::Error::other)?;
+        if let Some(s) = self.idle_raw(addr) {
+            return Ok(s);
+        }
+        self.connect(addr).await
+    }
+
+    fn idle_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let mut idle = self.raw.lock();
+        let list = idle.get_mut(&addr)?;
+        while let Some(s) = list.pop() {
+            // An idle connection has nothing to read: one that reads (the end of the
+            // stream, or bytes nobody asked for) was closed by the pod or is broken.
+            // No system call unless the socket was reported readable.
+            match s.try_read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(s),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Puts a plain connection back after a complete response.
+    pub fn put_raw(&self, addr: SocketAddr, s: TcpStream) {
+        let mut idle = self.raw.lock();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle_per_pod {
+            list.push(s);
+        }
     }
 
     /// A connection to `addr`: an idle pooled one when there is one, else a new one.
@@ -63,7 +114,7 @@ impl Pool {
             {
                 return Ok(Conn::H2(s.clone()));
             }
-            let io = self.connect(addr).await?;
+            let io = TokioIo::new(self.connect(addr).await?);
             let (send, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(30))
@@ -79,19 +130,14 @@ impl Pool {
         if !fresh && let Some(s) = self.idle(addr) {
             return Ok(Conn::H1(s));
         }
-        let gate = self
-            .connecting
-            .lock()
-            .entry(addr)
-            .or_insert_with(|| Arc::new(Semaphore::new(MAX_CONNECTING_PER_POD)))
-            .clone();
+        let gate = self.gate(addr);
         let _permit = gate.acquire().await.map_err(io::Error::other)?;
         // While this request waited, another may have finished and returned its
         // connection.
         if !fresh && let Some(s) = self.idle(addr) {
             return Ok(Conn::H1(s));
         }
-        let io = self.connect(addr).await?;
+        let io = TokioIo::new(self.connect(addr).await?);
         let (send, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -128,6 +174,7 @@ impl Pool {
     /// Forgets the connections of a pod that is gone.
     pub fn forget(&self, addr: &SocketAddr) {
         self.h1.lock().remove(addr);
+        self.raw.lock().remove(addr);
         self.h2.lock().remove(addr);
         self.connecting.lock().remove(addr);
     }

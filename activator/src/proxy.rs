@@ -69,12 +69,12 @@ enum Refusal {
 }
 
 /// Counts a request in flight for its service until dropped.
-struct InFlight {
+pub(crate) struct InFlight {
     service: Arc<Service>,
 }
 
 impl InFlight {
-    fn new(service: Arc<Service>) -> Self {
+    pub(crate) fn new(service: Arc<Service>) -> Self {
         service.in_flight.fetch_add(1, Ordering::Relaxed);
         service.metrics.in_flight.inc();
         Self { service }
@@ -89,9 +89,9 @@ impl Drop for InFlight {
 }
 
 /// A reserved pod slot, given back when dropped.
-struct SlotGuard {
-    service: Arc<Service>,
-    slot: Slot,
+pub(crate) struct SlotGuard {
+    pub(crate) service: Arc<Service>,
+    pub(crate) slot: Slot,
 }
 
 impl Drop for SlotGuard {
@@ -170,7 +170,7 @@ pub fn text(status: StatusCode, msg: String) -> Response<Body> {
     r
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

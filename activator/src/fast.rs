@@ -1,0 +1,927 @@
+//! The HTTP/1.1 fast path: the common request — a complete HTTP/1.1 request head with
+//! any body already read, for a service with a ready pod — forwarded in the
+//! connection's own task over a pooled plain connection, the heads parsed with
+//! `httparse` and rewritten in one pass, the response body passed through as it comes
+//! (its framing followed, never re-encoded).
+//!
+//! Everything else goes to the hyper path with the bytes read so far ([`Outcome::Fallback`]):
+//! requests that must wait for a pod, upgrades, `Expect`, `Transfer-Encoding` or
+//! absolute-form requests, HTTP/1.0 clients, bodies not yet read in full, `Connection`
+//! naming other headers, malformed or oversized heads (hyper answers 400 and 431), a
+//! removed service (503), h2c backends and pods that refuse a connection (retried on
+//! another pod there). Once a connection has gone to hyper it stays there.
+//!
+//! Why: hyper's server and client HTTP/1 state machines cost about 30,000 instructions
+//! per proxied request, two tasks and the channels between them; nginx spends half the
+//! CPU per request (docs/benchmarks.md).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::proxy::{InFlight, Proxy, Route, SlotGuard, now_ms};
+use crate::table::Service;
+
+/// Most header fields in a head (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Largest response head taken from a pod.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Response body bytes that go out in the same write as the head; more are written apart.
+const COALESCE: usize = 16 * 1024;
+/// Read buffer for a pod's response.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How a connection left the fast path.
+pub enum Outcome {
+    /// Finished: closed by either side, cut by a timeout, or answered and closed.
+    Done,
+    /// To be served by the hyper path: the stream, and the bytes already read from it
+    /// (to be read again first). No part of them was forwarded.
+    Fallback(TcpStream, Bytes),
+}
+
+/// The parts of a connection the fast path needs.
+pub struct Client<'a> {
+    pub proxy: &'a Proxy,
+    pub route: &'a watch::Receiver<Option<Arc<Route>>>,
+    /// The client's address as text, for `X-Forwarded-For`.
+    pub forwarded_for: &'a [u8],
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// Cancelled when the activator drains: finish the request in progress, then close.
+    pub stop: &'a CancellationToken,
+    /// When the first request started waiting, if the connection was parked.
+    pub parked_since: &'a mut Option<Instant>,
+}
+
+/// A request head the fast path takes.
+#[derive(Debug, PartialEq, Eq)]
+struct RequestInfo {
+    head_len: usize,
+    body_len: usize,
+    is_head: bool,
+    close: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ParsedRequest {
+    Complete(RequestInfo),
+    Partial,
+    /// Not for the fast path (or not valid): hyper takes it.
+    Other,
+}
+
+fn is(name: &str, lower: &str) -> bool {
+    name.eq_ignore_ascii_case(lower)
+}
+
+fn trimmed(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = trimmed(v);
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Whether a `Connection` value holds only `close` and `keep-alive`; and whether `close`.
+fn connection_tokens(v: &[u8]) -> Option<bool> {
+    let mut close = false;
+    for t in v.split(|b| *b == b',') {
+        let t = trimmed(t);
+        if t.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !(t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
+            return None;
+        }
+    }
+    Some(close)
+}
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a request head; when the fast path takes it, writes the head the pod gets to
+/// `out`: hop-by-hop fields removed (RFC 9110 §7.6.1), `X-Forwarded-For` extended or
+/// added, `X-Forwarded-Proto` added when absent, `Host` and everything else unchanged.
+fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedRequest {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return ParsedRequest::Partial,
+        Err(_) => return ParsedRequest::Other,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return ParsedRequest::Other;
+    };
+    if method == "CONNECT" || !path.starts_with('/') {
+        return ParsedRequest::Other;
+    }
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let (mut body_len, mut close) = (None, false);
+    let (mut xff, mut proto) = (false, false);
+    for h in req.headers.iter() {
+        let (name, value) = (h.name, h.value);
+        if is(name, "content-length") {
+            if body_len.is_some() {
+                return ParsedRequest::Other;
+            }
+            match parse_length(value) {
+                Some(n) => body_len = Some(n),
+                None => return ParsedRequest::Other,
+            }
+        } else if is(name, "connection") {
+            match connection_tokens(value) {
+                Some(c) => close |= c,
+                None => return ParsedRequest::Other,
+            }
+            continue;
+        } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
+            return ParsedRequest::Other;
+        } else if is(name, "keep-alive")
+            || is(name, "proxy-connection")
+            || is(name, "proxy-authenticate")
+            || is(name, "proxy-authorization")
+            || is(name, "trailer")
+            || (is(name, "te") && trimmed(value) != b"trailers")
+        {
+            continue;
+        } else if is(name, "x-forwarded-for") {
+            if xff {
+                return ParsedRequest::Other;
+            }
+            xff = true;
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+            out.extend_from_slice(forwarded_for);
+            out.extend_from_slice(b"\r\n");
+            continue;
+        } else if is(name, "x-forwarded-proto") {
+            proto = true;
+        }
+        header(out, name.as_bytes(), value);
+    }
+    if !xff {
+        header(out, b"x-forwarded-for", forwarded_for);
+    }
+    if !proto {
+        header(out, b"x-forwarded-proto", b"http");
+    }
+    out.extend_from_slice(b"\r\n");
+    let Ok(body_len) = usize::try_from(body_len.unwrap_or(0)) else {
+        return ParsedRequest::Other;
+    };
+    ParsedRequest::Complete(RequestInfo {
+        head_len,
+        body_len,
+        is_head: method == "HEAD",
+        close,
+    })
+}
+
+/// How a response body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunked),
+    /// At the end of the pod's stream; the client's connection closes after it.
+    Close,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct ResponseInfo {
+    head_len: usize,
+    status: u16,
+    framing: Framing,
+    /// The pod's connection can carry another request after this response.
+    reusable: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ParsedResponse {
+    Complete(ResponseInfo),
+    /// An informational (1xx) head of this length: passed on as it is.
+    Informational(usize),
+    Partial,
+    Invalid(&'static str),
+}
+
+/// Parses a pod's response head; when complete, writes the head the client gets to
+/// `out` (hop-by-hop fields removed, `Connection: close` added when the client's
+/// connection closes after it).
+fn parse_response(
+    buf: &[u8],
+    is_head: bool,
+    mut close_client: bool,
+    out: &mut Vec<u8>,
+) -> (ParsedResponse, bool) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return (ParsedResponse::Partial, close_client),
+        Err(_) => {
+            return (
+                ParsedResponse::Invalid("malformed response head"),
+                close_client,
+            );
+        }
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return (
+            ParsedResponse::Invalid("malformed response head"),
+            close_client,
+        );
+    };
+    if status == 101 {
+        return (
+            ParsedResponse::Invalid("unrequested protocol switch"),
+            close_client,
+        );
+    }
+    if (100..200).contains(&status) {
+        return (ParsedResponse::Informational(head_len), close_client);
+    }
+    // Fields named by `Connection` are hop-by-hop too.
+    let mut named: Vec<&[u8]> = Vec::new();
+    let (mut pod_close, mut pod_keep_alive) = (false, false);
+    let (mut length, mut chunked, mut coded) = (None, false, false);
+    for h in resp.headers.iter() {
+        if is(h.name, "connection") {
+            for t in h.value.split(|b| *b == b',') {
+                let t = trimmed(t);
+                if t.eq_ignore_ascii_case(b"close") {
+                    pod_close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    pod_keep_alive = true;
+                } else if !t.is_empty() {
+                    named.push(t);
+                }
+            }
+        } else if is(h.name, "transfer-encoding") {
+            coded = true;
+            // The final coding decides (RFC 9112 §6.3).
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|c| trimmed(c).eq_ignore_ascii_case(b"chunked"));
+        } else if is(h.name, "content-length") {
+            match (parse_length(h.value), length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => {
+                    return (
+                        ParsedResponse::Invalid("invalid content-length"),
+                        close_client,
+                    );
+                }
+            }
+        }
+    }
+    let framing = if is_head || status == 204 || status == 304 {
+        Framing::Empty
+    } else if coded {
+        if chunked {
+            Framing::Chunked(Chunked::new())
+        } else {
+            Framing::Close
+        }
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    close_client |= framing == Framing::Close;
+    let reusable = framing != Framing::Close && !pod_close && (version == 1 || pod_keep_alive);
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        let n = h.name;
+        if is(n, "connection")
+            || is(n, "keep-alive")
+            || is(n, "proxy-connection")
+            || is(n, "proxy-authenticate")
+            || is(n, "proxy-authorization")
+            || is(n, "trailer")
+            || is(n, "upgrade")
+            || (is(n, "te") && trimmed(h.value) != b"trailers")
+            || (coded && is(n, "content-length"))
+            || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes()))
+        {
+            continue;
+        }
+        header(out, n.as_bytes(), h.value);
+    }
+    if close_client {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (
+        ParsedResponse::Complete(ResponseInfo {
+            head_len,
+            status,
+            framing,
+            reusable,
+        }),
+        close_client,
+    )
+}
+
+/// Where a chunked body stands (RFC 9112 §7.1), fed the raw bytes as they pass through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// In a chunk-size line: the size so far, whether a digit was seen, and whether the
+    /// digits are over (extensions or whitespace follow).
+    Size {
+        n: u64,
+        digit: bool,
+        ext: bool,
+    },
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// In the trailer section: whether the current line is still empty.
+    Trailer {
+        empty: bool,
+    },
+    TrailerLf {
+        empty: bool,
+    },
+    Done,
+}
+
+impl Chunked {
+    fn new() -> Self {
+        Chunked::Size {
+            n: 0,
+            digit: false,
+            ext: false,
+        }
+    }
+
+    /// Consumes bytes of the body; returns how many belong to it (all of `b` unless it
+    /// ends inside), or an error for a malformed body.
+    fn feed(&mut self, b: &[u8]) -> Result<usize, &'static str> {
+        const BAD: &str = "malformed chunked body";
+        let mut i = 0;
+        while i < b.len() {
+            if *self == Chunked::Done {
+                return Ok(i);
+            }
+            let c = b[i];
+            *self = match *self {
+                Chunked::Size { n, digit, ext } => match c {
+                    b'\r' if digit => Chunked::SizeLf(n),
+                    b'\n' if digit => after_size(n),
+                    _ if ext => Chunked::Size { n, digit, ext },
+                    b';' | b' ' | b'\t' if digit => Chunked::Size {
+                        n,
+                        digit,
+                        ext: true,
+                    },
+                    _ => {
+                        let d = (c as char).to_digit(16).ok_or(BAD)?;
+                        if n >> 60 != 0 {
+                            return Err(BAD);
+                        }
+                        Chunked::Size {
+                            n: n * 16 + u64::from(d),
+                            digit: true,
+                            ext: false,
+                        }
+                    }
+                },
+                Chunked::SizeLf(n) if c == b'\n' => after_size(n),
+                Chunked::Data(n) => {
+                    let take = (b.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
+                    i += take;
+                    let left = n - take as u64;
+                    *self = if left == 0 {
+                        Chunked::DataCr
+                    } else {
+                        Chunked::Data(left)
+                    };
+                    continue;
+                }
+                Chunked::DataCr if c == b'\r' => Chunked::DataLf,
+                Chunked::DataCr | Chunked::DataLf if c == b'\n' => Chunked::new(),
+                Chunked::Trailer { empty } => match c {
+                    b'\r' => Chunked::TrailerLf { empty },
+                    b'\n' if empty => Chunked::Done,
+                    b'\n' => Chunked::Trailer { empty: true },
+                    _ => Chunked::Trailer { empty: false },
+                },
+                Chunked::TrailerLf { empty } if c == b'\n' => {
+                    if empty {
+                        Chunked::Done
+                    } else {
+                        Chunked::Trailer { empty: true }
+                    }
+                }
+                _ => return Err(BAD),
+            };
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+fn after_size(n: u64) -> Chunked {
+    if n == 0 {
+        Chunked::Trailer { empty: true }
+    } else {
+        Chunked::Data(n)
+    }
+}
+
+impl Framing {
+    /// How many bytes of `b` belong to the body, and whether the body is complete.
+    fn feed(&mut self, b: &[u8]) -> Result<(usize, bool), &'static str> {
+        match self {
+            Framing::Empty => Ok((0, true)),
+            Framing::Length(n) => {
+                let take = (b.len() as u64).min(*n);
+                *n -= take;
+                Ok((take as usize, *n == 0))
+            }
+            Framing::Chunked(c) => {
+                let take = c.feed(b)?;
+                Ok((take, *c == Chunked::Done))
+            }
+            Framing::Close => Ok((b.len(), false)),
+        }
+    }
+}
+
+/// Counts an error answer of the activator's own and writes it out.
+fn failed(svc: &Service, start: Instant, status: u16, msg: &str, close: bool) -> Vec<u8> {
+    svc.metrics.response(status);
+    svc.metrics.latency.observe(start.elapsed().as_secs_f64());
+    let reason = if status == 502 {
+        "Bad Gateway"
+    } else {
+        "Gateway Timeout"
+    };
+    let close = if close { "connection: close\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{close}\r\n{msg}",
+        msg.len()
+    )
+    .into_bytes()
+}
+
+/// Resolves when the client closed its connection; never when it only sent more
+/// (its readiness is left as it is, for the next request's read).
+async fn client_gone(s: &TcpStream) {
+    match s.ready(Interest::READABLE).await {
+        Ok(r) if r.is_read_closed() => {}
+        Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+fn room(buf: &mut BytesMut, n: usize) {
+    if buf.capacity() - buf.len() < n / 4 {
+        buf.reserve(n);
+    }
+}
+
+/// Serves a connection's requests on the fast path while they qualify.
+pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut ubuf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        // A complete request head (and its body), within the header read timeout.
+        let deadline = tokio::time::Instant::now() + c.header_read_timeout;
+        let req = loop {
+            if !buf.is_empty() {
+                match parse_request(&buf, c.forwarded_for, &mut out) {
+                    ParsedRequest::Complete(r) if buf.len() >= r.head_len + r.body_len => break r,
+                    ParsedRequest::Partial if buf.len() < c.max_header_bytes => {}
+                    _ => return Outcome::Fallback(client, buf.freeze()),
+                }
+            } else if c.stop.is_cancelled() {
+                return Outcome::Done;
+            }
+            room(&mut buf, 4096);
+            let read = tokio::select! {
+                biased;
+                r = client.read_buf(&mut buf) => r,
+                _ = tokio::time::sleep_until(deadline) => return Outcome::Done,
+                _ = c.stop.cancelled(), if buf.is_empty() => return Outcome::Done,
+            };
+            match read {
+                Ok(0) | Err(_) => return Outcome::Done,
+                Ok(_) => {}
+            }
+        };
+
+        // A pod with room, and a connection to it; otherwise hyper's path waits,
+        // retries or answers.
+        let Some(route) = c.route.borrow().clone() else {
+            return Outcome::Fallback(client, buf.freeze());
+        };
+        if route.h2c {
+            return Outcome::Fallback(client, buf.freeze());
+        }
+        let svc = &route.service;
+        let limit = svc.settings().pod_concurrency;
+        let Some(slot) = svc.pick(&route.port_name, limit, &[]) else {
+            return Outcome::Fallback(client, buf.freeze());
+        };
+        let slot = SlotGuard {
+            service: svc.clone(),
+            slot,
+        };
+        let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
+        let mut up = match c.proxy.pool.checkout_raw(addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(service = %svc.display, %addr, "connect failed, to the hyper path: {e}");
+                c.proxy.pool.forget(&addr);
+                return Outcome::Fallback(client, buf.freeze());
+            }
+        };
+
+        // Counted from here on, and answered whatever happens.
+        let start = c.parked_since.take().unwrap_or_else(Instant::now);
+        svc.requests.fetch_add(1, Ordering::Relaxed);
+        svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
+        let in_flight = InFlight::new(svc.clone());
+        out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
+        buf.advance(req.head_len + req.body_len);
+        let mut close_client = req.close;
+
+        let before_answer = |e: &dyn std::fmt::Display| {
+            format!(
+                "snooze: {}: pod {addr} failed before answering: {e}\n",
+                svc.display
+            )
+        };
+
+        if let Err(e) = up.write_all(&out).await {
+            let r = failed(svc, start, 502, &before_answer(&e), close_client);
+            if client.write_all(&r).await.is_err() || close_client {
+                return Outcome::Done;
+            }
+            continue;
+        }
+
+        // The response head, within the response timeout; informational heads pass.
+        let deadline = tokio::time::Instant::now() + c.proxy.response_timeout;
+        ubuf.clear();
+        let resp = loop {
+            let (parsed, close) = parse_response(&ubuf, req.is_head, close_client, &mut out);
+            match parsed {
+                ParsedResponse::Complete(r) => {
+                    close_client = close;
+                    break Ok(r);
+                }
+                ParsedResponse::Informational(n) => {
+                    if client.write_all(&ubuf[..n]).await.is_err() {
+                        return Outcome::Done;
+                    }
+                    ubuf.advance(n);
+                    continue;
+                }
+                ParsedResponse::Partial if ubuf.len() < MAX_RESPONSE_HEAD => {}
+                ParsedResponse::Partial => {
+                    break Err((502, before_answer(&"response head too large")));
+                }
+                ParsedResponse::Invalid(why) => break Err((502, before_answer(&why))),
+            }
+            room(&mut ubuf, READ_CHUNK);
+            tokio::select! {
+                biased;
+                r = up.read_buf(&mut ubuf) => match r {
+                    Ok(0) => break Err((502, before_answer(&"connection closed before message completed"))),
+                    Err(e) => break Err((502, before_answer(&e))),
+                    Ok(_) => {}
+                },
+                _ = tokio::time::sleep_until(deadline) => break Err((504, format!(
+                    "snooze: {}: pod {addr} did not answer within {}s\n",
+                    svc.display,
+                    c.proxy.response_timeout.as_secs()
+                ))),
+                // The client went away: so does the request.
+                _ = client_gone(&client) => return Outcome::Done,
+            }
+        };
+        let resp = match resp {
+            Ok(r) => r,
+            Err((status, msg)) => {
+                let r = failed(svc, start, status, &msg, close_client);
+                if client.write_all(&r).await.is_err() || close_client {
+                    return Outcome::Done;
+                }
+                continue;
+            }
+        };
+        if c.stop.is_cancelled() && !close_client {
+            // Draining: this response is the connection's last.
+            close_client = true;
+            out.truncate(out.len() - 2);
+            out.extend_from_slice(b"connection: close\r\n\r\n");
+        }
+
+        // The head and what came with it of the body, in one write when small.
+        ubuf.advance(resp.head_len);
+        let mut framing = resp.framing;
+        let (take, mut done) = match framing.feed(&ubuf) {
+            Ok(t) => t,
+            Err(_) => return Outcome::Done,
+        };
+        svc.metrics.response(resp.status);
+        svc.metrics.latency.observe(start.elapsed().as_secs_f64());
+        let ok = if take <= COALESCE {
+            out.extend_from_slice(&ubuf[..take]);
+            client.write_all(&out).await.is_ok()
+        } else {
+            client.write_all(&out).await.is_ok() && client.write_all(&ubuf[..take]).await.is_ok()
+        };
+        if !ok {
+            return Outcome::Done;
+        }
+        let mut extra = ubuf.len() > take;
+        // The rest of the body as it comes.
+        while !done && !extra {
+            ubuf.clear();
+            room(&mut ubuf, READ_CHUNK);
+            let n = tokio::select! {
+                biased;
+                r = up.read_buf(&mut ubuf) => r,
+                _ = client_gone(&client) => return Outcome::Done,
+            };
+            match n {
+                Ok(0) if framing == Framing::Close => break,
+                // The pod went away mid-response: the client's connection is cut, the
+                // only way left to tell it the response is incomplete.
+                Ok(0) | Err(_) => return Outcome::Done,
+                Ok(_) => {}
+            }
+            let take;
+            (take, done) = match framing.feed(&ubuf) {
+                Ok(t) => t,
+                Err(_) => return Outcome::Done,
+            };
+            if client.write_all(&ubuf[..take]).await.is_err() {
+                return Outcome::Done;
+            }
+            extra = ubuf.len() > take;
+        }
+        if resp.reusable && done && !extra {
+            c.proxy.pool.put_raw(addr, up);
+        }
+        drop((in_flight, slot));
+        if close_client {
+            let _ = client.shutdown().await;
+            return Outcome::Done;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(raw: &str) -> (ParsedRequest, String) {
+        let mut out = Vec::new();
+        let p = parse_request(raw.as_bytes(), b"10.0.0.9", &mut out);
+        (p, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn request_head_is_rewritten_in_one_pass() {
+        let raw = "GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: gzip\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\n\r\n";
+        let (p, out) = request(raw);
+        assert_eq!(
+            p,
+            ParsedRequest::Complete(RequestInfo {
+                head_len: raw.len(),
+                body_len: 0,
+                is_head: false,
+                close: false
+            })
+        );
+        assert_eq!(
+            out,
+            "GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nAccept: */*\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+        let (_, out) = request(
+            "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nconnection: close\r\nx-forwarded-proto: https\r\nte: trailers\r\n\r\nabc",
+        );
+        assert_eq!(
+            out,
+            "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nx-forwarded-proto: https\r\nte: trailers\r\nx-forwarded-for: 10.0.0.9\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn unusual_requests_go_to_hyper() {
+        for raw in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nhost: a\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nhost: a\r\n\r\n",
+            "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: x-secret\r\nx-secret: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n",
+            "GET / HTTP/1.1\r\nx-forwarded-for: a\r\nx-forwarded-for: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        ] {
+            assert_eq!(request(raw).0, ParsedRequest::Other, "{raw}");
+        }
+        assert_eq!(
+            request("GET / HTTP/1.1\r\nhost: a\r\n").0,
+            ParsedRequest::Partial
+        );
+    }
+
+    fn response(raw: &str, is_head: bool) -> (ParsedResponse, bool, String) {
+        let mut out = Vec::new();
+        let (p, close) = parse_response(raw.as_bytes(), is_head, false, &mut out);
+        (p, close, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn response_framing_and_head() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\nx-kept: 2\r\n\r\nhello";
+        let (p, close, out) = response(raw, false);
+        assert_eq!(
+            p,
+            ParsedResponse::Complete(ResponseInfo {
+                head_len: raw.len() - 5,
+                status: 200,
+                framing: Framing::Length(5),
+                reusable: true
+            })
+        );
+        assert!(!close);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nx-kept: 2\r\n\r\n"
+        );
+
+        let (p, close, out) = response(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 9\r\n\r\n",
+            false,
+        );
+        assert!(matches!(
+            p,
+            ParsedResponse::Complete(ResponseInfo {
+                framing: Framing::Chunked(_),
+                reusable: true,
+                ..
+            })
+        ));
+        assert!(!close);
+        assert_eq!(out, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+
+        // No length: the body ends with the pod's stream, and so does the client's connection.
+        let (p, close, out) = response("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(matches!(
+            p,
+            ParsedResponse::Complete(ResponseInfo {
+                framing: Framing::Close,
+                reusable: false,
+                ..
+            })
+        ));
+        assert!(close);
+        assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
+
+        for (raw, head) in [
+            ("HTTP/1.1 204 No Content\r\n\r\n", false),
+            (
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", true),
+        ] {
+            let (p, _, _) = response(raw, head);
+            assert!(
+                matches!(
+                    p,
+                    ParsedResponse::Complete(ResponseInfo {
+                        framing: Framing::Empty,
+                        reusable: true,
+                        ..
+                    })
+                ),
+                "{raw}"
+            );
+        }
+        let (p, _, _) = response("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false);
+        assert!(matches!(
+            p,
+            ParsedResponse::Complete(ResponseInfo {
+                reusable: false,
+                ..
+            })
+        ));
+        let (p, _, _) = response(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+            false,
+        );
+        assert!(matches!(
+            p,
+            ParsedResponse::Complete(ResponseInfo {
+                reusable: false,
+                ..
+            })
+        ));
+        let hints = "HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n";
+        assert_eq!(
+            response(hints, false).0,
+            ParsedResponse::Informational(hints.len())
+        );
+        assert!(matches!(
+            response(
+                "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                false
+            )
+            .0,
+            ParsedResponse::Invalid(_)
+        ));
+        assert!(matches!(
+            response("HTTP/1.1 101 Switching Protocols\r\n\r\n", false).0,
+            ParsedResponse::Invalid(_)
+        ));
+        assert_eq!(
+            response("HTTP/1.1 200 OK\r\n", false).0,
+            ParsedResponse::Partial
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_end_where_they_end_in_any_split() {
+        let body =
+            b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let mut with_next = body.to_vec();
+        with_next.extend_from_slice(b"HTTP/1.1 200 OK");
+        for split in 0..=body.len() {
+            let mut c = Chunked::new();
+            let a = c.feed(&with_next[..split]).unwrap();
+            assert_eq!(a, split, "split {split}");
+            let b = c.feed(&with_next[split..]).unwrap();
+            assert_eq!(a + b, body.len(), "split {split}");
+            assert_eq!(c, Chunked::Done);
+        }
+        let mut c = Chunked::new();
+        assert_eq!(c.feed(b"0\r\n\r\n").unwrap(), 5);
+        assert_eq!(c, Chunked::Done);
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(
+                Chunked::new().feed(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn lengths_count_down() {
+        let mut f = Framing::Length(5);
+        assert_eq!(f.feed(b"abc").unwrap(), (3, false));
+        assert_eq!(f.feed(b"defgh").unwrap(), (2, true));
+        assert_eq!(Framing::Empty.feed(b"x").unwrap(), (0, true));
+    }
+}
