@@ -770,3 +770,113 @@ async fn per_pod_concurrency_limit_queues_the_excess() {
         start.elapsed()
     );
 }
+
+#[tokio::test]
+async fn one_connection_goes_from_the_fast_path_to_hyper_and_every_request_is_answered() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    // Four pipelined requests on one connection: two the fast path takes (a GET, a
+    // HEAD), then one that names a header in `Connection` (hyper's path from there on),
+    // then one more.
+    let requests = "GET /headers HTTP/1.1\r\nHost: shop.example\r\n\r\n\
+        HEAD / HTTP/1.1\r\nHost: shop.example\r\n\r\n\
+        GET /headers HTTP/1.1\r\nHost: shop.example\r\nConnection: x-drop-me\r\nx-drop-me: 1\r\n\r\n\
+        GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n";
+    let all = raw(a.port, requests.as_bytes()).await;
+    assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 4, "{all}");
+    // The HEAD answer has no body: the one "hello from" is the last GET's.
+    assert_eq!(all.matches("hello from").count(), 1, "{all}");
+    assert_eq!(all.matches("host: shop.example").count(), 2, "{all}");
+    assert_eq!(
+        all.matches("x-forwarded-for: 127.0.0.1").count(),
+        2,
+        "{all}"
+    );
+    assert!(!all.contains("x-drop-me"), "{all}");
+    assert_eq!(a.svc.requests.load(std::sync::atomic::Ordering::Relaxed), 4);
+}
+
+/// A "pod" with scripted answers on a kept-alive connection: `/hints` gets a 103
+/// and a chunked body with a trailer, `/close` a body that ends with the connection.
+async fn scripted_pod() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    if head.starts_with("GET /hints ") {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n\
+                                HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-t\r\n\r\n\
+                                3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n",
+                            )
+                            .await;
+                    } else {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil-close").await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn informational_chunked_and_close_delimited_answers_pass_through() {
+    let a = activator(Settings::default()).await;
+    let pod = scripted_pod().await;
+    a.svc
+        .set_endpoints(vec![(pod.ip(), vec![("http".into(), pod.port())])]);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !got.ends_with(b"0\r\nx-t: 1\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the chunked answer within 5 s");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 103 Early Hints\r\n"), "{text}");
+    assert!(text.contains("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+    assert!(text.contains("3\r\nabc\r\n"), "{text}");
+
+    // On the same connection: a body without a length ends with the pod's stream, so
+    // the client's connection closes after it, announced.
+    s.write_all(b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nuntil-close"), "{text}");
+}
