@@ -16,6 +16,7 @@
 //! CPU per request (docs/benchmarks.md).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -510,6 +511,42 @@ async fn client_gone(s: &TcpStream) {
     }
 }
 
+/// A deadline that is moved often and rarely reached: the timer stays registered at
+/// an earlier instant and, when it fires before the current deadline, is set again
+/// to it, so moving the deadline later costs no timer operation (two per request
+/// otherwise, about a tenth of the fast path's instructions).
+struct Deadline {
+    at: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(at: tokio::time::Instant) -> Self {
+        Self {
+            at,
+            timer: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    fn set(&mut self, at: tokio::time::Instant) {
+        self.at = at;
+        if self.timer.deadline() > at {
+            self.timer.as_mut().reset(at);
+        }
+    }
+
+    async fn reached(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            if tokio::time::Instant::now() >= self.at {
+                return;
+            }
+            let at = self.at;
+            self.timer.as_mut().reset(at);
+        }
+    }
+}
+
 fn room(buf: &mut BytesMut, n: usize) {
     if buf.capacity() - buf.len() < n / 4 {
         buf.reserve(n);
@@ -521,9 +558,12 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
     let mut buf = BytesMut::with_capacity(4096);
     let mut ubuf = BytesMut::new();
     let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let now = tokio::time::Instant::now();
+    let mut head_deadline = Deadline::new(now + c.header_read_timeout);
+    let mut response_deadline = Deadline::new(now + c.proxy.response_timeout);
     loop {
         // A complete request head (and its body), within the header read timeout.
-        let deadline = tokio::time::Instant::now() + c.header_read_timeout;
+        head_deadline.set(tokio::time::Instant::now() + c.header_read_timeout);
         let req = loop {
             if !buf.is_empty() {
                 match parse_request(&buf, c.forwarded_for, &mut out) {
@@ -538,7 +578,7 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
             let read = tokio::select! {
                 biased;
                 r = client.read_buf(&mut buf) => r,
-                _ = tokio::time::sleep_until(deadline) => return Outcome::Done,
+                _ = head_deadline.reached() => return Outcome::Done,
                 _ = c.stop.cancelled(), if buf.is_empty() => return Outcome::Done,
             };
             match read {
@@ -599,7 +639,7 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
         }
 
         // The response head, within the response timeout; informational heads pass.
-        let deadline = tokio::time::Instant::now() + c.proxy.response_timeout;
+        response_deadline.set(tokio::time::Instant::now() + c.proxy.response_timeout);
         ubuf.clear();
         let resp = loop {
             let (parsed, close) = parse_response(&ubuf, req.is_head, close_client, &mut out);
@@ -629,7 +669,7 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
                     Err(e) => break Err((502, before_answer(&e))),
                     Ok(_) => {}
                 },
-                _ = tokio::time::sleep_until(deadline) => break Err((504, format!(
+                _ = response_deadline.reached() => break Err((504, format!(
                     "snooze: {}: pod {addr} did not answer within {}s\n",
                     svc.display,
                     c.proxy.response_timeout.as_secs()
