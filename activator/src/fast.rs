@@ -319,11 +319,16 @@ fn parse_response(
     close_client |= framing == Framing::Close;
     let reusable = framing != Framing::Close && !pod_close && (version == 1 || pod_keep_alive);
 
+    // The status line as the pod sent it ("HTTP/1.x " checked by the parser), in
+    // HTTP/1.1: no number formatted per response.
+    let line = buf[..head_len]
+        .split(|b| *b == b'\n')
+        .next()
+        .unwrap_or_default();
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"HTTP/1.1");
+    let rest = line.get(8..).unwrap_or_default();
+    out.extend_from_slice(rest.strip_suffix(b"\r").unwrap_or(rest));
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let n = h.name;
@@ -884,6 +889,8 @@ mod tests {
                 "{raw}"
             );
         }
+        let (_, _, out) = response("HTTP/1.0 404 \r\ncontent-length: 0\r\n\r\n", false);
+        assert_eq!(out, "HTTP/1.1 404 \r\ncontent-length: 0\r\n\r\n");
         let (p, _, _) = response("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false);
         assert!(matches!(
             p,
