@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::proxy::{InFlight, Proxy, Route, SlotGuard, now_ms};
+use crate::proxy::{HOP_BY_HOP, InFlight, Proxy, Route, SlotGuard, now_ms};
 use crate::table::Service;
 
 /// Most header fields in a head (hyper's default too).
@@ -82,6 +82,15 @@ enum ParsedRequest {
 
 fn is(name: &str, lower: &str) -> bool {
     name.eq_ignore_ascii_case(lower)
+}
+
+/// Whether a field is hop-by-hop (RFC 9110 §7.6.1): the hyper path's list, and `TE`
+/// unless it is `trailers`.
+fn hop_by_hop(name: &str, value: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+        || (is(name, "te") && trimmed(value) != b"trailers")
 }
 
 fn trimmed(v: &[u8]) -> &[u8] {
@@ -159,13 +168,7 @@ fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedR
             continue;
         } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
             return ParsedRequest::Other;
-        } else if is(name, "keep-alive")
-            || is(name, "proxy-connection")
-            || is(name, "proxy-authenticate")
-            || is(name, "proxy-authorization")
-            || is(name, "trailer")
-            || (is(name, "te") && trimmed(value) != b"trailers")
-        {
+        } else if hop_by_hop(name, value) {
             continue;
         } else if is(name, "x-forwarded-for") {
             if xff {
@@ -332,14 +335,8 @@ fn parse_response(
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
         let n = h.name;
-        if is(n, "connection")
-            || is(n, "keep-alive")
-            || is(n, "proxy-connection")
-            || is(n, "proxy-authenticate")
-            || is(n, "proxy-authorization")
-            || is(n, "trailer")
-            || is(n, "upgrade")
-            || (is(n, "te") && trimmed(h.value) != b"trailers")
+        // The body passes through as it is, so its `Transfer-Encoding` stays.
+        if (hop_by_hop(n, h.value) && !is(n, "transfer-encoding"))
             || (coded && is(n, "content-length"))
             || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes()))
         {

@@ -177,7 +177,7 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
