@@ -69,6 +69,9 @@ struct RequestInfo {
     head_len: usize,
     body_len: usize,
     is_head: bool,
+    /// GET, HEAD, OPTIONS, TRACE, PUT or DELETE (RFC 9110 §9.2.2): may be sent again
+    /// when a reused connection turned out closed before any answer.
+    idempotent: bool,
     close: bool,
 }
 
@@ -201,6 +204,10 @@ fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedR
         head_len,
         body_len,
         is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
         close,
     })
 }
@@ -563,6 +570,9 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
     let now = tokio::time::Instant::now();
     let mut head_deadline = Deadline::new(now + c.header_read_timeout);
     let mut response_deadline = Deadline::new(now + c.proxy.response_timeout);
+    // The next request goes on a new connection (its last try on a pooled one found
+    // it closed).
+    let mut fresh_connection = false;
     loop {
         // A complete request head (and its body), within the header read timeout.
         head_deadline.set(tokio::time::Instant::now() + c.header_read_timeout);
@@ -607,7 +617,12 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
             slot,
         };
         let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
-        let mut up = match c.proxy.pool.checkout_raw(addr).await {
+        let checkout = if fresh_connection {
+            c.proxy.pool.connect_raw(addr).await.map(|s| (s, false))
+        } else {
+            c.proxy.pool.checkout_raw(addr).await
+        };
+        let (mut up, reused) = match checkout {
             Ok(s) => s,
             Err(e) => {
                 debug!(service = %svc.display, %addr, "connect failed, to the hyper path: {e}");
@@ -615,6 +630,11 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
                 return Outcome::Fallback(client, buf.freeze());
             }
         };
+        // A reused connection that proves closed before any byte of an answer (the pod
+        // closed it as idle, or went away) costs the client nothing for an idempotent
+        // request: it is sent again once, on a new connection.
+        let may_resend = reused && req.idempotent && !fresh_connection;
+        fresh_connection = false;
 
         // Counted from here on, and answered whatever happens.
         let start = c.parked_since.take().unwrap_or_else(Instant::now);
@@ -622,8 +642,21 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
         svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
         let in_flight = InFlight::new(svc.clone());
         out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
-        buf.advance(req.head_len + req.body_len);
+        // The request stays in `buf` until an answer has begun (see `may_resend`).
+        let consumed = req.head_len + req.body_len;
         let mut close_client = req.close;
+        macro_rules! resend_if_stale {
+            () => {
+                if may_resend {
+                    debug!(service = %svc.display, %addr, "reused connection closed before answering; sending again");
+                    svc.requests.fetch_sub(1, Ordering::Relaxed);
+                    *c.parked_since = Some(start);
+                    drop((in_flight, slot));
+                    fresh_connection = true;
+                    continue;
+                }
+            };
+        }
 
         let before_answer = |e: &dyn std::fmt::Display| {
             format!(
@@ -633,6 +666,8 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
         };
 
         if let Err(e) = up.write_all(&out).await {
+            resend_if_stale!();
+            buf.advance(consumed);
             let r = failed(svc, start, 502, &before_answer(&e), close_client);
             if client.write_all(&r).await.is_err() || close_client {
                 return Outcome::Done;
@@ -643,6 +678,7 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
         // The response head, within the response timeout; informational heads pass.
         response_deadline.set(tokio::time::Instant::now() + c.proxy.response_timeout);
         ubuf.clear();
+        let mut began = false;
         let resp = loop {
             let (parsed, close) = parse_response(&ubuf, req.is_head, close_client, &mut out);
             match parsed {
@@ -667,9 +703,10 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
             tokio::select! {
                 biased;
                 r = up.read_buf(&mut ubuf) => match r {
+                    Ok(0) | Err(_) if !began && may_resend => break Err((0, String::new())),
                     Ok(0) => break Err((502, before_answer(&"connection closed before message completed"))),
                     Err(e) => break Err((502, before_answer(&e))),
-                    Ok(_) => {}
+                    Ok(_) => began = true,
                 },
                 _ = response_deadline.reached() => break Err((504, format!(
                     "snooze: {}: pod {addr} did not answer within {}s\n",
@@ -681,8 +718,16 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
             }
         };
         let resp = match resp {
-            Ok(r) => r,
+            Ok(r) => {
+                buf.advance(consumed);
+                r
+            }
+            Err((0, _)) => {
+                resend_if_stale!();
+                unreachable!("status 0 only when the request may be sent again")
+            }
             Err((status, msg)) => {
+                buf.advance(consumed);
                 let r = failed(svc, start, status, &msg, close_client);
                 if client.write_all(&r).await.is_err() || close_client {
                     return Outcome::Done;
@@ -773,6 +818,7 @@ mod tests {
                 head_len: raw.len(),
                 body_len: 0,
                 is_head: false,
+                idempotent: true,
                 close: false
             })
         );

@@ -6,6 +6,7 @@
 //! by the endpoint event itself. See DESIGN.md.
 
 pub mod admin;
+pub mod config;
 pub mod fast;
 pub mod listeners;
 pub mod metrics;

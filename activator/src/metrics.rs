@@ -37,6 +37,16 @@ pub struct Metrics {
     in_flight: Family<ServiceLabels, Gauge>,
     wakes: Family<ServiceLabels, Counter>,
     pub shed_global: Counter,
+    /// Watch errors by watch (`scaledservices`, `endpointslices`): each one is
+    /// logged and retried with back-off; the activator keeps serving what it knows.
+    pub watch_errors: Family<WatchLabels, Counter>,
+    /// Idle upstream connections kept for reuse (set by the pool).
+    pub pooled_connections: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub watch: &'static str,
 }
 
 impl Default for Metrics {
@@ -59,6 +69,18 @@ impl Metrics {
         let in_flight = Family::<ServiceLabels, Gauge>::default();
         let wakes = Family::<ServiceLabels, Counter>::default();
         let shed_global = Counter::default();
+        let watch_errors = Family::<WatchLabels, Counter>::default();
+        let pooled_connections = Gauge::default();
+        registry.register(
+            "watch_errors",
+            "Errors of the API watches, by watch (logged and retried; never fatal)",
+            watch_errors.clone(),
+        );
+        registry.register(
+            "pooled_connections",
+            "Idle connections to pods kept for reuse",
+            pooled_connections.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by service and status class",
@@ -103,6 +125,8 @@ impl Metrics {
             in_flight,
             wakes,
             shed_global,
+            watch_errors,
+            pooled_connections,
         }
     }
 
@@ -155,6 +179,13 @@ impl Metrics {
         self.queued.remove(&l);
         self.in_flight.remove(&l);
         self.wakes.remove(&l);
+    }
+
+    /// Counts one error of the watch `watch`.
+    pub fn watch_error(&self, watch: &'static str) {
+        self.watch_errors
+            .get_or_create(&WatchLabels { watch })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

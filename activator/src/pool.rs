@@ -69,15 +69,23 @@ impl Pool {
     /// A plain connection to `addr` for the HTTP/1.1 fast path: an idle pooled one
     /// when there is one, else a new one (under the same bound on connects in
     /// progress as the hyper connections).
-    pub async fn checkout_raw(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+    /// `true` with a reused connection.
+    pub async fn checkout_raw(&self, addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
         if let Some(s) = self.idle_raw(addr) {
-            return Ok(s);
+            return Ok((s, true));
         }
         let gate = self.gate(addr);
         let _permit = gate.acquire().await.map_err(io::Error::other)?;
         if let Some(s) = self.idle_raw(addr) {
-            return Ok(s);
+            return Ok((s, true));
         }
+        Ok((self.connect(addr).await?, false))
+    }
+
+    /// A new plain connection to `addr` (under the bound on connects in progress).
+    pub async fn connect_raw(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let gate = self.gate(addr);
+        let _permit = gate.acquire().await.map_err(io::Error::other)?;
         self.connect(addr).await
     }
 
@@ -171,7 +179,26 @@ impl Pool {
         }
     }
 
-    /// Forgets the connections of a pod that is gone.
+    /// Idle connections kept, HTTP/1.1 (hyper and plain) and HTTP/2, to `addr` or to
+    /// every pod.
+    pub fn idle_count(&self, addr: Option<SocketAddr>) -> usize {
+        let count = |n: usize, a: &SocketAddr| if addr.is_none_or(|x| x == *a) { n } else { 0 };
+        self.h1
+            .lock()
+            .iter()
+            .map(|(a, l)| count(l.len(), a))
+            .sum::<usize>()
+            + self
+                .raw
+                .lock()
+                .iter()
+                .map(|(a, l)| count(l.len(), a))
+                .sum::<usize>()
+            + self.h2.lock().keys().map(|a| count(1, a)).sum::<usize>()
+    }
+
+    /// Forgets the connections of a pod that is gone (it left the EndpointSlices, or
+    /// refused a connection): idle ones are closed now, so none outlives the pod.
     pub fn forget(&self, addr: &SocketAddr) {
         self.h1.lock().remove(addr);
         self.raw.lock().remove(addr);

@@ -285,15 +285,35 @@ impl Table {
     }
 
     /// Sets the ready endpoints of a backend Service and hands them to its services.
-    pub fn set_backend_endpoints(&self, namespace: &str, backend: &str, eps: PodPorts) {
-        self.endpoints
+    /// Sets the ready endpoints of a backend Service; returns the pod addresses
+    /// (IP and port) that it had and no longer has, whose connections must go.
+    pub fn set_backend_endpoints(
+        &self,
+        namespace: &str,
+        backend: &str,
+        eps: PodPorts,
+    ) -> Vec<SocketAddr> {
+        let old = self
+            .endpoints
             .write()
-            .insert((namespace.to_string(), backend.to_string()), eps.clone());
+            .insert((namespace.to_string(), backend.to_string()), eps.clone())
+            .unwrap_or_default();
+        let addrs = |p: &PodPorts| -> Vec<SocketAddr> {
+            p.iter()
+                .flat_map(|(ip, ports)| ports.iter().map(|(_, port)| SocketAddr::new(*ip, *port)))
+                .collect()
+        };
+        let now = addrs(&eps);
+        let gone: Vec<SocketAddr> = addrs(&old)
+            .into_iter()
+            .filter(|a| !now.contains(a))
+            .collect();
         for s in self.services.read().values() {
             if s.key.namespace == namespace && s.backend == backend {
                 s.set_endpoints(eps.clone());
             }
         }
+        gone
     }
 }
 

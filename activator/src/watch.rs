@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::listeners::Listeners;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::proxy::Route;
 use crate::table::{Settings, Table};
 
@@ -114,18 +116,25 @@ async fn open_listeners(listeners: &Arc<Listeners>, routes: &Routes) {
     }
 }
 
+/// Follows the ScaledServices. Never ends on an error: a watch that cannot be
+/// (re)started is logged, counted (`snooze_activator_watch_errors`) and retried with
+/// back-off while the routes known so far keep serving.
 pub async fn scaled_services(
     client: Client,
     table: Arc<Table>,
     listeners: Arc<Listeners>,
+    metrics: Arc<Metrics>,
     synced: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let api: Api<ScaledService> = Api::all(client);
     let mut routes = Routes::default();
     let mut init: Option<BTreeMap<ServiceRef, ScaledService>> = None;
-    let mut stream =
-        std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
-    while let Some(ev) = stream.try_next().await? {
+    let mut stream = std::pin::pin!(snooze_runtime::watch::resilient(
+        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+        "scaledservices",
+        move || metrics.watch_error("scaledservices"),
+    ));
+    while let Some(ev) = stream.next().await {
         match ev {
             Event::Init => {
                 init = Some(BTreeMap::new());
@@ -194,13 +203,32 @@ fn endpoints_of(
     out
 }
 
+/// Sets the ready endpoints of one backend Service from its slices, and closes the
+/// pooled connections of every pod address that left them (none outlives its pod).
+fn update_backend(
+    table: &Table,
+    pool: &Pool,
+    slices: &HashMap<SliceKey, EndpointSlice>,
+    ns: &str,
+    svc: &str,
+) {
+    for gone in table.set_backend_endpoints(ns, svc, endpoints_of(slices, ns, svc)) {
+        pool.forget(&gone);
+    }
+}
+
 fn service_of(s: &EndpointSlice) -> Option<String> {
     s.labels().get("kubernetes.io/service-name").cloned()
 }
 
+/// Follows the backend Services' EndpointSlices. Never ends on an error (as
+/// [`scaled_services`]). The pool forgets the connections of every pod address that
+/// leaves a Service's ready endpoints.
 pub async fn endpoint_slices(
     client: Client,
     table: Arc<Table>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
     synced: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let api: Api<EndpointSlice> = Api::all(client);
@@ -208,9 +236,13 @@ pub async fn endpoint_slices(
         .labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
     let mut slices: HashMap<SliceKey, EndpointSlice> = HashMap::new();
     let mut init: Option<HashMap<SliceKey, EndpointSlice>> = None;
-    let mut stream = std::pin::pin!(watcher::watcher(api, cfg).default_backoff());
+    let mut stream = std::pin::pin!(snooze_runtime::watch::resilient(
+        watcher::watcher(api, cfg).default_backoff(),
+        "endpointslices",
+        move || metrics.watch_error("endpointslices"),
+    ));
     let skey = |s: &EndpointSlice| (s.namespace().unwrap_or_default(), s.name_any());
-    while let Some(ev) = stream.try_next().await? {
+    while let Some(ev) = stream.next().await {
         let touched: Vec<(String, String)> = match ev {
             Event::Init => {
                 init = Some(HashMap::new());
@@ -246,7 +278,7 @@ pub async fn endpoint_slices(
             }
         };
         for (ns, svc) in touched {
-            table.set_backend_endpoints(&ns, &svc, endpoints_of(&slices, &ns, &svc));
+            update_backend(&table, &pool, &slices, &ns, &svc);
         }
     }
     Ok(())
@@ -307,6 +339,50 @@ mod tests {
         r.apply(&table, &key(&a), None);
         assert_eq!(owner(&r, 20000).as_deref(), Some("b"));
         assert!(table.get(&key(&a)).is_none());
+    }
+
+    fn slice(svc: &str, ip: &str, port: u16) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{svc}-1"), "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn pooled_connections_of_an_endpoint_go_when_it_leaves_the_slices() {
+        let table = Table::new(Arc::new(Metrics::new()), 100);
+        let pool = Pool::new(std::time::Duration::from_secs(1), 8);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut slices = HashMap::new();
+        slices.insert(
+            ("shop".to_string(), "web-1".to_string()),
+            slice("web", "127.0.0.1", addr.port()),
+        );
+        update_backend(&table, &pool, &slices, "shop", "web");
+        // Two idle connections to the pod, as after two requests.
+        for _ in 0..2 {
+            let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            pool.put_raw(addr, s);
+        }
+        assert_eq!(pool.idle_count(Some(addr)), 2);
+        // Another Service's change does not touch them.
+        slices.insert(
+            ("shop".to_string(), "api-1".to_string()),
+            slice("api", "127.0.0.2", 80),
+        );
+        update_backend(&table, &pool, &slices, "shop", "api");
+        assert_eq!(pool.idle_count(Some(addr)), 2);
+        // The pod leaves web's slices: its connections are closed at once.
+        slices.remove(&("shop".to_string(), "web-1".to_string()));
+        update_backend(&table, &pool, &slices, "shop", "web");
+        assert_eq!(pool.idle_count(Some(addr)), 0);
+        assert_eq!(pool.idle_count(None), 0);
     }
 
     #[test]

@@ -653,6 +653,65 @@ async fn pod_dying_before_answering_gives_502_and_others_are_unaffected() {
     assert_eq!(status, 200);
 }
 
+/// A "pod" that answers the first request of each connection and keeps it open, then
+/// reads the next request on it and closes without answering: a kept-alive
+/// connection that its server closed just as a request was sent on it (the race every
+/// connection pool meets). Returns its address and the number of connections it took.
+async fn pod_closing_reused_connections() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // The next request on this connection: read, then closed unanswered.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_stale_pooled_connection_never_gives_the_client_a_502() {
+    let (addr, accepted) = pod_closing_reused_connections().await;
+    let a = activator(Settings::default()).await;
+    a.svc
+        .set_endpoints(vec![(addr.ip(), vec![("http".into(), addr.port())])]);
+    // Each request on its own client connection; the activator reuses its pooled
+    // connection to the pod, which the pod closes: the GET is sent again on a new one.
+    for i in 0..5 {
+        let r = raw(
+            a.port,
+            b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200 "), "request {i}: {r}");
+    }
+    // 5 answers from the pod took 5 connections: each pooled one was found closed.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+    // Not idempotent: a POST is not sent twice; its client is told (502).
+    let r = raw(
+        a.port,
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 502 "), "{r}");
+}
+
 #[tokio::test]
 async fn host_header_is_kept_and_forwarded_headers_added() {
     let a = activator(Settings::default()).await;

@@ -3,7 +3,6 @@
 //! the status when it changed. Runs only on the leader.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,13 +30,7 @@ use crate::objects;
 use crate::ports::{Exhausted, PortAllocator};
 use crate::stats::StatsStore;
 
-/// The ready activator pods: their IPs (for the managed EndpointSlices) and the
-/// addresses of their stats streams.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Activators {
-    pub ips: Vec<String>,
-    pub stats: Vec<SocketAddr>,
-}
+pub use crate::activators::Activators;
 
 pub struct Context {
     pub client: Client,
@@ -80,12 +73,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// The cause, for the `reconcile_errors` metric: an error inside the finalizer's
+    /// apply or cleanup is labelled by what failed there, not `finalizer`.
     pub fn metric_label(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
             Error::Kube(_) => "kube",
             Error::Timeout => "timeout",
-            Error::Finalizer(_) => "finalizer",
             Error::Ports(_) => "ports_exhausted",
+            Error::Finalizer(f) => match f.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.metric_label(),
+                F::AddFinalizer(_) | F::RemoveFinalizer(_) => "finalizer_patch",
+                F::UnnamedObject => "unnamed_object",
+                F::InvalidFinalizer => "invalid_finalizer",
+            },
         }
     }
 }
@@ -245,6 +246,7 @@ pub async fn reconcile(ss: Arc<ScaledService>, ctx: Arc<Context>) -> Result<Acti
 }
 
 pub fn error_policy(_ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> Action {
+    // (the label is the cause inside the finalizer: see `Error::metric_label`)
     ctx.metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::ErrorLabels {
@@ -872,4 +874,32 @@ async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result
         return Ok(true);
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::finalizer::Error as F;
+
+    #[test]
+    fn reconcile_errors_are_labelled_by_their_cause_inside_the_finalizer() {
+        let cases: Vec<(Error, &str)> = vec![
+            (Error::Timeout, "timeout"),
+            (
+                Error::Finalizer(Box::new(F::ApplyFailed(Error::Timeout))),
+                "timeout",
+            ),
+            (
+                Error::Finalizer(Box::new(F::CleanupFailed(Error::Ports(Exhausted(1..=2))))),
+                "ports_exhausted",
+            ),
+            (
+                Error::Finalizer(Box::new(F::UnnamedObject)),
+                "unnamed_object",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.metric_label(), want, "{e}");
+        }
+    }
 }

@@ -1,11 +1,15 @@
 //! Snooze's operator: reconciles ScaledServices — routing objects, scaling decisions,
 //! status — and keeps the stats stream from every activator. See DESIGN.md.
 
+pub mod activators;
 pub mod autoscale;
+pub mod config;
 pub mod controller;
 pub mod decision;
+pub mod lead;
 pub mod metrics;
 pub mod objects;
 pub mod ports;
+pub mod run;
 pub mod schedule;
 pub mod stats;

@@ -13,6 +13,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    pub watch: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScaleLabels {
     pub reason: &'static str,
 }
@@ -31,6 +36,8 @@ pub struct Metrics {
     pub desired_replicas: Family<ServiceLabels, Gauge>,
     pub api_writes: Counter,
     pub leader: Gauge,
+    pub leader_transitions: Counter,
+    pub watch_errors: Family<WatchLabels, Counter>,
     pub stats_streams: Gauge,
     pub wake_to_patch: Histogram,
 }
@@ -52,6 +59,8 @@ impl Metrics {
             desired_replicas: Family::default(),
             api_writes: Counter::default(),
             leader: Gauge::default(),
+            leader_transitions: Counter::default(),
+            watch_errors: Family::default(),
             stats_streams: Gauge::default(),
             wake_to_patch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
@@ -81,6 +90,16 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             m.leader.clone(),
         );
+        registry.register(
+            "leader_transitions",
+            "Times this replica became or stopped being the leader",
+            m.leader_transitions.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Errors of the API watches, by watch (logged and retried; never fatal)",
+            m.watch_errors.clone(),
+        );
         registry.register_with_unit(
             "wake_to_patch",
             "From an activator's wake signal arriving to the scale patch written",
@@ -93,6 +112,13 @@ impl Metrics {
             m.stats_streams.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Counts one error of the watch `watch`.
+    pub fn watch_error(&self, watch: &'static str) {
+        self.watch_errors
+            .get_or_create(&WatchLabels { watch })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

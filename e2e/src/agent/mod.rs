@@ -11,14 +11,14 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use futures::TryStreamExt;
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt};
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 pub const NODE_CPU: u32 = 16;
 pub const NODE_MEMORY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
@@ -141,8 +141,14 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
     loop {
         tokio::select! {
-            ev = events.try_next() => {
-                let Some(ev) = ev? else { break };
+            ev = events.next() => {
+                // A watch error (API server restart, 410 Gone) is retried with
+                // back-off; the pods keep running meanwhile. Never fatal.
+                let ev = match ev {
+                    None => break,
+                    Some(Err(e)) => { warn!("pod watch error (retrying): {e}"); continue; }
+                    Some(Ok(ev)) => ev,
+                };
                 match ev {
                     Event::Init => listed.clear(),
                     Event::InitApply(p) | Event::Apply(p) => {

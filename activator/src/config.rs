@@ -1,0 +1,132 @@
+//! The activator's command line, and the static service file that replaces the API
+//! server in benchmarks and local runs.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use snooze_crds::stats::ServiceRef;
+use snooze_runtime::duration;
+
+use crate::proxy::Route;
+use crate::table::{Settings, Table};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Snooze activator: holds requests while a workload sleeps and forwards them once it is awake"
+)]
+pub struct Args {
+    /// Address the service listeners bind (the pod IP in the chart).
+    #[arg(long, env = "SNOOZE_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+    /// Address of the admin server: /livez, /readyz, /metrics and the stats stream.
+    #[arg(long, env = "SNOOZE_ADMIN_ADDRESS", default_value = "0.0.0.0:9090")]
+    pub admin_address: SocketAddr,
+    /// This pod's name, reported to the operator.
+    #[arg(long, env = "POD_NAME", default_value = "activator")]
+    pub pod_name: String,
+    /// Tokio worker threads; 0 uses one per core. 1 runs everything on one thread
+    /// (tokio's current-thread scheduler, about 1 µs less CPU per request than a
+    /// multi-thread runtime with one worker).
+    #[arg(long, env = "SNOOZE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+    /// Most requests held across all services at once.
+    #[arg(long, env = "SNOOZE_MAX_QUEUED_TOTAL", default_value_t = 20_000)]
+    pub max_queued_total: u64,
+    /// Clients must send their request headers within this time (e.g. 10s).
+    #[arg(long, env = "SNOOZE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes; larger ones get 431.
+    #[arg(long, env = "SNOOZE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Longest wait for a pod's response headers.
+    #[arg(long, env = "SNOOZE_RESPONSE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub response_timeout: Duration,
+    /// Timeout of a TCP connect to a pod.
+    #[arg(long, env = "SNOOZE_CONNECT_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// After SIGTERM: keep serving (not ready) this long so endpoints move away.
+    #[arg(long, env = "SNOOZE_DRAIN_DELAY", default_value = "5s", value_parser = duration)]
+    pub drain_delay: Duration,
+    /// After the drain delay: wait this long for in-flight requests to finish.
+    #[arg(long, env = "SNOOZE_GRACE_PERIOD", default_value = "20s", value_parser = duration)]
+    pub grace_period: Duration,
+    /// Interval of the stats reports to the operator.
+    #[arg(long, env = "SNOOZE_STATS_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub stats_interval: Duration,
+    /// Serve the services in this JSON file instead of watching the API server
+    /// (benchmarks and local runs): {"services": [{"namespace", "name", "port",
+    /// "endpoints": ["127.0.0.1:8080"], "timeout": "60s", "maxQueuedRequests": 1000,
+    /// "podConcurrency": 0, "h2c": false}]}.
+    #[arg(long, env = "SNOOZE_STATIC_CONFIG")]
+    pub static_config: Option<PathBuf>,
+    /// `json` or `text`.
+    #[arg(long, env = "SNOOZE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StaticService {
+    namespace: String,
+    name: String,
+    port: u16,
+    #[serde(default)]
+    endpoints: Vec<SocketAddr>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    max_queued_requests: Option<u64>,
+    #[serde(default)]
+    pod_concurrency: Option<usize>,
+    #[serde(default)]
+    h2c: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct StaticConfig {
+    services: Vec<StaticService>,
+}
+
+/// Reads a static service file into the table; returns the route of every port.
+pub fn load_static(
+    path: &std::path::Path,
+    table: &Table,
+) -> anyhow::Result<HashMap<u16, Arc<Route>>> {
+    let cfg: StaticConfig = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut routes = HashMap::new();
+    for s in cfg.services {
+        let settings = Settings {
+            timeout: match &s.timeout {
+                Some(t) => duration(t).map_err(anyhow::Error::msg)?,
+                None => Settings::default().timeout,
+            },
+            max_queued: s.max_queued_requests.unwrap_or(1000),
+            pod_concurrency: s.pod_concurrency.unwrap_or(0),
+        };
+        let key = ServiceRef {
+            namespace: s.namespace,
+            name: s.name.clone(),
+        };
+        let svc = table.upsert(key, &s.name, settings);
+        svc.set_endpoints(
+            s.endpoints
+                .iter()
+                .map(|a| (a.ip(), vec![(String::new(), a.port())]))
+                .collect(),
+        );
+        routes.insert(
+            s.port,
+            Arc::new(Route {
+                service: svc,
+                port_name: String::new(),
+                h2c: s.h2c,
+            }),
+        );
+    }
+    Ok(routes)
+}

@@ -1,0 +1,54 @@
+//! The operator's command line.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    version,
+    about = "Snooze operator: scales ScaledServices to zero and back"
+)]
+pub struct Args {
+    /// Namespace of the operator and the activators (the release namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "snooze-system")]
+    pub namespace: String,
+    /// This pod's name: the leader lease holder identity (unique per replica).
+    #[arg(long, env = "POD_NAME", default_value = "snooze-operator")]
+    pub pod_name: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "SNOOZE_LEASE_NAME", default_value = "snooze-operator")]
+    pub lease_name: String,
+    /// Lease duration in seconds: a follower takes over this long after the leader's
+    /// last renew; the leader steps down after two thirds of it without one.
+    #[arg(long, env = "SNOOZE_LEASE_DURATION", default_value_t = 15)]
+    pub lease_duration: u64,
+    /// The Service that selects the activator pods.
+    #[arg(
+        long,
+        env = "SNOOZE_ACTIVATOR_SERVICE",
+        default_value = "snooze-activator"
+    )]
+    pub activator_service: String,
+    /// Name of the activator Service port that serves the stats stream.
+    #[arg(
+        long,
+        env = "SNOOZE_ACTIVATOR_ADMIN_PORT_NAME",
+        default_value = "admin"
+    )]
+    pub activator_admin_port: String,
+    /// First and last activator port handed to ScaledService ports.
+    #[arg(long, env = "SNOOZE_PORT_RANGE_START", default_value_t = 20000)]
+    pub port_range_start: u16,
+    #[arg(long, env = "SNOOZE_PORT_RANGE_END", default_value_t = 29999)]
+    pub port_range_end: u16,
+    /// Admin server address: /livez, /readyz, /metrics.
+    #[arg(long, env = "SNOOZE_ADMIN_ADDRESS", default_value = "0.0.0.0:9091")]
+    pub admin_address: SocketAddr,
+    /// Timeout of every API call.
+    #[arg(long, env = "SNOOZE_API_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub api_timeout_seconds: u64,
+    /// `json` or `text`.
+    #[arg(long, env = "SNOOZE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}

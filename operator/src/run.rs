@@ -1,0 +1,306 @@
+//! The leader's work: the watches, the controller, the stats streams, the autoscaler
+//! tick and the wake path, all under one supervisor. Dropping the future returned by
+//! [`lead`] stops every one of them (nothing is detached), which is how a replica that
+//! loses the lease stops acting at once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self as kcontroller, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use parking_lot::Mutex;
+use snooze_crds::stats::ServiceRef;
+use snooze_crds::{LABEL_SCALED_SERVICE, MANAGER, ScaledService};
+use snooze_runtime::supervisor::Supervisor;
+use snooze_runtime::watch::resilient;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::activators::{self, Activators};
+use crate::config::Args;
+use crate::controller::{self, Context};
+use crate::metrics::Metrics;
+use crate::ports::{PortAllocator, PortKey};
+use crate::stats::{self, StatsStore};
+
+/// The port allocator seeded from the statuses, oldest ScaledService first (retried
+/// until the API server answers).
+async fn seed_ports(api: &Api<ScaledService>, args: &Args) -> PortAllocator {
+    let mut existing = loop {
+        match api.list(&Default::default()).await {
+            Ok(l) => break l.items,
+            Err(e) => {
+                warn!("listing ScaledServices to seed the port allocator: {e}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let mut alloc = PortAllocator::new(args.port_range_start..=args.port_range_end);
+    existing.sort_by_key(|s| (s.metadata.creation_timestamp.clone(), s.name_any()));
+    for ss in &existing {
+        for p in ss.status.iter().flat_map(|s| s.ports.iter()) {
+            let id = crate::objects::port_id(p.name.as_deref(), p.port);
+            if let Ok(port) = u16::try_from(p.activator_port) {
+                let key = PortKey::new(&ss.namespace().unwrap_or_default(), &ss.name_any(), &id);
+                if !alloc.claim(key, port) {
+                    warn!(name = %ss.name_any(), port, "activator port taken by an older ScaledService; reassigning");
+                }
+            }
+        }
+    }
+    alloc
+}
+
+/// Leads until `stop` or until a task ends; `ready` goes true once the caches synced.
+pub async fn lead(
+    client: Client,
+    args: Args,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let ss_api: Api<ScaledService> = Api::all(client.clone());
+    let alloc = seed_ports(&ss_api, &args).await;
+    let mut tasks = Supervisor::new();
+
+    let (act_tx, act_rx) = watch::channel(Activators::default());
+    tasks.spawn(
+        "activator watch",
+        activators::watch(
+            client.clone(),
+            args.namespace.clone(),
+            args.activator_service.clone(),
+            args.activator_admin_port.clone(),
+            metrics.clone(),
+            act_tx,
+        ),
+    );
+
+    let (wake_tx, mut wake_rx) = mpsc::channel::<(ServiceRef, Instant)>(1024);
+    let stats_store = StatsStore::new(wake_tx);
+    let (targets_tx, targets_rx) = watch::channel(Vec::new());
+    let mut act = act_rx.clone();
+    tasks.spawn("stats targets", async move {
+        loop {
+            let t = act.borrow_and_update().stats.clone();
+            targets_tx.send_replace(t);
+            act.changed().await?;
+        }
+    });
+    let (store, st) = (stats_store.clone(), stop.child_token());
+    tasks.spawn("stats streams", async move {
+        stats::run(store, targets_rx, st).await;
+        Ok(())
+    });
+    let (store, m) = (stats_store.clone(), metrics.clone());
+    tasks.spawn("stats gauge", async move {
+        loop {
+            m.stats_streams.set(store.connected() as i64);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+
+    // Backend EndpointSlices (ready replicas; a change triggers the ScaledService).
+    let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
+    let m = metrics.clone();
+    let slice_stream = resilient(
+        reflector::reflector(
+            slice_writer,
+            watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                watcher::Config::default().labels(
+                    "endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io",
+                ),
+            )
+            .default_backoff(),
+        )
+        .touched_objects(),
+        "backend-endpointslices",
+        move || m.watch_error("backend-endpointslices"),
+    )
+    .map(Ok::<_, watcher::Error>);
+
+    let controller = Controller::new(ss_api, watcher::Config::default());
+    let store = controller.store();
+    let by_service = {
+        let store = store.clone();
+        move |ns: Option<String>, svc: Option<String>| scaled_services_of(&store, ns, svc)
+    };
+    let by_service2 = by_service.clone();
+    let m = metrics.clone();
+    let service_stream = resilient(
+        watcher(
+            Api::<PartialObjectMeta<Service>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .touched_objects(),
+        "services",
+        move || m.watch_error("services"),
+    )
+    .map(Ok::<_, watcher::Error>);
+
+    let (trigger_tx, mut trigger_rx) = mpsc::channel::<ObjectRef<ScaledService>>(1024);
+    let trigger_stream = futures::stream::poll_fn(move |cx| trigger_rx.poll_recv(cx));
+    let activator_stream = futures::stream::unfold(act_rx.clone(), |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    });
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        store: store.clone(),
+        slices: slice_reader,
+        ports: Mutex::new(alloc),
+        stats: stats_store,
+        activators: act_rx,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "snooze-operator".into(),
+                instance: Some(args.pod_name.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+        started: SystemTime::now(),
+        discovery: Mutex::new(HashMap::new()),
+        api_timeout: Duration::from_secs(args.api_timeout_seconds),
+        waking: Mutex::new(HashMap::new()),
+        history: Mutex::new(HashMap::new()),
+        scale_state: Mutex::new(HashMap::new()),
+        replicas: Mutex::new(HashMap::new()),
+        last_scale: Mutex::new(HashMap::new()),
+    });
+
+    // The autoscaler: once a second, follow the load (writes only on change).
+    let (c, t) = (ctx.clone(), trigger_tx.clone());
+    tasks.spawn("autoscaler", async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            controller::autoscale_tick(&c, &t).await;
+        }
+    });
+
+    // An activator opened or closed listeners: reconcile the services on those ports
+    // (their managed EndpointSlice lists an activator only once it listens).
+    let (c, t) = (ctx.clone(), trigger_tx.clone());
+    tasks.spawn("listening changes", async move {
+        loop {
+            c.stats.listening_notify.notified().await;
+            let owners: BTreeSet<(String, String)> = {
+                let ports = c.ports.lock();
+                c.stats
+                    .take_listening_changes()
+                    .into_iter()
+                    .filter_map(|p| ports.owner(p))
+                    .map(|k| (k.namespace.clone(), k.name.clone()))
+                    .collect()
+            };
+            for (ns, name) in owners {
+                t.send(ObjectRef::new(&name).within(&ns)).await?;
+            }
+        }
+    });
+
+    // Wake signals: scale at once, then reconcile for the status. Each wake runs in
+    // this task's own set, so it stops with the leadership.
+    let (c, t) = (ctx.clone(), trigger_tx.clone());
+    tasks.spawn("wakes", async move {
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                w = wake_rx.recv() => {
+                    let Some((key, received)) = w else { return Ok(()) };
+                    let (c, t) = (c.clone(), t.clone());
+                    running.spawn(async move {
+                        if let Err(e) = controller::wake(&c, &key, received).await {
+                            warn!(service = ?key, "wake: {e}");
+                        }
+                        let _ = t.try_send(ObjectRef::new(&key.name).within(&key.namespace));
+                    });
+                }
+                Some(_) = running.join_next() => {}
+            }
+        }
+    });
+
+    // Ready once the controller's cache has synced. Polled with a timeout: the store's
+    // readiness future wakes only its last waiter (the controller's own).
+    let ready_store = store.clone();
+    tasks.spawn("readiness", async move {
+        while tokio::time::timeout(Duration::from_millis(200), ready_store.wait_until_ready())
+            .await
+            .is_err()
+        {}
+        info!("caches synced; ready");
+        ready.send_replace(true);
+        std::future::pending().await
+    });
+
+    let m = metrics.clone();
+    let run = controller
+        .owns(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default().labels(LABEL_SCALED_SERVICE),
+        )
+        .owns(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default()
+                .labels(&format!("endpointslice.kubernetes.io/managed-by={MANAGER}")),
+        )
+        .watches_stream(slice_stream, move |s: EndpointSlice| {
+            by_service(
+                s.namespace(),
+                s.labels().get("kubernetes.io/service-name").cloned(),
+            )
+        })
+        .watches_stream(service_stream, move |s| {
+            by_service2(s.namespace(), Some(s.name_any()))
+        })
+        .reconcile_all_on(activator_stream)
+        .reconcile_on(trigger_stream)
+        .graceful_shutdown_on(stop.clone().cancelled_owned())
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(move |r| {
+            // Reconcile errors are counted by the error policy; a watch error of the
+            // controller's own watches is logged and counted here, and it goes on.
+            if let Err(kcontroller::Error::QueueError(e)) = r {
+                warn!("controller watch error (retrying with back-off): {e}");
+                m.watch_error("controller");
+            }
+            std::future::ready(())
+        });
+    tokio::select! {
+        _ = run => info!("controller stopped"),
+        (task, r) = tasks.first_ended() => warn!(task, "a leader task ended: {r:?}"),
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+fn scaled_services_of(
+    store: &Store<ScaledService>,
+    ns: Option<String>,
+    svc: Option<String>,
+) -> Vec<ObjectRef<ScaledService>> {
+    let (Some(ns), Some(svc)) = (ns, svc) else {
+        return vec![];
+    };
+    store
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.spec.service == svc)
+        .map(|s| ObjectRef::from_obj(s.as_ref()))
+        .collect()
+}
