@@ -6,6 +6,7 @@
 #   e2e/cluster/cluster.sh down    # stop everything, remove the namespace and the data
 #   e2e/cluster/cluster.sh env     # print the variables to use the cluster
 #   e2e/cluster/cluster.sh status
+#   e2e/cluster/cluster.sh apiserver-stop|apiserver-start   # fault injection
 #
 # Environment: SNOOZE_CLUSTER_DIR (state, certificates, logs; default /tmp/snooze-cluster),
 # SNOOZE_NETNS (default snooze), CARGO_TARGET_DIR (where the Rust binaries are),
@@ -124,6 +125,54 @@ wait_for() { # what, seconds, command...
   done
 }
 
+start_apiserver() { # bin folder
+  local bin=$1
+  start kube-apiserver "$bin/kube-apiserver" \
+    --etcd-servers=http://127.0.0.1:2379 \
+    --bind-address=0.0.0.0 --secure-port=$API_PORT --advertise-address=$NODE_IP \
+    --service-cluster-ip-range=$SERVICE_CIDR \
+    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
+    --client-ca-file="$PKI/ca.crt" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --allow-privileged=true --profiling=false --v=1 \
+    --audit-policy-file="$here/audit-policy.yaml" --audit-log-path="$LOGS/audit.log" \
+    --audit-log-maxsize=200 --audit-log-maxbackup=1
+}
+
+# --- fault injection (e2e fault tests) -------------------------------------------------
+# Stops the API server (SIGTERM, SIGKILL after 10 s) and starts it again with the same
+# flags; etcd and everything else keep running.
+apiserver_stop() {
+  need_root
+  # The pid files hold the launching subshells; find the server itself among the
+  # namespace's processes.
+  local pids=() p
+  for p in $(ip netns pids "$NETNS" 2>/dev/null); do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = kube-apiserver ] && pids+=("$p")
+  done
+  [ ${#pids[@]} -gt 0 ] || die "no kube-apiserver is running"
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 1 40); do
+    kill -0 "${pids[@]}" 2>/dev/null || break
+    sleep 0.25
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+  while kill -0 "${pids[@]}" 2>/dev/null; do sleep 0.1; done
+  api_healthy && die "kube-apiserver still answers"
+  log "kube-apiserver stopped (pid ${pids[*]})"
+}
+
+apiserver_start() {
+  need_root
+  local bin
+  bin=$("$here/build.sh" | tail -n 1)
+  start_apiserver "$bin"
+  wait_for kube-apiserver 90 api_healthy
+  log "kube-apiserver started"
+}
+
 up() {
   need_root
   if api_healthy && [ -f "$STATE/node-agent.pid" ] && kill -0 "$(cat "$STATE/node-agent.pid")" 2>/dev/null; then
@@ -171,18 +220,7 @@ EOF
     --initial-cluster default=http://127.0.0.1:2380 --unsafe-no-fsync --log-level warn
   wait_for etcd 30 in_ns curl -fsS http://127.0.0.1:2379/health
 
-  start kube-apiserver "$bin/kube-apiserver" \
-    --etcd-servers=http://127.0.0.1:2379 \
-    --bind-address=0.0.0.0 --secure-port=$API_PORT --advertise-address=$NODE_IP \
-    --service-cluster-ip-range=$SERVICE_CIDR \
-    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
-    --client-ca-file="$PKI/ca.crt" \
-    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
-    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
-    --allow-privileged=true --profiling=false --v=1 \
-    --audit-policy-file="$here/audit-policy.yaml" --audit-log-path="$LOGS/audit.log" \
-    --audit-log-maxsize=200 --audit-log-maxbackup=1
+  start_apiserver "$bin"
   wait_for kube-apiserver 90 api_healthy
 
   start kube-controller-manager "$bin/kube-controller-manager" \
@@ -251,5 +289,7 @@ case "${1:-}" in
   down) down ;;
   env) print_env ;;
   status) status ;;
-  *) echo "usage: $0 up|down|env|status" >&2; exit 2 ;;
+  apiserver-stop) apiserver_stop ;;
+  apiserver-start) apiserver_start ;;
+  *) echo "usage: $0 up|down|env|status|apiserver-stop|apiserver-start" >&2; exit 2 ;;
 esac

@@ -3,4 +3,5 @@
 
 pub mod agent;
 pub mod coldstart;
+pub mod faults;
 pub mod testing;

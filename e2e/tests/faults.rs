@@ -1,0 +1,368 @@
+//! Faults, one at a time (./test.sh runs this binary with one test thread): the API
+//! server stopped and started, the operator leader killed, activators deleted and
+//! killed, a backend pod killed. Each case drives a bounded load at the managed
+//! Service's endpoints the way an ingress does (`snooze_e2e::faults::Load`) and counts
+//! every failed request; the counts are printed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use snooze_e2e::faults::*;
+use snooze_e2e::testing::*;
+
+const T: Duration = Duration::from_secs(120);
+
+fn secs(var: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+/// A warm `web` (1 replica, never below) with its slice listing activators that listen.
+async fn warm_web(client: &Client, ns: &str, replicas: i32) {
+    scaled_app(client, ns, replicas, replicas, 3, "1h", &[]).await;
+    wait_for("warm web answers", T, || async {
+        let t = listening_targets(client, ns, "web", "http").await?;
+        match http_get(&format!("http://{}/", t[0]), Duration::from_secs(5)).await? {
+            (200, _) => Ok(()),
+            (c, b) => Err(format!("{c}: {b}")),
+        }
+    })
+    .await;
+}
+
+/// A sleeping `cold` app (0 replicas, min 0) in the same namespace, holding requests
+/// up to `activation_timeout`.
+async fn cold_app(client: &Client, ns: &str, activation_timeout: &str) -> Vec<String> {
+    app(client, ns, "cold", 0, &[]).await;
+    let ssvcs: Api<snooze_crds::ScaledService> = Api::namespaced(client.clone(), ns);
+    let mut ss = serde_json::to_value(scaled_service("cold", 0, 1, "1h")).unwrap();
+    ss["spec"]["activation"]["timeout"] = activation_timeout.into();
+    let ss: snooze_crds::ScaledService = serde_json::from_value(ss).unwrap();
+    ssvcs.create(&PostParams::default(), &ss).await.unwrap();
+    wait_for("cold slice", T, || {
+        listening_targets(client, ns, "cold", "http")
+    })
+    .await
+}
+
+fn same_processes(before: &[(String, i32)], after: &[(String, i32)]) {
+    assert!(!before.is_empty(), "no Snooze processes found");
+    for (pod, pid) in before {
+        assert!(alive(*pid), "{pod}: process {pid} exited");
+    }
+    assert_eq!(before, after, "Snooze processes changed");
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn api_server_restart_fails_no_request_and_ends_no_process() {
+    ensure_snooze().await;
+    in_namespace("fault-api", |client, ns| async move {
+        warm_web(&client, &ns, 1).await;
+        // The wake patch goes out within a second or two of the API server's return;
+        // the Deployment and ReplicaSet controllers then take their own time to come
+        // back (their watches back off up to 30 s): the held request may wait for that.
+        let cold = cold_app(&client, &ns, "180s").await;
+        let before = snooze_pids(&client).await;
+        let agent = node_agent_pid().expect("node agent pid");
+        let outage = secs("FAULT_API_OUTAGE_SECONDS", 20);
+        let after = secs("FAULT_AFTER_SECONDS", 120);
+
+        let load = Load::start(
+            &client,
+            &ns,
+            "web",
+            4,
+            Duration::from_millis(20),
+            T * 5,
+            100_000,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster("apiserver-stop").await;
+        let stopped = Instant::now();
+        // A request for the sleeping service while the API server is away: held.
+        let cold_req = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = http_get(&format!("http://{}/", cold[0]), Duration::from_secs(200)).await;
+            (r, t0.elapsed(), Instant::now())
+        });
+        tokio::time::sleep(outage).await;
+        cluster("apiserver-start").await;
+        let (back, back_at) = (stopped.elapsed(), Instant::now());
+        // Snooze's part: the wake patch soon after the API server is back.
+        let deploys: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(client.clone(), &ns);
+        wait_for(
+            "the cold Deployment woken",
+            Duration::from_secs(30),
+            || async {
+                match deployment_replicas(&deploys, "cold").await? {
+                    0 => Err("still 0 replicas".to_string()),
+                    _ => Ok(()),
+                }
+            },
+        )
+        .await;
+        let woken = back_at.elapsed();
+        let (cold_result, cold_took, done) = cold_req.await.unwrap();
+        eprintln!(
+            "API server away {back:?}; cold Deployment scaled {woken:?} after it was back; \
+             held cold request: {:?} after {cold_took:?}, {:?} after the API server was back \
+             (the rest is the Deployment and ReplicaSet controllers coming back, and the pod)",
+            cold_result.as_ref().map(|(c, _)| *c),
+            done.saturating_duration_since(back_at)
+        );
+        tokio::time::sleep(after).await;
+        let report = load.stop().await;
+        let now = snooze_pids(&client).await;
+        eprintln!("load on the warm service: {report}");
+        eprintln!("Snooze processes before {before:?}, after {now:?}");
+        assert_eq!(report.failed(), 0, "failures: {:?}", report.failures);
+        assert!(
+            report.ok > 1000,
+            "too little load to mean anything: {report}"
+        );
+        assert_eq!(cold_result.map(|(c, _)| c), Ok(200));
+        same_processes(&before, &now);
+        assert!(alive(agent), "the node agent exited");
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn operator_leader_killed_after_a_cold_request_one_leader_at_a_time() {
+    ensure_snooze().await;
+    in_namespace("fault-leader", |client, ns| async move {
+        let cold = cold_app(&client, &ns, "60s").await;
+        let leader = wait_for("one leader", T, || async {
+            let l = operator_leadership(&client).await;
+            let leaders: Vec<_> = l.iter().filter(|(_, x)| *x).collect();
+            (leaders.len() == 1)
+                .then(|| leaders[0].0.clone())
+                .ok_or(format!("{l:?}"))
+        })
+        .await;
+        let pids = container_pids(
+            &client,
+            SNOOZE_NAMESPACE,
+            "app.kubernetes.io/component=operator",
+        )
+        .await;
+        let pid = pids
+            .iter()
+            .find(|(p, _)| *p == leader)
+            .expect("leader pid")
+            .1;
+
+        // Watch the operators' own leadership metric throughout.
+        let most = Arc::new(AtomicUsize::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (c, m, st) = (client.clone(), most.clone(), stop.clone());
+        let watcher = tokio::spawn(async move {
+            let mut took_over: Option<Instant> = None;
+            let killed_at = Instant::now();
+            while !st.is_cancelled() {
+                let l = operator_leadership(&c).await;
+                let n = l.iter().filter(|(_, x)| *x).count();
+                m.fetch_max(n, Ordering::SeqCst);
+                if n == 1 && took_over.is_none() && killed_at.elapsed() > Duration::from_millis(300)
+                {
+                    took_over = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            took_over.map(|t| t - killed_at)
+        });
+
+        let t0 = Instant::now();
+        let req = tokio::spawn(async move {
+            http_get(&format!("http://{}/", cold[0]), Duration::from_secs(60)).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        kill9(pid);
+        let killed = Instant::now();
+        let r = req.await.unwrap();
+        let answered = t0.elapsed();
+        // A leader again (the restarted container or the other replica).
+        wait_for("a leader after the kill", T, || async {
+            let l = operator_leadership(&client).await;
+            l.iter()
+                .any(|(_, x)| *x)
+                .then_some(())
+                .ok_or(format!("{l:?}"))
+        })
+        .await;
+        let takeover = killed.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        let first_leader_seen = watcher.await.unwrap();
+        eprintln!(
+            "cold request answered {:?} after {answered:?}; leader {leader} (pid {pid}) killed; \
+             a leader again after {:?} (first seen by the poller {:?}); most leaders at once: {}",
+            r.as_ref().map(|(c, _)| *c),
+            takeover,
+            first_leader_seen,
+            most.load(Ordering::SeqCst)
+        );
+        assert_eq!(r.map(|(c, _)| c), Ok(200));
+        assert!(answered < Duration::from_secs(60));
+        assert!(most.load(Ordering::SeqCst) <= 1, "two leaders at once");
+    })
+    .await;
+}
+
+async fn activator_pids(client: &Client) -> Vec<(String, i32)> {
+    container_pids(
+        client,
+        SNOOZE_NAMESPACE,
+        "app.kubernetes.io/component=activator",
+    )
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn activator_deleted_gracefully_under_load_fails_no_request() {
+    ensure_snooze().await;
+    in_namespace("fault-actdel", |client, ns| async move {
+        warm_web(&client, &ns, 1).await;
+        let victims = activator_pids(&client).await;
+        assert!(victims.len() >= 2, "needs two activators: {victims:?}");
+        let load = Load::start(
+            &client,
+            &ns,
+            "web",
+            4,
+            Duration::from_millis(20),
+            T * 2,
+            50_000,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        pods.delete(&victims[0].0, &DeleteParams::default())
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        wait_for("a replacement activator listed", T, || async {
+            let now = activator_pids(&client).await;
+            (now.len() == victims.len() && !now.iter().any(|(p, _)| *p == victims[0].0))
+                .then_some(())
+                .ok_or(format!("{now:?}"))
+        })
+        .await;
+        let replaced = t0.elapsed();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let report = load.stop().await;
+        eprintln!(
+            "activator {} deleted; replaced after {replaced:?}; load: {report}",
+            victims[0].0
+        );
+        assert_eq!(report.failed(), 0, "failures: {:?}", report.failures);
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn activator_killed_under_load_fails_only_requests_in_flight_on_it() {
+    ensure_snooze().await;
+    in_namespace("fault-actkill", |client, ns| async move {
+        warm_web(&client, &ns, 1).await;
+        let victims = activator_pids(&client).await;
+        let (pod, pid) = victims[0].clone();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        let ip = pods
+            .get(&pod)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .pod_ip
+            .unwrap();
+        let load = Load::start(
+            &client,
+            &ns,
+            "web",
+            4,
+            Duration::from_millis(20),
+            T * 2,
+            50_000,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let killed_at = load.started.elapsed();
+        kill9(pid);
+        // Its container restarts (same pod, same IP) and is listed again once it listens.
+        wait_for("the killed activator back", T, || async {
+            let now = activator_pids(&client).await;
+            now.iter()
+                .any(|(p, x)| *p == pod && *x != pid)
+                .then_some(())
+                .ok_or(format!("{now:?}"))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let report = load.stop().await;
+        let on_victim_at_kill: Vec<_> = report
+            .failures
+            .iter()
+            .filter(|f| {
+                f.target.starts_with(&format!("{ip}:")) && f.at < killed_at + Duration::from_secs(1)
+            })
+            .collect();
+        eprintln!(
+            "activator {pod} ({ip}) killed at {killed_at:?}; load: {report}; \
+             failed in flight on it: {}",
+            on_victim_at_kill.len()
+        );
+        // Only requests in flight on the killed one (4 workers: at most 4), none later.
+        assert!(on_victim_at_kill.len() <= 4, "{:?}", report.failures);
+        assert_eq!(
+            report.failed(),
+            on_victim_at_kill.len(),
+            "other failures: {:?}",
+            report.failures
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn backend_pod_killed_under_load_fails_only_requests_sent_to_it() {
+    ensure_snooze().await;
+    in_namespace("fault-podkill", |client, ns| async move {
+        warm_web(&client, &ns, 2).await;
+        let backends = wait_for("two running backend pods", T, || async {
+            let p = container_pids(&client, &ns, "app=web").await;
+            (p.len() == 2).then_some(p.clone()).ok_or(format!("{p:?}"))
+        })
+        .await;
+        let load = Load::start(&client, &ns, "web", 4, Duration::from_millis(20), T * 2, 50_000).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let killed_at = load.started.elapsed();
+        kill9(backends[0].1);
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let report = load.stop().await;
+        let later = report.failed_after(killed_at + Duration::from_secs(1));
+        eprintln!(
+            "backend {} killed at {killed_at:?}; load: {report}; failed more than 1 s after the kill: {}",
+            backends[0].0,
+            later.len()
+        );
+        assert!(report.failed() <= 4, "{:?}", report.failures);
+        assert!(later.is_empty(), "{later:?}");
+    })
+    .await;
+}
