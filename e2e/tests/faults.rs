@@ -366,3 +366,93 @@ async fn backend_pod_killed_under_load_fails_only_requests_sent_to_it() {
     })
     .await;
 }
+
+/// Open file descriptors and resident memory (KiB) of a process.
+fn fds_and_rss(pid: i32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn soak_cycles_from_zero_to_n_and_back_fail_nothing_and_leak_nothing() {
+    ensure_snooze().await;
+    in_namespace("fault-soak", |client, ns| async move {
+        let cycles: usize = std::env::var("SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+        // Every request takes 50 ms; 8 in flight with target 2 → several replicas.
+        app(&client, &ns, "web", 0, &["--delay-ms", "50"]).await;
+        let ssvcs: Api<snooze_crds::ScaledService> = Api::namespaced(client.clone(), &ns);
+        let ss: snooze_crds::ScaledService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "snooze.dev/v1alpha1", "kind": "ScaledService",
+            "metadata": {"name": "web"},
+            "spec": {
+                "scaleTargetRef": {"name": "web"}, "service": "web",
+                "minReplicas": 0, "maxReplicas": 4, "idleTimeout": "2s",
+                "scaling": {"metric": "concurrency", "target": 2, "stableWindow": "6s", "panicWindow": "2s",
+                            "scaleDownDelay": "0s", "maxScaleDownStep": 10},
+            },
+        }))
+        .unwrap();
+        ssvcs.create(&PostParams::default(), &ss).await.unwrap();
+        let deploys: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
+        wait_for("managed endpoints", T, || listening_targets(&client, &ns, "web", "http")).await;
+        let activators = activator_pids(&client).await;
+
+        let (mut total, mut peaks) = (Report::default(), Vec::new());
+        let mut baseline = Vec::new();
+        for cycle in 0..cycles {
+            // A burst from zero: 8 clients in a closed loop for 4 s.
+            let load = Load::start(&client, &ns, "web", 8, Duration::ZERO, Duration::from_secs(4), 5_000).await;
+            let mut peak = 0;
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(4) {
+                peak = peak.max(deployment_replicas(&deploys, "web").await.unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let r = load.stop().await;
+            peaks.push(peak);
+            total.sent += r.sent;
+            total.ok += r.ok;
+            total.failures.extend(r.failures);
+            wait_for("back to zero", T, || async {
+                match deployment_replicas(&deploys, "web").await? {
+                    0 => Ok(()),
+                    n => Err(format!("{n} replicas")),
+                }
+            })
+            .await;
+            // The pods' endpoints leave the slices a moment after the scale.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if cycle == 0 {
+                // The level after one full cycle (one-time allocations made).
+                baseline = activators.iter().map(|(_, pid)| fds_and_rss(*pid)).collect();
+            }
+        }
+        let end: Vec<(usize, u64)> = activators.iter().map(|(_, pid)| fds_and_rss(*pid)).collect();
+        eprintln!(
+            "soak: {cycles} cycles 0 → 1 → N → 0, peaks {peaks:?}; {total}; \
+             activators (fds, RSS KiB) after cycle 1 {baseline:?}, after the last {end:?}"
+        );
+        assert_eq!(total.failed(), 0, "failures: {:?}", total.failures);
+        assert!(total.ok >= 10_000 || cycles < 30, "too few requests: {total}");
+        assert!(peaks.iter().filter(|p| **p >= 2).count() >= cycles / 2, "rarely above 1 replica: {peaks:?}");
+        for ((f0, r0), (f1, r1)) in baseline.iter().zip(&end) {
+            assert!(
+                (*f1 as f64) <= (*f0 as f64) * 1.1 + 1.0,
+                "file descriptors grew: {f0} → {f1}"
+            );
+            assert!((*r1 as f64) <= (*r0 as f64) * 1.1, "RSS grew: {r0} → {r1} KiB");
+        }
+    })
+    .await;
+}
