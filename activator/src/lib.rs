@@ -11,6 +11,7 @@ pub mod fast;
 pub mod listeners;
 pub mod metrics;
 pub mod pool;
+pub mod probe;
 pub mod proxy;
 pub mod stats;
 pub mod table;

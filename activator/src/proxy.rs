@@ -304,7 +304,7 @@ impl Proxy {
     /// consumed: register it afresh before reading from it.
     pub async fn park(
         &self,
-        svc: &Service,
+        svc: &Arc<Service>,
         port_name: &str,
         stream: &tokio::net::TcpStream,
         since: Instant,
@@ -321,6 +321,7 @@ impl Proxy {
             return Parked::Full;
         };
         self.stats.wake(svc);
+        crate::probe::start(svc);
         let deadline = tokio::time::Instant::from_std(since + settings.timeout);
         let mut closed = std::pin::pin!(peer_closed(stream));
         loop {
@@ -368,7 +369,7 @@ impl Proxy {
 
     async fn acquire(
         &self,
-        svc: &Service,
+        svc: &Arc<Service>,
         port_name: &str,
         start: Instant,
         exclude: &[SocketAddr],
@@ -403,6 +404,7 @@ impl Proxy {
         let deadline = tokio::time::Instant::from_std(start + settings.timeout);
         if svc.endpoints().is_empty() {
             self.stats.wake(svc);
+            crate::probe::start(svc);
         }
         loop {
             if let Some(s) = pick() {

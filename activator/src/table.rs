@@ -73,6 +73,41 @@ pub struct Service {
     pub requests: AtomicU64,
     pub last_request_ms: AtomicU64,
     pub metrics: ServiceMetrics,
+    /// Endpoints as the backend's slices give them, and what the activator's own
+    /// probing found (see `crate::probe` and DESIGN.md).
+    pub(crate) pods: parking_lot::Mutex<BackendState>,
+    /// Signalled when the not-ready endpoints change (the prober waits on it).
+    pub(crate) candidates_changed: Notify,
+    /// True while a prober runs for this service.
+    pub(crate) probing: std::sync::atomic::AtomicBool,
+}
+
+/// The backend's endpoints by readiness, and the not-ready pods that passed the
+/// activator's own probe.
+#[derive(Default)]
+pub(crate) struct BackendState {
+    /// Ready in the slices (the kubelet's verdict).
+    pub ready: PodPorts,
+    /// Not ready and not terminating: pods starting up, which the prober may check.
+    pub candidates: PodPorts,
+    /// Candidates that passed the probe; they serve until the kubelet agrees (they
+    /// move to `ready`), their probe fails, or they leave.
+    pub probed: std::collections::HashSet<IpAddr>,
+    /// The check to run, from the ScaledService's status (`None`: wait for the kubelet).
+    pub probe: Option<Arc<crate::probe::Probe>>,
+}
+
+impl BackendState {
+    /// The endpoints requests may go to: ready ones, then probed candidates.
+    fn usable(&self) -> PodPorts {
+        let mut out = self.ready.clone();
+        for (ip, ports) in &self.candidates {
+            if self.probed.contains(ip) && !out.iter().any(|(i, _)| i == ip) {
+                out.push((*ip, ports.clone()));
+            }
+        }
+        out
+    }
 }
 
 impl Service {
@@ -95,6 +130,51 @@ impl Service {
             requests: AtomicU64::new(0),
             last_request_ms: AtomicU64::new(0),
             metrics,
+            pods: parking_lot::Mutex::new(BackendState::default()),
+            candidates_changed: Notify::new(),
+            probing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Takes in the backend's endpoints from its slices: ready ones, and not-ready,
+    /// not-terminating ones (candidates for the activator's own probe). A probed pod
+    /// that is no longer a candidate (ready now, terminating, or gone) loses its mark.
+    pub fn set_backend(&self, ready: PodPorts, candidates: PodPorts) {
+        let usable = {
+            let mut b = self.pods.lock();
+            b.ready = ready;
+            b.candidates = candidates;
+            let keep: std::collections::HashSet<IpAddr> =
+                b.candidates.iter().map(|(ip, _)| *ip).collect();
+            b.probed.retain(|ip| keep.contains(ip));
+            b.usable()
+        };
+        self.set_endpoints(usable);
+        self.candidates_changed.notify_waiters();
+    }
+
+    /// Marks a candidate as passing (or no longer passing) the activator's probe.
+    pub fn set_probed(&self, ip: IpAddr, passing: bool) {
+        let usable = {
+            let mut b = self.pods.lock();
+            let changed = if passing {
+                b.candidates.iter().any(|(i, _)| *i == ip) && b.probed.insert(ip)
+            } else {
+                b.probed.remove(&ip)
+            };
+            if !changed {
+                return;
+            }
+            b.usable()
+        };
+        self.set_endpoints(usable);
+    }
+
+    /// The probe the activator runs on new pods (from the ScaledService's status).
+    pub fn set_probe(&self, probe: Option<crate::probe::Probe>) {
+        let mut b = self.pods.lock();
+        if b.probe.as_deref() != probe.as_ref() {
+            b.probe = probe.map(Arc::new);
         }
     }
 
@@ -224,7 +304,8 @@ pub type PodPorts = Vec<(IpAddr, Vec<(String, u16)>)>;
 /// stats stream.
 pub struct Table {
     services: RwLock<HashMap<ServiceRef, Arc<Service>>>,
-    endpoints: RwLock<HashMap<BackendKey, PodPorts>>,
+    /// Ready and not-ready (candidate) endpoints of each backend Service.
+    endpoints: RwLock<HashMap<BackendKey, (PodPorts, PodPorts)>>,
     pub metrics: Arc<Metrics>,
     /// Requests waiting across all services, and the bound on them.
     pub queued_total: AtomicU64,
@@ -267,13 +348,13 @@ impl Table {
             settings,
             metrics,
         ));
-        let eps = self
+        let (ready, candidates) = self
             .endpoints
             .read()
             .get(&(key.namespace.clone(), backend.to_string()))
             .cloned()
             .unwrap_or_default();
-        svc.set_endpoints(eps);
+        svc.set_backend(ready, candidates);
         self.services.write().insert(key, svc.clone());
         svc
     }
@@ -284,33 +365,38 @@ impl Table {
         }
     }
 
-    /// Sets the ready endpoints of a backend Service and hands them to its services.
-    /// Sets the ready endpoints of a backend Service; returns the pod addresses
+    /// Sets the endpoints of a backend Service (ready ones, and not-ready ones the
+    /// activator may probe) and hands them to its services; returns the pod addresses
     /// (IP and port) that it had and no longer has, whose connections must go.
     pub fn set_backend_endpoints(
         &self,
         namespace: &str,
         backend: &str,
-        eps: PodPorts,
+        ready: PodPorts,
+        candidates: PodPorts,
     ) -> Vec<SocketAddr> {
-        let old = self
+        let (old_ready, old_candidates) = self
             .endpoints
             .write()
-            .insert((namespace.to_string(), backend.to_string()), eps.clone())
+            .insert(
+                (namespace.to_string(), backend.to_string()),
+                (ready.clone(), candidates.clone()),
+            )
             .unwrap_or_default();
-        let addrs = |p: &PodPorts| -> Vec<SocketAddr> {
-            p.iter()
+        let addrs = |a: &PodPorts, b: &PodPorts| -> Vec<SocketAddr> {
+            a.iter()
+                .chain(b)
                 .flat_map(|(ip, ports)| ports.iter().map(|(_, port)| SocketAddr::new(*ip, *port)))
                 .collect()
         };
-        let now = addrs(&eps);
-        let gone: Vec<SocketAddr> = addrs(&old)
+        let now = addrs(&ready, &candidates);
+        let gone: Vec<SocketAddr> = addrs(&old_ready, &old_candidates)
             .into_iter()
             .filter(|a| !now.contains(a))
             .collect();
         for s in self.services.read().values() {
             if s.key.namespace == namespace && s.backend == backend {
-                s.set_endpoints(eps.clone());
+                s.set_backend(ready.clone(), candidates.clone());
             }
         }
         gone

@@ -19,7 +19,7 @@ use crate::listeners::Listeners;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::Route;
-use crate::table::{Settings, Table};
+use crate::table::{PodPorts, Settings, Table};
 
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";
 
@@ -72,6 +72,12 @@ impl Routes {
             return;
         };
         let svc = table.upsert(key.clone(), &ss.spec.service, settings(ss));
+        svc.set_probe(
+            ss.status
+                .as_ref()
+                .and_then(|s| s.activation_probe.as_ref())
+                .and_then(crate::probe::Probe::from_spec),
+        );
         let mut mine = Vec::with_capacity(ports.len());
         for p in ports {
             let Ok(port) = u16::try_from(p.activator_port) else {
@@ -164,13 +170,15 @@ pub async fn scaled_services(
 
 type SliceKey = (String, String);
 
-/// Ready endpoints of one backend Service from all of its slices.
+/// Endpoints of one backend Service from all of its slices: the ready ones, and the
+/// not-ready ones that are not terminating (pods starting up: candidates for the
+/// activator's own probe; a terminating pod is never one).
 fn endpoints_of(
     slices: &HashMap<SliceKey, EndpointSlice>,
     ns: &str,
     svc: &str,
-) -> Vec<(IpAddr, Vec<(String, u16)>)> {
-    let mut out: Vec<(IpAddr, Vec<(String, u16)>)> = Vec::new();
+) -> (PodPorts, PodPorts) {
+    let (mut ready, mut candidates): (PodPorts, PodPorts) = (Vec::new(), Vec::new());
     for ((sns, _), s) in slices {
         if sns != ns || service_of(s).as_deref() != Some(svc) {
             continue;
@@ -187,9 +195,14 @@ fn endpoints_of(
             })
             .collect();
         for e in &s.endpoints {
-            if e.conditions.as_ref().and_then(|c| c.ready) != Some(true) {
+            let c = e.conditions.as_ref();
+            let out = if c.and_then(|c| c.ready) == Some(true) {
+                &mut ready
+            } else if c.and_then(|c| c.terminating) != Some(true) {
+                &mut candidates
+            } else {
                 continue;
-            }
+            };
             for a in &e.addresses {
                 if let Ok(ip) = a.parse::<IpAddr>()
                     && !out.iter().any(|(i, _)| *i == ip)
@@ -199,8 +212,10 @@ fn endpoints_of(
             }
         }
     }
-    out.sort_by_key(|(ip, _)| *ip);
-    out
+    candidates.retain(|(ip, _)| !ready.iter().any(|(r, _)| r == ip));
+    ready.sort_by_key(|(ip, _)| *ip);
+    candidates.sort_by_key(|(ip, _)| *ip);
+    (ready, candidates)
 }
 
 /// Sets the ready endpoints of one backend Service from its slices, and closes the
@@ -212,7 +227,8 @@ fn update_backend(
     ns: &str,
     svc: &str,
 ) {
-    for gone in table.set_backend_endpoints(ns, svc, endpoints_of(slices, ns, svc)) {
+    let (ready, candidates) = endpoints_of(slices, ns, svc);
+    for gone in table.set_backend_endpoints(ns, svc, ready, candidates) {
         pool.forget(&gone);
     }
 }

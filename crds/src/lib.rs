@@ -140,6 +140,14 @@ pub struct ActivationSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 100000))]
     pub pod_concurrency: u32,
+
+    /// How the activator checks itself that a new pod can serve, so that held requests
+    /// go to it as soon as it answers instead of after the kubelet's next readiness
+    /// probe (Kubernetes probes every 10 s by default). Unset: the readiness probe of
+    /// the workload's pod template (HTTP GET, TCP socket or gRPC); with an exec probe
+    /// or none, held requests wait for the kubelet (see `status.activationProbe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<ActivationProbe>,
 }
 
 impl Default for ActivationSpec {
@@ -148,8 +156,76 @@ impl Default for ActivationSpec {
             timeout: default_activation_timeout(),
             max_queued_requests: default_max_queued(),
             pod_concurrency: 0,
+            probe: None,
         }
     }
+}
+
+/// One check of a pod, the way a readiness probe does it: exactly one of `httpGet`,
+/// `tcpSocket` and `grpc`. Ports are numbers (the operator resolves a named port of
+/// the pod template).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("(has(self.httpGet) ? 1 : 0) + (has(self.tcpSocket) ? 1 : 0) + (has(self.grpc) ? 1 : 0) == 1").message("activation.probe needs exactly one of httpGet, tcpSocket and grpc"))]
+#[serde(rename_all = "camelCase")]
+pub struct ActivationProbe {
+    /// Ready when a GET answers 200–399.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetProbe>,
+    /// Ready when a TCP connection is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_socket: Option<TcpProbe>,
+    /// Ready when `grpc.health.v1.Health/Check` answers SERVING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcProbe>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGetProbe {
+    /// Path of the request, for example `/ready`.
+    #[serde(default = "default_probe_path")]
+    #[schemars(length(max = 2048))]
+    pub path: String,
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// `HTTP` or `HTTPS` (HTTPS is not checked by the activator: held requests wait for
+    /// the kubelet).
+    #[serde(default = "default_probe_scheme")]
+    pub scheme: String,
+    /// Extra request headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_headers: Vec<ProbeHeader>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProbe {
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcProbe {
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The service name sent in the health check (empty: the server as a whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+fn default_probe_path() -> String {
+    "/".into()
+}
+fn default_probe_scheme() -> String {
+    "HTTP".into()
 }
 
 fn default_activation_timeout() -> Duration {
@@ -326,6 +402,15 @@ pub struct ScaledServiceStatus {
     /// The activator port assigned to each port of the backend Service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortStatus>,
+    /// The check the activators run on new pods while requests are held (from
+    /// `spec.activation.probe` or the pod template's readiness probe). Absent: held
+    /// requests wait for the kubelet to mark a pod Ready; `activationProbeSource` says
+    /// why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_probe: Option<ActivationProbe>,
+    /// Where `activationProbe` comes from, or why there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_probe_source: Option<String>,
 }
 
 /// One port of the backend Service and the activator port that serves it.

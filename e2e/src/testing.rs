@@ -148,6 +148,22 @@ pub fn testapp_deployment(name: &str, replicas: i32, extra_args: &[&str]) -> Dep
     .expect("valid deployment")
 }
 
+/// [`testapp_deployment`] with the readiness probe's `periodSeconds` set (the
+/// Kubernetes default is 10; the tests' default 1).
+pub fn with_readiness_period(mut d: Deployment, seconds: i32) -> Deployment {
+    for c in d
+        .spec
+        .iter_mut()
+        .flat_map(|s| s.template.spec.iter_mut())
+        .flat_map(|s| s.containers.iter_mut())
+    {
+        if let Some(p) = c.readiness_probe.as_mut() {
+            p.period_seconds = Some(seconds);
+        }
+    }
+    d
+}
+
 /// A Service selecting `app=<name>` on port 80 → `http`.
 pub fn testapp_service(name: &str) -> Service {
     serde_json::from_value(json!({

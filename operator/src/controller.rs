@@ -594,6 +594,23 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     status.desired_replicas = Some(d.desired);
     status.service_name = Some(svc_name.clone());
     status.ports = ports;
+    // The check the activators run on new pods while requests are held.
+    let (probe, source) = match timed(ctx, scale_api.get_opt(&ss.spec.scale_target_ref.name)).await
+    {
+        Ok(t) => {
+            let template = t.map(|o| serde_json::json!({"spec": o.data.get("spec")}));
+            crate::probe::resolve(ss.spec.activation.probe.as_ref(), template.as_ref())
+        }
+        Err(e) if ss.spec.activation.probe.is_none() => (
+            None,
+            format!(
+                "none: the workload could not be read ({e}); held requests wait for the kubelet's readiness"
+            ),
+        ),
+        Err(_) => crate::probe::resolve(ss.spec.activation.probe.as_ref(), None),
+    };
+    status.activation_probe = probe;
+    status.activation_probe_source = Some(source);
     if let Some(t) = load.last_request.and_then(to_time) {
         let newer = old
             .last_request_time

@@ -10,6 +10,7 @@ pub mod lead;
 pub mod metrics;
 pub mod objects;
 pub mod ports;
+pub mod probe;
 pub mod run;
 pub mod schedule;
 pub mod stats;
