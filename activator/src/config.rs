@@ -67,6 +67,10 @@ pub struct Args {
     /// `json` or `text`.
     #[arg(long, env = "SNOOZE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Check the new pods of a cold service with the workload's readiness probe
+    /// (`status.activationProbe`) instead of waiting for the kubelet to mark one Ready.
+    #[arg(long, env = "SNOOZE_ACTIVATION_PROBING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub activation_probing: bool,
 }
 
 #[derive(serde::Deserialize)]

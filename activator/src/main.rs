@@ -65,8 +65,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (ss_tx, mut ss_rx) = tokio::sync::watch::channel(false);
         let (eps_tx, mut eps_rx) = tokio::sync::watch::channel(false);
         let m = metrics.clone();
-        let watch_ss =
-            watch::scaled_services(client.clone(), table.clone(), listeners.clone(), m, ss_tx);
+        let (c, t, l, probing) = (
+            client.clone(),
+            table.clone(),
+            listeners.clone(),
+            args.activation_probing,
+        );
+        let watch_ss = watch::scaled_services(c, t, l, m, probing, ss_tx);
         tasks.spawn("scaledservice watch", watch_ss);
         let watch_eps = watch::endpoint_slices(client, table, pool, metrics, eps_tx);
         tasks.spawn("endpointslice watch", watch_eps);

@@ -47,6 +47,8 @@ fn settings(ss: &ScaledService) -> Settings {
 pub struct Routes {
     by_port: HashMap<u16, Arc<Route>>,
     ports_of: HashMap<ServiceRef, Vec<u16>>,
+    /// Off: no activator probe; held requests wait for the kubelet's readiness.
+    pub no_probing: bool,
 }
 
 impl Routes {
@@ -76,7 +78,8 @@ impl Routes {
             ss.status
                 .as_ref()
                 .and_then(|s| s.activation_probe.as_ref())
-                .and_then(crate::probe::Probe::from_spec),
+                .and_then(crate::probe::Probe::from_spec)
+                .filter(|_| !self.no_probing),
         );
         let mut mine = Vec::with_capacity(ports.len());
         for p in ports {
@@ -99,7 +102,10 @@ impl Routes {
     /// Starts over from a full list (the watch's first list, or a re-list after it
     /// lost its place): services not in it are dropped.
     pub fn reset(&mut self, table: &Table, all: &BTreeMap<ServiceRef, ScaledService>) {
-        *self = Self::default();
+        *self = Self {
+            no_probing: self.no_probing,
+            ..Self::default()
+        };
         for (k, ss) in all {
             self.apply(table, k, Some(ss));
         }
@@ -130,10 +136,14 @@ pub async fn scaled_services(
     table: Arc<Table>,
     listeners: Arc<Listeners>,
     metrics: Arc<Metrics>,
+    probing: bool,
     synced: watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let api: Api<ScaledService> = Api::all(client);
-    let mut routes = Routes::default();
+    let mut routes = Routes {
+        no_probing: !probing,
+        ..Routes::default()
+    };
     let mut init: Option<BTreeMap<ServiceRef, ScaledService>> = None;
     let mut stream = std::pin::pin!(snooze_runtime::watch::resilient(
         watcher::watcher(api, watcher::Config::default()).default_backoff(),

@@ -23,7 +23,10 @@ use kube::{Api, Client};
 use serde_json::json;
 use std::sync::Mutex as StdMutex;
 
-use crate::testing::{SNOOZE_NAMESPACE, app, http_get, ingress_targets};
+use crate::testing::{
+    SNOOZE_NAMESPACE, http_get, ingress_targets, testapp_deployment, testapp_service,
+    with_readiness_period,
+};
 
 /// Instants seen by the watches during one round.
 #[derive(Default, Debug, Clone, Copy)]
@@ -179,7 +182,12 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (at(0.50), at(0.95), v[v.len() - 1])
 }
 
-pub async fn run(rounds: usize, startup_delay_ms: u64, ns: &str) -> anyhow::Result<()> {
+pub async fn run(
+    rounds: usize,
+    startup_delay_ms: u64,
+    readiness_period_s: i32,
+    ns: &str,
+) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let nss: Api<Namespace> = Api::all(client.clone());
     if nss.get_opt(ns).await?.is_some() {
@@ -198,7 +206,16 @@ pub async fn run(rounds: usize, startup_delay_ms: u64, ns: &str) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let delay = startup_delay_ms.to_string();
-    app(&client, ns, "web", 0, &["--startup-delay-ms", &delay]).await;
+    let deploy = with_readiness_period(
+        testapp_deployment("web", 0, &["--startup-delay-ms", &delay]),
+        readiness_period_s,
+    );
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &deploy)
+        .await?;
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &testapp_service("web"))
+        .await?;
     let ssvcs: Api<snooze_crds::ScaledService> = Api::namespaced(client.clone(), ns);
     ssvcs
         .create(
@@ -224,20 +241,22 @@ pub async fn run(rounds: usize, startup_delay_ms: u64, ns: &str) -> anyhow::Resu
         }
     };
     eprintln!(
-        "coldstart: {rounds} rounds, test app start-up delay {startup_delay_ms} ms, readiness period 1 s, through {targets:?}"
+        "coldstart: {rounds} rounds, test app start-up delay {startup_delay_ms} ms, readiness period {readiness_period_s} s, through {targets:?}"
     );
 
     // The wake signal's arrival is derived: the patch as the watch saw it, less the
     // operator's own wake → patch time (so it includes the watch's delivery).
-    const SEGMENTS: [&str; 8] = [
+    const SEGMENTS: [&str; 10] = [
         "request → scale patch seen",
         "  of which request → wake signal at the operator",
         "  of which the operator's wake → patch",
         "scale patch → pod created",
-        "pod created → Ready (the pod's own start)",
-        "Ready seen → first byte",
+        "pod created → Ready (the kubelet's verdict)",
+        "Ready seen → first byte (< 0: before Ready)",
         "total: request → first byte",
-        "total − the pod's own start (Snooze + kube)",
+        "total − pod created → Ready (Snooze + kube)",
+        "the app's own start-up (process → listening)",
+        "total − the app's own start-up",
     ];
     let mut segs: Vec<Vec<f64>> = vec![Vec::new(); SEGMENTS.len()];
     let mut last: Option<Instant> = None;
@@ -257,6 +276,12 @@ pub async fn run(rounds: usize, startup_delay_ms: u64, ns: &str) -> anyhow::Resu
         .map_err(anyhow::Error::msg)?;
         let first_byte = t0.elapsed();
         anyhow::ensure!(status == 200, "round {round}: {status} {body}");
+        // The app's own start-up, as it measured it (one pod: maxReplicas 1).
+        let startup_ms =
+            match http_get(&format!("http://{target}/startup"), Duration::from_secs(5)).await {
+                Ok((200, b)) => b.trim().parse::<f64>().ok().map(|us| us / 1000.0),
+                _ => None,
+            };
         // The Ready event may trail the answer by the watch's delivery time.
         let deadline = Instant::now() + Duration::from_secs(5);
         while seen.lock().unwrap().ready.is_none() && Instant::now() < deadline {
@@ -265,11 +290,12 @@ pub async fn run(rounds: usize, startup_delay_ms: u64, ns: &str) -> anyhow::Resu
         tasks.iter().for_each(|t| t.abort());
         let s = *seen.lock().unwrap();
         let (after_sum, after_n) = wake_to_patch(&client).await?;
-        let (Some(patch), Some(created), Some(ready)) = (s.patch, s.created, s.ready) else {
+        // With the activator's probe the answer may come long before the kubelet's
+        // Ready (a 10 s period): Ready is then not waited for.
+        let (Some(patch), Some(created)) = (s.patch, s.created) else {
             anyhow::bail!("round {round}: a watch missed an event: {s:?}");
         };
         let since = |t: Instant| t.saturating_duration_since(t0);
-        let own = ms(ready.saturating_duration_since(created));
         let total = ms(first_byte);
         segs[0].push(ms(since(patch)));
         if after_n == before_n + 1 {
@@ -278,16 +304,28 @@ pub async fn run(rounds: usize, startup_delay_ms: u64, ns: &str) -> anyhow::Resu
             segs[2].push(wake_to_patch);
         }
         segs[3].push(ms(created.saturating_duration_since(patch)));
-        segs[4].push(own);
-        segs[5].push(ms(first_byte.saturating_sub(since(ready))));
+        if let Some(ready) = s.ready {
+            let own = ms(ready.saturating_duration_since(created));
+            segs[4].push(own);
+            segs[5].push(total - ms(since(ready)));
+            segs[7].push(total - own);
+        }
         segs[6].push(total);
-        segs[7].push(total - own);
+        if let Some(st) = startup_ms {
+            segs[8].push(st);
+            segs[9].push(total - st);
+        }
         eprintln!(
-            "round {round}: patch {:.0} ms, created {:.0}, ready {:.0}, first byte {:.0} ms",
+            "round {round}: patch {:.0} ms, created {:.0}, ready {}, first byte {:.0} ms, app start-up {}",
             ms(since(patch)),
             ms(since(created)),
-            ms(since(ready)),
-            total
+            s.ready
+                .map(|r| format!("{:.0}", ms(since(r))))
+                .unwrap_or_else(|| "-".into()),
+            total,
+            startup_ms
+                .map(|v| format!("{v:.0} ms"))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     println!(

@@ -787,22 +787,38 @@ async fn default_period_app(client: &kube::Client, ns: &str, args: &[&str]) -> V
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let pp = PostParams::default();
     deploys
-        .create(&pp, &with_readiness_period(testapp_deployment("web", 0, args), 10))
+        .create(
+            &pp,
+            &with_readiness_period(testapp_deployment("web", 0, args), 10),
+        )
         .await
         .unwrap();
     services.create(&pp, &testapp_service("web")).await.unwrap();
     let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
-    ssvcs.create(&pp, &scaled_service("web", 0, 1, "1h")).await.unwrap();
+    ssvcs
+        .create(&pp, &scaled_service("web", 0, 1, "1h"))
+        .await
+        .unwrap();
     wait_for("the activation probe in the status", T, || async {
-        let st = ssvcs.get("web").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
-        let p = st.activation_probe.ok_or(format!("none: {:?}", st.activation_probe_source))?;
+        let st = ssvcs
+            .get("web")
+            .await
+            .map_err(|e| e.to_string())?
+            .status
+            .unwrap_or_default();
+        let p = st
+            .activation_probe
+            .ok_or(format!("none: {:?}", st.activation_probe_source))?;
         let h = p.http_get.ok_or("not an httpGet probe")?;
         (h.path == "/ready" && h.port == 8080)
             .then_some(())
             .ok_or(format!("{h:?} from {:?}", st.activation_probe_source))
     })
     .await;
-    wait_for("managed endpoints", T, || listening_targets(client, ns, "web", "http")).await
+    wait_for("managed endpoints", T, || {
+        listening_targets(client, ns, "web", "http")
+    })
+    .await
 }
 
 #[tokio::test]
@@ -814,9 +830,15 @@ async fn cold_start_does_not_wait_for_a_10s_readiness_period() {
         let t0 = Instant::now();
         let r = http_get(&format!("http://{}/", targets[0]), Duration::from_secs(30)).await;
         let took = t0.elapsed();
-        eprintln!("cold request with a 10 s readiness period: {:?} after {took:?}", r.as_ref().map(|(c, _)| *c));
+        eprintln!(
+            "cold request with a 10 s readiness period: {:?} after {took:?}",
+            r.as_ref().map(|(c, _)| *c)
+        );
         assert_eq!(r.map(|(c, _)| c), Ok(200));
-        assert!(took < Duration::from_secs(2), "took {took:?}: waited for the kubelet's period");
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?}: waited for the kubelet's period"
+        );
     })
     .await;
 }
@@ -831,12 +853,21 @@ async fn a_pod_failing_its_readiness_path_gets_no_request_before_it_passes() {
         let t0 = Instant::now();
         let r = http_get(&format!("http://{}/", targets[0]), Duration::from_secs(30)).await;
         let took = t0.elapsed();
-        eprintln!("cold request, /ready 503 for 3 s, 10 s period: {:?} after {took:?}", r.as_ref().map(|(c, _)| *c));
+        eprintln!(
+            "cold request, /ready 503 for 3 s, 10 s period: {:?} after {took:?}",
+            r.as_ref().map(|(c, _)| *c)
+        );
         assert_eq!(r.map(|(c, _)| c), Ok(200));
         // Not before /ready passed (the app answers / from its first millisecond), and
         // not after the kubelet's next probe either.
-        assert!(took >= Duration::from_secs(3), "sent before /ready passed: {took:?}");
-        assert!(took < Duration::from_secs(8), "waited for the kubelet: {took:?}");
+        assert!(
+            took >= Duration::from_secs(3),
+            "sent before /ready passed: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(8),
+            "waited for the kubelet: {took:?}"
+        );
     })
     .await;
 }

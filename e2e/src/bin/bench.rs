@@ -55,6 +55,9 @@ enum Cmd {
         /// The test application's start-up delay.
         #[arg(long, default_value_t = 300)]
         startup_delay_ms: u64,
+        /// `periodSeconds` of the test app's readiness probe (Kubernetes' default: 10).
+        #[arg(long, default_value_t = 1)]
+        readiness_period: i32,
         #[arg(long, default_value = "coldstart-bench")]
         namespace: String,
     },
@@ -350,8 +353,11 @@ fn main() -> anyhow::Result<()> {
             Cmd::Coldstart {
                 rounds,
                 startup_delay_ms,
+                readiness_period,
                 namespace,
-            } => snooze_e2e::coldstart::run(rounds, startup_delay_ms, &namespace).await,
+            } => {
+                snooze_e2e::coldstart::run(rounds, startup_delay_ms, readiness_period, &namespace).await
+            }
             Cmd::Release { requests, rounds } => {
                 let mut firsts = Vec::new();
                 let mut all = Vec::new();

@@ -4,6 +4,7 @@
 //! Routes:
 //! - `/` answers `hello from <pod>`; `?delay_ms=N` overrides the per-request delay;
 //! - `/ready` is the readiness endpoint (503 until `--ready-delay` has passed), `/healthz`;
+//! - `/startup` answers the app's own start-up in µs (process start → listening);
 //! - `/echo` reads the whole body and answers its length and SHA-256;
 //! - `/headers` answers the request's headers, one per line (`Host` included);
 //! - `/stream?chunks=N&interval_ms=M` streams N chunks, M ms apart;
@@ -60,6 +61,8 @@ struct Args {
 struct App {
     name: String,
     started: Instant,
+    /// From the process's start to listening: the app's own start-up.
+    startup: Duration,
     ready_after: Duration,
     delay: Duration,
     requests: AtomicU64,
@@ -82,6 +85,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     app.requests.fetch_add(1, Ordering::Relaxed);
     let mut resp = match req.uri().path() {
         "/healthz" => full(StatusCode::OK, "ok\n"),
+        "/startup" => full(StatusCode::OK, format!("{}\n", app.startup.as_micros())),
         "/ready" => {
             if app.started.elapsed() >= app.ready_after {
                 full(StatusCode::OK, "ready\n")
@@ -243,6 +247,7 @@ async fn api_check() -> Response<Body> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let process_start = Instant::now();
     let args = Args::parse();
     if let Some(code) = args.crash_with {
         eprintln!("testapp: crashing on purpose with exit code {code}");
@@ -264,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
     let app = Arc::new(App {
         name: std::env::var("POD_NAME").unwrap_or_else(|_| "testapp".into()),
         started: Instant::now(),
+        startup: process_start.elapsed(),
         ready_after: Duration::from_millis(args.ready_delay_ms),
         delay: Duration::from_millis(args.delay_ms),
         requests: AtomicU64::new(0),
