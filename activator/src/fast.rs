@@ -618,11 +618,15 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
         };
         let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
         let checkout = if fresh_connection {
-            c.proxy.pool.connect_raw(addr).await.map(|s| (s, false))
+            c.proxy
+                .pool
+                .connect_raw(addr)
+                .await
+                .map(|(s, u)| (s, false, u))
         } else {
             c.proxy.pool.checkout_raw(addr).await
         };
-        let (mut up, reused) = match checkout {
+        let (mut up, reused, mut unproven) = match checkout {
             Ok(s) => s,
             Err(e) => {
                 debug!(service = %svc.display, %addr, "connect failed, to the hyper path: {e}");
@@ -717,6 +721,7 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
                 _ = client_gone(&client) => return Outcome::Done,
             }
         };
+        drop(std::mem::take(&mut unproven));
         let resp = match resp {
             Ok(r) => {
                 buf.advance(consumed);

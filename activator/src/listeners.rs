@@ -148,7 +148,7 @@ impl Listeners {
                 .collect()
         };
         for (port, route) in to_open {
-            match TcpListener::bind(SocketAddr::new(self.bind, port)).await {
+            match listen(SocketAddr::new(self.bind, port)) {
                 Ok(l) => {
                     info!(port, service = %route.service.display, "listening");
                     let (tx, rx) = watch::channel(Some(route));
@@ -386,4 +386,21 @@ impl AsyncWrite for Rewind {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
+}
+
+/// The accept queue asked of the kernel (capped by `net.core.somaxconn`, 4,096 on
+/// current kernels). tokio's `bind` asks for 1,024: a burst of 2,000 first requests
+/// overflowed it and the dropped SYNs came back a second later.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `bind` sets).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

@@ -34,8 +34,26 @@ pub struct Pool {
     max_idle_per_pod: usize,
 }
 
-/// Most connection attempts in progress to one pod.
+/// Most new connections to one pod that have not yet carried a response (connects in
+/// progress included). A connect completes when the pod's kernel queues it, not when the
+/// app accepts it: releasing 2,000 held requests at once made 2,000 connections, the
+/// pod's accept queue (1,024 for a tokio listener) overflowed, and the dropped SYNs
+/// were retransmitted a second later (`TcpExtListenOverflows`; answers at 1.05–1.1 s).
+/// Bounding the *unproven* connections instead makes the rest wait for one of them to
+/// come back to the pool, and reuse it.
 const MAX_CONNECTING_PER_POD: usize = 32;
+
+/// A new connection's place under [`MAX_CONNECTING_PER_POD`]: keep it until the
+/// connection has carried its first response head (the pod accepted and answered).
+#[derive(Default)]
+pub struct Unproven(Option<tokio::sync::OwnedSemaphorePermit>);
+
+impl Unproven {
+    /// The connection answered: its place goes to the next request.
+    pub fn proven(&mut self) {
+        self.0 = None;
+    }
+}
 
 impl Pool {
     pub fn new(connect_timeout: Duration, max_idle_per_pod: usize) -> Arc<Self> {
@@ -69,24 +87,30 @@ impl Pool {
     /// A plain connection to `addr` for the HTTP/1.1 fast path: an idle pooled one
     /// when there is one, else a new one (under the same bound on connects in
     /// progress as the hyper connections).
-    /// `true` with a reused connection.
-    pub async fn checkout_raw(&self, addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
+    /// `true` with a reused connection; a new one comes with its [`Unproven`] place.
+    pub async fn checkout_raw(&self, addr: SocketAddr) -> io::Result<(TcpStream, bool, Unproven)> {
         if let Some(s) = self.idle_raw(addr) {
-            return Ok((s, true));
+            return Ok((s, true, Unproven::default()));
         }
-        let gate = self.gate(addr);
-        let _permit = gate.acquire().await.map_err(io::Error::other)?;
+        let permit = self
+            .gate(addr)
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
         if let Some(s) = self.idle_raw(addr) {
-            return Ok((s, true));
+            return Ok((s, true, Unproven::default()));
         }
-        Ok((self.connect(addr).await?, false))
+        Ok((self.connect(addr).await?, false, Unproven(Some(permit))))
     }
 
-    /// A new plain connection to `addr` (under the bound on connects in progress).
-    pub async fn connect_raw(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let gate = self.gate(addr);
-        let _permit = gate.acquire().await.map_err(io::Error::other)?;
-        self.connect(addr).await
+    /// A new plain connection to `addr` (under the bound on unproven connections).
+    pub async fn connect_raw(&self, addr: SocketAddr) -> io::Result<(TcpStream, Unproven)> {
+        let permit = self
+            .gate(addr)
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        Ok((self.connect(addr).await?, Unproven(Some(permit))))
     }
 
     fn idle_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
@@ -115,12 +139,17 @@ impl Pool {
 
     /// A connection to `addr`: an idle pooled one when there is one, else a new one.
     /// `fresh` forces a new HTTP/1.1 connection (for upgrades, which consume it).
-    pub async fn checkout(&self, addr: SocketAddr, h2: bool, fresh: bool) -> io::Result<Conn> {
+    pub async fn checkout(
+        &self,
+        addr: SocketAddr,
+        h2: bool,
+        fresh: bool,
+    ) -> io::Result<(Conn, Unproven)> {
         if h2 {
             if let Some(s) = self.h2.lock().get(&addr)
                 && s.is_ready()
             {
-                return Ok(Conn::H2(s.clone()));
+                return Ok((Conn::H2(s.clone()), Unproven::default()));
             }
             let io = TokioIo::new(self.connect(addr).await?);
             let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -133,17 +162,20 @@ impl Pool {
                 let _ = conn.await;
             });
             self.h2.lock().insert(addr, send.clone());
-            return Ok(Conn::H2(send));
+            return Ok((Conn::H2(send), Unproven::default()));
         }
         if !fresh && let Some(s) = self.idle(addr) {
-            return Ok(Conn::H1(s));
+            return Ok((Conn::H1(s), Unproven::default()));
         }
-        let gate = self.gate(addr);
-        let _permit = gate.acquire().await.map_err(io::Error::other)?;
+        let permit = self
+            .gate(addr)
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
         // While this request waited, another may have finished and returned its
         // connection.
         if !fresh && let Some(s) = self.idle(addr) {
-            return Ok(Conn::H1(s));
+            return Ok((Conn::H1(s), Unproven::default()));
         }
         let io = TokioIo::new(self.connect(addr).await?);
         let (send, conn) = http1::Builder::new()
@@ -153,7 +185,7 @@ impl Pool {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        Ok(Conn::H1(send))
+        Ok((Conn::H1(send), Unproven(Some(permit))))
     }
 
     fn idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {

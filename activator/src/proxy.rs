@@ -445,6 +445,7 @@ impl Proxy {
         }
         let mut req = Some(req);
         let mut lease: Option<Lease> = None;
+        let mut unproven: crate::pool::Unproven;
         let (slot, mut resp) = 'attempt: loop {
             let (slot, conn) = loop {
                 let slot = match self.acquire(svc, &route.port_name, start, &tried).await {
@@ -478,7 +479,10 @@ impl Proxy {
                 };
                 let addr = SocketAddr::new(guard.slot.endpoint.ip, guard.slot.port);
                 match self.pool.checkout(addr, h2, upgrade).await {
-                    Ok(c) => break (guard, c),
+                    Ok((c, u)) => {
+                        unproven = u;
+                        break (guard, c);
+                    }
                     Err(e) => {
                         warn!(service = %svc.display, %addr, "connect failed: {e}");
                         self.pool.forget(&addr);
@@ -517,6 +521,8 @@ impl Proxy {
                     tokio::time::timeout(self.response_timeout, s.try_send_request(this)).await
                 }
             };
+            // The connection carried a response head, or failed: its place goes on.
+            unproven.proven();
             match sent {
                 Ok(Ok(r)) => break 'attempt (slot, r),
                 // The connection closed before the request was written (a pod closing
