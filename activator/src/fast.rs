@@ -152,9 +152,12 @@ fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedR
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let (mut body_len, mut close) = (None, false);
-    let (mut xff, mut proto) = (false, false);
+    let (mut xff, mut proto, mut hosts) = (false, false, 0);
     for h in req.headers.iter() {
         let (name, value) = (h.name, h.value);
+        if is(name, "host") {
+            hosts += 1;
+        }
         if is(name, "content-length") {
             if body_len.is_some() {
                 return ParsedRequest::Other;
@@ -189,6 +192,11 @@ fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedR
             proto = true;
         }
         header(out, name.as_bytes(), value);
+    }
+    // A missing or repeated Host is answered 400 on the hyper path (one set of rules:
+    // `crate::rules::host_fields`).
+    if crate::rules::host_fields(1, hosts).is_err() {
+        return ParsedRequest::Other;
     }
     if !xff {
         header(out, b"x-forwarded-for", forwarded_for);
@@ -367,15 +375,20 @@ fn parse_response(
 }
 
 /// Where a chunked body stands (RFC 9112 §7.1), fed the raw bytes as they pass through.
+/// Lines end in CRLF only, and the chunk-size line takes the same forms hyper's decoder
+/// does (hex digits, optional whitespace, `;` extensions): two framers that disagree
+/// over one upstream connection is how response desync starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunked {
-    /// In a chunk-size line: the size so far, whether a digit was seen, and whether the
-    /// digits are over (extensions or whitespace follow).
+    /// In the chunk size: the size so far and whether a digit was seen.
     Size {
         n: u64,
         digit: bool,
-        ext: bool,
     },
+    /// Whitespace after the size.
+    SizeLws(u64),
+    /// In a chunk extension (after `;`), up to the CR.
+    Ext(u64),
     SizeLf(u64),
     Data(u64),
     DataCr,
@@ -392,11 +405,7 @@ enum Chunked {
 
 impl Chunked {
     fn new() -> Self {
-        Chunked::Size {
-            n: 0,
-            digit: false,
-            ext: false,
-        }
+        Chunked::Size { n: 0, digit: false }
     }
 
     /// Consumes bytes of the body; returns how many belong to it (all of `b` unless it
@@ -410,15 +419,10 @@ impl Chunked {
             }
             let c = b[i];
             *self = match *self {
-                Chunked::Size { n, digit, ext } => match c {
+                Chunked::Size { n, digit } => match c {
                     b'\r' if digit => Chunked::SizeLf(n),
-                    b'\n' if digit => after_size(n),
-                    _ if ext => Chunked::Size { n, digit, ext },
-                    b';' | b' ' | b'\t' if digit => Chunked::Size {
-                        n,
-                        digit,
-                        ext: true,
-                    },
+                    b' ' | b'\t' if digit => Chunked::SizeLws(n),
+                    b';' if digit => Chunked::Ext(n),
                     _ => {
                         let d = (c as char).to_digit(16).ok_or(BAD)?;
                         if n >> 60 != 0 {
@@ -427,9 +431,19 @@ impl Chunked {
                         Chunked::Size {
                             n: n * 16 + u64::from(d),
                             digit: true,
-                            ext: false,
                         }
                     }
+                },
+                Chunked::SizeLws(n) => match c {
+                    b' ' | b'\t' => Chunked::SizeLws(n),
+                    b';' => Chunked::Ext(n),
+                    b'\r' => Chunked::SizeLf(n),
+                    _ => return Err(BAD),
+                },
+                Chunked::Ext(n) => match c {
+                    b'\r' => Chunked::SizeLf(n),
+                    b'\n' => return Err(BAD),
+                    _ => Chunked::Ext(n),
                 },
                 Chunked::SizeLf(n) if c == b'\n' => after_size(n),
                 Chunked::Data(n) => {
@@ -444,11 +458,10 @@ impl Chunked {
                     continue;
                 }
                 Chunked::DataCr if c == b'\r' => Chunked::DataLf,
-                Chunked::DataCr | Chunked::DataLf if c == b'\n' => Chunked::new(),
+                Chunked::DataLf if c == b'\n' => Chunked::new(),
                 Chunked::Trailer { empty } => match c {
                     b'\r' => Chunked::TrailerLf { empty },
-                    b'\n' if empty => Chunked::Done,
-                    b'\n' => Chunked::Trailer { empty: true },
+                    b'\n' => return Err(BAD),
                     _ => Chunked::Trailer { empty: false },
                 },
                 Chunked::TrailerLf { empty } if c == b'\n' => {
@@ -982,6 +995,50 @@ mod tests {
     }
 
     #[test]
+    fn chunk_size_lines_are_read_as_httparse_reads_them() {
+        // Every size line of up to 5 bytes from this alphabet (a bare LF among them),
+        // then CRLF: our decoder takes a line exactly when httparse::parse_chunk_size
+        // does, with the same size.
+        let alphabet = b"0a5F; \tx=\n";
+        let mut lines: Vec<Vec<u8>> = vec![vec![]];
+        let mut last = lines.clone();
+        for _ in 0..5 {
+            let mut next = Vec::new();
+            for l in &last {
+                for c in alphabet {
+                    let mut m = l.clone();
+                    m.push(*c);
+                    next.push(m);
+                }
+            }
+            lines.extend(next.iter().cloned());
+            last = next;
+        }
+        assert!(lines.len() > 100_000);
+        for mut line in lines {
+            line.extend_from_slice(b"\r\n");
+            // httparse is laxer than hyper's decoder in two ways, where we follow hyper
+            // (`hyper::proto::h1::decode`): a size needs a digit, and an extension may
+            // not hold a bare LF.
+            let hyper_refuses =
+                !line[0].is_ascii_hexdigit() || line[..line.len() - 1].contains(&b'\n');
+            let theirs = match httparse::parse_chunk_size(&line) {
+                Ok(httparse::Status::Complete((n, size))) if n == line.len() && !hyper_refuses => {
+                    Some(size)
+                }
+                _ => None,
+            };
+            let mut c = Chunked::new();
+            let ours = match (c.feed(&line), c) {
+                (Ok(_), Chunked::Data(size)) => Some(size),
+                (Ok(_), Chunked::Trailer { .. }) => Some(0),
+                _ => None,
+            };
+            assert_eq!(theirs, ours, "{:?}", String::from_utf8_lossy(&line));
+        }
+    }
+
+    #[test]
     fn chunked_bodies_end_where_they_end_in_any_split() {
         let body =
             b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\n";
@@ -1003,6 +1060,14 @@ mod tests {
             b"5\r\nhelloXX",
             b"\r\n",
             b"fffffffffffffffff\r\n",
+            // Bare LF anywhere, as hyper and httparse refuse it.
+            b"5\nhello\r\n",
+            b"5\r\nhello\n",
+            b"5;ext\n",
+            b"0\r\nx-trailer: 1\n\r\n",
+            b"0\r\n\n",
+            // Whitespace after the size may only lead to `;` or the line end.
+            b"5 x\r\n",
         ] {
             assert!(
                 Chunked::new().feed(bad).is_err(),

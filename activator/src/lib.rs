@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod proxy;
+pub mod rules;
 pub mod stats;
 pub mod table;
 pub mod watch;

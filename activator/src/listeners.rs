@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::fast;
 use crate::proxy::{Parked, Proxy, Route, forwarded_for};
+use crate::rules::{self, FirstRequest};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior
 /// knowledge opens with it.
@@ -231,6 +232,22 @@ impl Listeners {
         let since = Instant::now();
         let mut parked_since = None;
         let current = route.borrow().clone();
+        // A sleeping service wakes only for a complete, valid request head (or the
+        // HTTP/2 preface and a HEADERS frame): junk, TLS hellos, malformed, oversized
+        // or Host-less heads are answered (400/431 by hyper or the proxy) or closed
+        // without a wake.
+        let current = match current {
+            Some(r) if !r.service.has_pod(&r.port_name) => {
+                let max = self.limits.max_header_bytes;
+                match tokio::time::timeout(limit, first_request(&stream, max)).await {
+                    Ok(Some(FirstRequest::Complete)) => Some(r),
+                    Ok(Some(_)) => None,
+                    // Closed, or no complete head within the header read timeout.
+                    Ok(None) | Err(_) => return,
+                }
+            }
+            other => other,
+        };
         if let Some(r) = current {
             match self
                 .proxy
@@ -403,4 +420,28 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Peeks at a new connection until its first request can be judged (the bytes stay in
+/// the socket for whoever serves it); `None` when the client closed first.
+async fn first_request(stream: &TcpStream, max: usize) -> Option<FirstRequest> {
+    let mut buf = vec![0u8; 4096.min(max)];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        match rules::first_request(&buf[..n], max) {
+            FirstRequest::Partial if n == buf.len() && n < max => {
+                buf.resize((2 * n).min(max), 0);
+            }
+            FirstRequest::Partial => {
+                // Peeking leaves the socket readable: wait a little for more.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            verdict => return Some(verdict),
+        }
+    }
 }

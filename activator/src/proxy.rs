@@ -282,6 +282,24 @@ impl Proxy {
         };
         let svc = route.service.clone();
         let start = parked_since.unwrap_or_else(Instant::now);
+        // The client's errors are answered here, never forwarded and never a wake.
+        if let Some(minor) = match req.version() {
+            Version::HTTP_10 => Some(0),
+            Version::HTTP_11 => Some(1),
+            _ => None,
+        } && let Err(why) =
+            crate::rules::host_fields(minor, req.headers().get_all(header::HOST).iter().count())
+        {
+            let mut resp = text(
+                StatusCode::BAD_REQUEST,
+                format!("snooze: bad request: {why}\n"),
+            );
+            // Like hyper after a malformed head: the connection ends with this answer.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            svc.metrics.response(resp.status().as_u16());
+            return resp;
+        }
         svc.requests.fetch_add(1, Ordering::Relaxed);
         svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
         let in_flight = InFlight::new(svc.clone());
@@ -502,12 +520,20 @@ impl Proxy {
                 }
             };
             let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
-            let Some(this) = req.take() else {
+            let Some(mut this) = req.take() else {
                 return text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "snooze: request lost\n".into(),
                 );
             };
+            // An HTTP/1.0 request may come without Host; it goes on as HTTP/1.1, which
+            // needs one: the pod's address, as a client calling it directly would send.
+            if !h2
+                && !this.headers().contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(&addr.to_string())
+            {
+                this.headers_mut().insert(header::HOST, v);
+            }
             let sent = match conn {
                 Conn::H1(mut s) => {
                     let r =
@@ -540,6 +566,18 @@ impl Proxy {
                         l.discard();
                     }
                     let e = e.into_error();
+                    // The request's own body failed (a malformed chunk, a client gone
+                    // mid-body): the client's error, not the pod's.
+                    if e.is_user() {
+                        let why = std::error::Error::source(&e)
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| e.to_string());
+                        debug!(service = %svc.display, %addr, "request body: {why}");
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            format!("snooze: {}: bad request body: {why}\n", svc.display),
+                        );
+                    }
                     debug!(service = %svc.display, %addr, "upstream error: {e}");
                     return text(
                         StatusCode::BAD_GATEWAY,
@@ -604,15 +642,18 @@ fn rewrite_request(
 ) {
     // The authority is copied only when it has to move (into the h2 `:authority`, or
     // into a Host header an h2 client did not send).
+    // An absolute-form target's authority replaces Host (RFC 9112 §3.2.2); otherwise
+    // Host stays, and moves into `:authority` for h2.
     let has_host = req.headers().contains_key(header::HOST);
-    let authority = if h2 || !has_host {
-        req.headers()
+    let authority = match req.uri().authority() {
+        Some(a) if req.version() != Version::HTTP_2 => Some(a.to_string()),
+        _ if h2 || !has_host => req
+            .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-    } else {
-        None
+            .or_else(|| req.uri().authority().map(|a| a.to_string())),
+        _ => None,
     };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);

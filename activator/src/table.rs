@@ -187,6 +187,14 @@ impl Service {
         self.capacity.notify_waiters();
     }
 
+    /// Whether a pod is there for the Service port `port_name`.
+    pub fn has_pod(&self, port_name: &str) -> bool {
+        self.endpoints
+            .borrow()
+            .iter()
+            .any(|e| e.port(port_name).is_some())
+    }
+
     pub fn endpoints(&self) -> EndpointSet {
         self.endpoints.borrow().clone()
     }

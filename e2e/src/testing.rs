@@ -403,3 +403,24 @@ pub async fn accepts(addr: &str) -> Result<(), String> {
         Err(_) => Err("connect timed out".into()),
     }
 }
+
+/// Bytes that are not an HTTP request the activator would forward.
+pub fn junk() -> Vec<(&'static str, Vec<u8>)> {
+    let mut oversized = b"GET / HTTP/1.1\r\nhost: x\r\nx-big: ".to_vec();
+    oversized.resize(100 * 1024, b'a');
+    oversized.extend_from_slice(b"\r\n\r\n");
+    vec![
+        (
+            "a TLS ClientHello",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\x00\x01\x02\x03\x04\x05\x06\x07"
+                .to_vec(),
+        ),
+        ("a line of junk", b"HELLO THERE\r\n".to_vec()),
+        (
+            "a malformed head",
+            b"GET / HTTP/1.1\r\nbad header line\r\n\r\n".to_vec(),
+        ),
+        ("a head without Host", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        ("an oversized head", oversized),
+    ]
+}

@@ -939,3 +939,148 @@ async fn informational_chunked_and_close_delimited_answers_pass_through() {
     assert!(text.contains("connection: close\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\nuntil-close"), "{text}");
 }
+
+// ---- strict HTTP (issue 15): the client's errors are 4xx from the activator ----------
+
+#[tokio::test]
+async fn a_bad_chunk_size_in_a_request_body_is_400_not_502() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let r = raw(
+        a.port,
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+}
+
+#[tokio::test]
+async fn http_1_0_without_host_is_answered_by_the_backend() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let r = raw(a.port, b"GET /headers HTTP/1.0\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 ") || r.starts_with("HTTP/1.0 200 "),
+        "{r}"
+    );
+    assert!(
+        r.contains(&format!("host: {}", b.addr)),
+        "the pod's address as Host: {r}"
+    );
+}
+
+#[tokio::test]
+async fn missing_or_repeated_host_is_400_from_the_activator_on_both_paths() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    for req in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+        // The same through the hyper path (a chunked body sends it there).
+        b"POST /echo HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.0\r\nhost: a\r\nhost: a\r\n\r\n",
+    ] {
+        let r = raw(a.port, req).await;
+        assert_eq!(
+            r.split(' ').nth(1),
+            Some("400"),
+            "{:?} → {r}",
+            String::from_utf8_lossy(req)
+        );
+        assert!(r.contains("Host"), "{r}");
+    }
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_sets_host() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let r = raw(
+        a.port,
+        b"GET http://a.example/headers HTTP/1.1\r\nhost: b.example\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    assert!(r.contains("host: a.example"), "{r}");
+    assert!(!r.contains("b.example"), "{r}");
+}
+
+/// A "pod" whose chunked answers end their size lines with a bare LF.
+async fn pod_with_bare_lf_chunks() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_bare_lf_in_a_chunked_answer_is_refused_the_same_way_on_both_paths() {
+    let pod = pod_with_bare_lf_chunks().await;
+    let a = activator(Settings::default()).await;
+    a.svc
+        .set_endpoints(vec![(pod.ip(), vec![("http".into(), pod.port())])]);
+    // Fast path (a plain GET) and hyper path (HTTP/1.0 goes there): neither hands the
+    // client a complete message built on the bare LF.
+    for req in [
+        &b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+        b"GET / HTTP/1.0\r\nhost: x\r\n\r\n",
+    ] {
+        let r = raw(a.port, req).await;
+        assert!(
+            !r.contains("hello"),
+            "{:?} → {r:?}",
+            String::from_utf8_lossy(req)
+        );
+        assert!(
+            !r.ends_with("0\r\n\r\n"),
+            "{:?} → {r:?}",
+            String::from_utf8_lossy(req)
+        );
+    }
+}
+
+#[tokio::test]
+async fn junk_never_wakes_a_sleeping_service_and_is_answered_at_once() {
+    let a = activator(Settings::default()).await;
+    for (what, bytes) in snooze_e2e::testing::junk() {
+        let t0 = Instant::now();
+        let r = raw(a.port, &bytes).await;
+        let took = t0.elapsed();
+        let status = r.split(' ').nth(1).unwrap_or("closed").to_string();
+        eprintln!("{what}: {status} after {took:?}");
+        assert!(took < Duration::from_millis(100), "{what}: {took:?}");
+        assert!(
+            matches!(status.as_str(), "400" | "431" | "closed"),
+            "{what}: {r}"
+        );
+        assert_eq!(a.svc.metrics.wakes.get(), 0, "{what} woke the service");
+        assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+    // A complete, valid head wakes it.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while a.svc.metrics.wakes.get() == 0 && start.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(a.svc.metrics.wakes.get(), 1);
+}

@@ -871,3 +871,40 @@ async fn a_pod_failing_its_readiness_path_gets_no_request_before_it_passes() {
     })
     .await;
 }
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn junk_is_answered_at_once_and_never_wakes_a_sleeping_service() {
+    ensure_snooze().await;
+    in_namespace("junk", |client, ns| async move {
+        scaled_app(&client, &ns, 0, 0, 1, "1h", &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let targets = wait_for("managed endpoints", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        for (what, bytes) in junk() {
+            for t in &targets {
+                let t0 = Instant::now();
+                let mut s = tokio::net::TcpStream::connect(t.as_str()).await.unwrap();
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s.write_all(&bytes).await;
+                let mut out = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+                let took = t0.elapsed();
+                let text = String::from_utf8_lossy(&out);
+                let status = text.split(' ').nth(1).unwrap_or("closed").to_string();
+                eprintln!("{what} → {t}: {status} after {took:?}");
+                assert!(
+                    matches!(status.as_str(), "400" | "431" | "closed"),
+                    "{what}: {text}"
+                );
+                assert!(took < Duration::from_millis(100), "{what}: {took:?}");
+            }
+        }
+        // Nothing woke it.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 0);
+    })
+    .await;
+}

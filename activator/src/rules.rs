@@ -1,0 +1,138 @@
+//! HTTP rules that both data paths (the fast path's httparse heads and hyper's parsed
+//! requests) apply the same way, and that decide whether a first request may wake a
+//! sleeping service.
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one Host field; an HTTP/1.0 one
+/// at most one. A violation is the client's error (400), never forwarded.
+pub fn host_fields(version_minor: u8, count: usize) -> Result<(), &'static str> {
+    match (version_minor, count) {
+        (_, n) if n > 1 => Err("more than one Host field"),
+        (1, 0) => Err("an HTTP/1.1 request needs a Host field"),
+        _ => Ok(()),
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection are, judged before a sleeping service is woken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FirstRequest {
+    /// A complete, valid HTTP/1.x request head, or the HTTP/2 preface and a HEADERS
+    /// frame: worth a wake.
+    Complete,
+    /// Not there yet (and still within the size bound).
+    Partial,
+    /// Not an HTTP request the activator would forward (junk, a TLS ClientHello, a
+    /// malformed or oversized head, a bad Host): answered or closed without a wake.
+    Invalid,
+}
+
+/// Judges the bytes a client sent so far; `max` bounds a request head.
+pub fn first_request(buf: &[u8], max: usize) -> FirstRequest {
+    if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) || H2_PREFACE.starts_with(buf) {
+        return h2_first_request(buf, max);
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {
+            let hosts = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                .count();
+            match host_fields(req.version.unwrap_or(1), hosts) {
+                Ok(()) => FirstRequest::Complete,
+                Err(_) => FirstRequest::Invalid,
+            }
+        }
+        Ok(httparse::Status::Partial) if buf.len() < max => FirstRequest::Partial,
+        _ => FirstRequest::Invalid,
+    }
+}
+
+/// After the preface: frames up to the first HEADERS (type 1). Unknown frame types
+/// before it, or more than `max` bytes, are not a request.
+fn h2_first_request(buf: &[u8], max: usize) -> FirstRequest {
+    if buf.len() < H2_PREFACE.len() {
+        return FirstRequest::Partial;
+    }
+    let mut at = H2_PREFACE.len();
+    loop {
+        if at + 9 > buf.len() {
+            return if buf.len() < max {
+                FirstRequest::Partial
+            } else {
+                FirstRequest::Invalid
+            };
+        }
+        let len = (usize::from(buf[at]) << 16)
+            | (usize::from(buf[at + 1]) << 8)
+            | usize::from(buf[at + 2]);
+        match buf[at + 3] {
+            0x1 => return FirstRequest::Complete,
+            // DATA, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY,
+            // WINDOW_UPDATE, CONTINUATION may come first.
+            0x0 | 0x2..=0x9 => {}
+            _ => return FirstRequest::Invalid,
+        }
+        at += 9 + len;
+        if at > max {
+            return FirstRequest::Invalid;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use FirstRequest::*;
+
+    #[test]
+    fn host_rules() {
+        assert_eq!(host_fields(1, 1), Ok(()));
+        assert_eq!(host_fields(0, 0), Ok(()));
+        assert_eq!(host_fields(0, 1), Ok(()));
+        assert!(host_fields(1, 0).is_err());
+        assert!(host_fields(1, 2).is_err());
+        assert!(host_fields(0, 2).is_err());
+    }
+
+    #[test]
+    fn what_wakes_a_sleeping_service() {
+        let max = 1024;
+        let cases: Vec<(&[u8], FirstRequest)> = vec![
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Complete),
+            (b"GET / HTTP/1.0\r\n\r\n", Complete),
+            (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", Complete),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n", Partial),
+            (b"GET / HT", Partial),
+            (b"G", Partial),
+            (b"GET / HTTP/1.1\r\n\r\n", Invalid),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", Invalid),
+            (b"HELLO THERE\r\n", Invalid),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", Invalid),
+            (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", Invalid),
+            (b"GET / HTTP/1.1\r\nHost: a\x00\r\n\r\n", Invalid),
+            (b"PRI * HTTP/2.0\r\n", Partial),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Partial),
+            // SETTINGS (empty), then HEADERS.
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x05\x01\x04\x00\x00\x00\x01", Complete),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", Partial),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x77\x00\x00\x00\x00\x00", Invalid),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                first_request(bytes, max),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        // A head that outgrows the bound without ending.
+        let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        big.resize(max, b'a');
+        assert_eq!(first_request(&big, max), Invalid);
+    }
+}
