@@ -85,6 +85,12 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.service.metrics.in_flight.dec();
+        // A request's end is activity: idle time runs from the last moment anything
+        // was open (an SSE stream that ends starts the idle clock then, not at its
+        // start).
+        self.service
+            .last_request_ms
+            .fetch_max(now_ms(), Ordering::Relaxed);
     }
 }
 

@@ -32,9 +32,17 @@ fn key(ss: &ScaledService) -> ServiceRef {
 
 fn settings(ss: &ScaledService) -> Settings {
     let a = &ss.spec.activation;
+    // This activator's share of the service's bound (the operator divides it among
+    // the activators); the whole bound until the operator has written the share.
+    let share = ss
+        .status
+        .as_ref()
+        .and_then(|s| s.max_queued_per_activator)
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(u64::from(a.max_queued_requests));
     Settings {
         timeout: a.timeout(),
-        max_queued: u64::from(a.max_queued_requests),
+        max_queued: share,
         pod_concurrency: a.pod_concurrency as usize,
     }
 }

@@ -22,6 +22,9 @@ pub const LABEL_SCALED_SERVICE: &str = "snooze.dev/scaled-service";
 pub const MANAGER: &str = "operator.snooze.dev";
 
 /// A Go-style duration string, as Kubernetes writes them: `30s`, `5m`, `1h30m`, `250ms`.
+/// The CEL rules on durations first check the same pattern (written out in each rule),
+/// so an invalid string gets the pattern's message alone, not a second "type conversion
+/// error" from `duration()`.
 const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
 /// Scale a workload to zero when nobody uses it, and back up on the first request.
@@ -72,7 +75,7 @@ pub struct ScaledServiceSpec {
     /// scaled to `minReplicas`, zero included. Go duration syntax: `30s`, `5m`, `1h`.
     #[serde(default = "default_idle_timeout")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("idleTimeout must be a duration of at least 1s, such as 30s or 5m"))]
+    #[x_kube(validation = Rule::new(concat!(r#"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "duration(self) >= duration('1s')")).message("idleTimeout must be a duration of at least 1s, such as 30s or 5m"))]
     pub idle_timeout: Duration,
 
     /// How the activator holds requests while no pod is ready.
@@ -126,11 +129,12 @@ pub struct ActivationSpec {
     /// Longest a request waits for a ready pod; past it the client gets 504.
     #[serde(default = "default_activation_timeout")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('1h')").message("activation.timeout must be between 1s and 1h"))]
+    #[x_kube(validation = Rule::new(concat!(r#"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "(duration(self) >= duration('1s') && duration(self) <= duration('1h'))")).message("activation.timeout must be between 1s and 1h"))]
     pub timeout: Duration,
 
-    /// Most requests held for this service at once (per activator); more get 503 with
-    /// `Retry-After` at once.
+    /// Most requests held for this service at once, across all activators (each holds
+    /// its share, `status.maxQueuedPerActivator`); more get 503 with `Retry-After` at
+    /// once.
     #[serde(default = "default_max_queued")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_queued_requests: u32,
@@ -251,7 +255,7 @@ pub enum ScalingMetric {
 
 /// How replicas follow the load between 1 and `maxReplicas`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("duration(self.panicWindow) <= duration(self.stableWindow)").message("scaling.panicWindow must not be longer than scaling.stableWindow"))]
+#[x_kube(validation = Rule::new(concat!(r#"!self.panicWindow.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || !self.stableWindow.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "duration(self.panicWindow) <= duration(self.stableWindow)")).message("scaling.panicWindow must not be longer than scaling.stableWindow"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingPolicy {
     /// `concurrency` (in-flight requests per replica) or `rps` (requests per second per
@@ -270,13 +274,13 @@ pub struct ScalingPolicy {
     /// The load is averaged over this window to decide the replicas.
     #[serde(default = "default_stable_window")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('6s') && duration(self) <= duration('1h')").message("scaling.stableWindow must be between 6s and 1h"))]
+    #[x_kube(validation = Rule::new(concat!(r#"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "(duration(self) >= duration('6s') && duration(self) <= duration('1h'))")).message("scaling.stableWindow must be between 6s and 1h"))]
     pub stable_window: Duration,
     /// A short window that reacts to bursts; while it needs `panicThreshold` times the
     /// ready replicas, the workload scales up at once and never down.
     #[serde(default = "default_panic_window")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("scaling.panicWindow must be at least 1s"))]
+    #[x_kube(validation = Rule::new(concat!(r#"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "duration(self) >= duration('1s')")).message("scaling.panicWindow must be at least 1s"))]
     pub panic_window: Duration,
     /// Panic when the panic-window load needs this many times the ready replicas
     /// (percent: 200 means twice).
@@ -347,7 +351,7 @@ pub struct Schedule {
     pub time_zone: String,
     /// How long the window lasts from each start.
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("schedules[].duration must be at least 1m"))]
+    #[x_kube(validation = Rule::new(concat!(r#"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "duration(self) >= duration('1m')")).message("schedules[].duration must be at least 1m"))]
     pub duration: Duration,
     /// Fewest replicas inside the window (a warm pool).
     #[schemars(range(min = 1, max = 10000))]
@@ -411,6 +415,10 @@ pub struct ScaledServiceStatus {
     /// Where `activationProbe` comes from, or why there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation_probe_source: Option<String>,
+    /// Each activator's share of `activation.maxQueuedRequests` (divided among the
+    /// activators that serve this service, rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued_per_activator: Option<i32>,
 }
 
 /// One port of the backend Service and the activator port that serves it.

@@ -176,6 +176,19 @@ async fn kubectl_apply_rejects_invalid_specs_with_readable_messages() {
             assert!(!ok, "accepted: {spec}");
             assert!(out.contains(want), "message for {spec:?} lacks {want:?}: {out}");
         }
+        // An invalid duration gets one readable message (the pattern's), not a second
+        // "type conversion error" from the CEL rule.
+        for spec in [
+            "  scaleTargetRef: {name: web}\n  service: web\n  idleTimeout: abc\n",
+            "  scaleTargetRef: {name: web}\n  service: web\n  activation: {timeout: soon}\n",
+            "  scaleTargetRef: {name: web}\n  service: web\n  scaling: {stableWindow: long}\n",
+        ] {
+            std::fs::write(&file, bad(spec)).unwrap();
+            let (ok, out) = kubectl(&["apply", "-f", file.to_str().unwrap()]).await;
+            assert!(!ok, "accepted: {spec}");
+            assert!(out.contains("should match"), "no pattern message for {spec:?}: {out}");
+            assert!(!out.contains("conversion"), "a second, confusing message for {spec:?}: {out}");
+        }
         let _ = std::fs::remove_file(&file);
     })
     .await;
@@ -905,6 +918,225 @@ async fn junk_is_answered_at_once_and_never_wakes_a_sleeping_service() {
         // Nothing woke it.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 0);
+    })
+    .await;
+}
+
+// ---- scaling rules users can predict (issue 16) ----------------------------------------
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_wake_restarts_the_idle_clock() {
+    ensure_snooze().await;
+    in_namespace("idle-wake", |client, ns| async move {
+        let ssvcs = scaled_app(&client, &ns, 0, 0, 1, "10s", &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let targets = wait_for("managed endpoints", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let r = http_get(&format!("http://{}/", targets[0]), Duration::from_secs(30)).await;
+        assert_eq!(r.map(|(c, _)| c), Ok(200));
+        let answered = Instant::now();
+        // LAST REQUEST is shown within 2 s.
+        wait_for("status.lastRequestTime", Duration::from_secs(2), || async {
+            let st = ssvcs
+                .get("web")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .unwrap_or_default();
+            st.last_request_time.map(|_| ()).ok_or("blank".to_string())
+        })
+        .await;
+        eprintln!(
+            "lastRequestTime shown {:?} after the answer",
+            answered.elapsed()
+        );
+        // Still up 9 s after, at zero by 12 s.
+        tokio::time::sleep(Duration::from_secs(9).saturating_sub(answered.elapsed())).await;
+        assert_eq!(
+            deployment_replicas(&deploys, "web").await.unwrap(),
+            1,
+            "asleep before its idle timeout"
+        );
+        wait_replicas(
+            &deploys,
+            "web",
+            0,
+            Duration::from_secs(12).saturating_sub(answered.elapsed()),
+        )
+        .await;
+        eprintln!("asleep {:?} after the answer", answered.elapsed());
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn idle_time_runs_from_the_end_of_a_long_request() {
+    ensure_snooze().await;
+    in_namespace("idle-stream", |client, ns| async move {
+        scaled_app(&client, &ns, 1, 0, 1, "10s", &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let targets = wait_for("managed endpoints", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        // A 40 s stream (40 chunks, 1 s apart).
+        let url = format!("http://{}/stream?chunks=40&interval_ms=1000", targets[0]);
+        let stream = tokio::spawn(async move { http_get(&url, Duration::from_secs(60)).await });
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(38) {
+            assert_eq!(
+                deployment_replicas(&deploys, "web").await.unwrap(),
+                1,
+                "scaled down during the stream"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(stream.await.unwrap().map(|(c, _)| c), Ok(200));
+        let ended = Instant::now();
+        // Up for the idle timeout after its end (with a margin for the 1 s tick).
+        while ended.elapsed() < Duration::from_secs(9) {
+            assert_eq!(
+                deployment_replicas(&deploys, "web").await.unwrap(),
+                1,
+                "scaled down {:?} after the stream",
+                ended.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        wait_replicas(&deploys, "web", 0, Duration::from_secs(10)).await;
+        eprintln!("asleep {:?} after the stream ended", ended.elapsed());
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn deleting_gives_back_zero_or_three_and_a_hand_over_starts_nothing() {
+    ensure_snooze().await;
+    in_namespace("restore-rules", |client, ns| async move {
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let pp = PostParams::default();
+        let gone = |name: &'static str| {
+            let ssvcs = ssvcs.clone();
+            async move {
+                wait_for("ScaledService gone", T, || async {
+                    ssvcs
+                        .get_opt(name)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                        .then_some(())
+                        .ok_or("still there".to_string())
+                })
+                .await
+            }
+        };
+        // Created at 0 (minReplicas 1 scales it up): deleting gives back 0.
+        app(&client, &ns, "zero", 0, &[]).await;
+        ssvcs
+            .create(&pp, &scaled_service("zero", 1, 2, "1h"))
+            .await
+            .unwrap();
+        wait_replicas(&deploys, "zero", 1, T).await;
+        ssvcs
+            .delete("zero", &DeleteParams::default())
+            .await
+            .unwrap();
+        gone("zero").await;
+        assert_eq!(deployment_replicas(&deploys, "zero").await.unwrap(), 0);
+        // Created at 3 (idle → 0): deleting gives back 3.
+        app(&client, &ns, "three", 3, &[]).await;
+        ssvcs
+            .create(&pp, &scaled_service("three", 0, 3, "2s"))
+            .await
+            .unwrap();
+        wait_replicas(&deploys, "three", 0, T).await;
+        ssvcs
+            .delete("three", &DeleteParams::default())
+            .await
+            .unwrap();
+        gone("three").await;
+        assert_eq!(deployment_replicas(&deploys, "three").await.unwrap(), 3);
+        // Two ScaledServices on one sleeping Deployment: deleting the owner hands it over
+        // as it is; no pod starts.
+        app(&client, &ns, "web", 1, &[]).await;
+        ssvcs
+            .create(&pp, &scaled_service("web", 0, 1, "2s"))
+            .await
+            .unwrap();
+        wait_replicas(&deploys, "web", 0, T).await;
+        let mut second = scaled_service("web", 0, 1, "1h");
+        second.metadata.name = Some("web-2".into());
+        ssvcs.create(&pp, &second).await.unwrap();
+        wait_for("the second one reports the conflict", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web-2").await?;
+            (r == "Conflict")
+                .then_some(())
+                .ok_or(format!("{s} {r} {m}"))
+        })
+        .await;
+        wait_no_pods(&pods, "web").await;
+        ssvcs.delete("web", &DeleteParams::default()).await.unwrap();
+        gone("web").await;
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            assert_eq!(
+                deployment_replicas(&deploys, "web").await.unwrap(),
+                0,
+                "a pod was started in the hand-over"
+            );
+            let n = pods
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .unwrap()
+                .items
+                .len();
+            assert_eq!(n, 0, "a pod was started in the hand-over");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn the_queue_bound_holds_per_service_across_activators() {
+    ensure_snooze().await;
+    in_namespace("queue-bound", |client, ns| async move {
+        app(&client, &ns, "web", 0, &["--startup-delay-ms", "8000"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let mut ss = serde_json::to_value(scaled_service("web", 0, 1, "1h")).unwrap();
+        ss["spec"]["activation"] = serde_json::json!({"timeout": "20s", "maxQueuedRequests": 100});
+        ssvcs.create(&PostParams::default(), &serde_json::from_value(ss).unwrap()).await.unwrap();
+        let targets = wait_for("two activators listed", T, || async {
+            let t = listening_targets(&client, &ns, "web", "http").await?;
+            let st = ssvcs.get("web").await.map_err(|e| e.to_string())?.status.unwrap_or_default();
+            (t.len() == 2 && st.max_queued_per_activator == Some(50)).then_some(t.clone()).ok_or(format!("{t:?} share {:?}", st.max_queued_per_activator))
+        })
+        .await;
+        // 300 first requests spread over both activators while the app takes 8 s to start.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let url = format!("http://{}/?i={i}", targets[i % targets.len()]);
+            tasks.spawn(async move { http_get(&url, Duration::from_secs(30)).await.map(|(c, _)| c) });
+        }
+        let (mut ok, mut refused, mut other) = (0, 0, 0);
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(200) => ok += 1,
+                Ok(503) => refused += 1,
+                _ => other += 1,
+            }
+        }
+        eprintln!("300 cold requests, maxQueuedRequests 100 over 2 activators: {ok} held and answered, {refused} refused with 503, {other} other");
+        assert!(ok <= 100, "{ok} held");
+        assert_eq!(ok + refused, 300, "{other} neither held nor refused");
     })
     .await;
 }

@@ -153,7 +153,25 @@ fn idle_since(ctx: &Context, ss: &ScaledService) -> SystemTime {
         .and_then(|s| s.last_request_time.as_ref())
         .map(to_system)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    created.max(ctx.started).max(last)
+    // A wake is activity: the idle clock starts over from it (a pod woken by a request
+    // whose report came late was scaled down seconds later).
+    let woken = ctx
+        .last_scale
+        .lock()
+        .get(&key_of(ss))
+        .filter(|(_, why)| why == Reason::Wake.as_str())
+        .map(|(t, _)| to_system(t))
+        .into_iter()
+        .chain(
+            ss.status
+                .as_ref()
+                .filter(|s| s.last_scale_reason.as_deref() == Some(Reason::Wake.as_str()))
+                .and_then(|s| s.last_scale_time.as_ref())
+                .map(to_system),
+        )
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    created.max(ctx.started).max(last).max(woken)
 }
 
 /// Once a second on the leader: record every service's load and let the autoscaler
@@ -213,6 +231,18 @@ pub async fn autoscale_tick(
         }
         let d = decision::decide(&pol, current, &load, now, idle_since(ctx, &ss));
         if d.desired == current {
+            // The status shows the last request within a couple of seconds (the
+            // reconcile writes it at most every 10 s).
+            let shown = ss
+                .status
+                .as_ref()
+                .and_then(|s| s.last_request_time.as_ref())
+                .map(to_system);
+            if let Some(t) = load.last_request
+                && shown.is_none_or(|s| t >= s + Duration::from_secs(10))
+            {
+                let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
+            }
             continue;
         }
         let Ok(Ok(api)) = scale_api(ctx, &ss).await else {
@@ -259,11 +289,19 @@ pub fn error_policy(_ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> 
 
 /// The older of two ScaledServices that claim one workload keeps it.
 fn conflicting_owner(ctx: &Context, ss: &ScaledService) -> Option<String> {
-    let ns = ss.namespace();
     let mine = (ss.metadata.creation_timestamp.clone(), ss.name_any());
+    other_claimants(ctx, ss)
+        .into_iter()
+        .find(|o| (o.metadata.creation_timestamp.clone(), o.name_any()) < mine)
+        .map(|o| o.name_any())
+}
+
+/// The other live ScaledServices that name the same workload.
+fn other_claimants(ctx: &Context, ss: &ScaledService) -> Vec<Arc<ScaledService>> {
+    let ns = ss.namespace();
     ctx.store
         .state()
-        .iter()
+        .into_iter()
         .filter(|o| {
             o.namespace() == ns && o.uid() != ss.uid() && o.metadata.deletion_timestamp.is_none()
         })
@@ -273,8 +311,7 @@ fn conflicting_owner(ctx: &Context, ss: &ScaledService) -> Option<String> {
                 && group(&o.spec.scale_target_ref.api_version)
                     == group(&ss.spec.scale_target_ref.api_version)
         })
-        .find(|o| (o.metadata.creation_timestamp.clone(), o.name_any()) < mine)
-        .map(|o| o.name_any())
+        .collect()
 }
 
 fn group(api_version: &str) -> &str {
@@ -534,7 +571,9 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
 
     // 3. Replicas.
     let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-    if status.original_replicas.is_none() && current > 0 {
+    // Recorded once, when Snooze takes the workload over (0 included): deleting the
+    // ScaledService gives it back.
+    if status.original_replicas.is_none() {
         status.original_replicas = Some(current);
     }
     let key = key_of(&ss);
@@ -611,6 +650,10 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     };
     status.activation_probe = probe;
     status.activation_probe_source = Some(source);
+    status.max_queued_per_activator = Some(decision::queue_share(
+        ss.spec.activation.max_queued_requests,
+        serving.len(),
+    ));
     if let Some(t) = load.last_request.and_then(to_time) {
         let newer = old
             .last_request_time
@@ -795,18 +838,19 @@ async fn write_status(
 async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let ns = ss.namespace().unwrap_or_default();
     let name = ss.name_any();
-    if conflicting_owner(ctx, &ss).is_none()
+    // Another ScaledService on the same workload takes it over as it is: restoring
+    // first would start pods that it stops a second later.
+    if other_claimants(ctx, &ss).is_empty()
         && let Ok(api) = scale_api(ctx, &ss).await?
     {
         match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
             Ok(scale) => {
                 let current = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
-                let restore = ss
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.original_replicas)
-                    .unwrap_or(1)
-                    .max(1);
+                // The replicas it had before Snooze first changed them, 0 included (an
+                // older status without the record: 1, so the workload runs).
+                let restore = decision::restore_replicas(
+                    ss.status.as_ref().and_then(|s| s.original_replicas),
+                );
                 if current != restore {
                     scale_to(ctx, &ss, &api, current, restore, Reason::Steady, None).await?;
                 }

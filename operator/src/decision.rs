@@ -70,6 +70,19 @@ pub struct Decision {
     pub recheck_in: Option<Duration>,
 }
 
+/// The replicas a deleted ScaledService gives its workload back: the ones it had when
+/// Snooze took it over, 0 included; 1 when that was never recorded (so it runs).
+pub fn restore_replicas(original: Option<i32>) -> i32 {
+    original.map_or(1, |o| o.max(0))
+}
+
+/// Each activator's share of a service's queue bound: the bound holds per service
+/// whichever activators the ingress picks (rounded up; at least 1).
+pub fn queue_share(max_queued: u32, activators: usize) -> i32 {
+    let n = u32::try_from(activators.max(1)).unwrap_or(u32::MAX);
+    i32::try_from(max_queued.div_ceil(n).max(1)).unwrap_or(i32::MAX)
+}
+
 /// Decides the replicas. `idle_since` is when the idle clock starts if no request was
 /// ever seen (the time Snooze took the workload over).
 pub fn decide(
@@ -160,6 +173,26 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_bound_is_shared_by_the_activators() {
+        for (max, n, want) in [
+            (100, 2, 50),
+            (1000, 3, 334),
+            (100, 0, 100),
+            (1, 4, 1),
+            (100, 1, 100),
+        ] {
+            assert_eq!(queue_share(max, n), want, "{max} over {n}");
+        }
+    }
+
+    #[test]
+    fn deleting_restores_what_the_workload_had() {
+        for (original, want) in [(Some(0), 0), (Some(3), 3), (None, 1), (Some(-1), 0)] {
+            assert_eq!(restore_replicas(original), want, "{original:?}");
+        }
+    }
 
     const T0: u64 = 1_000_000;
 

@@ -8,6 +8,8 @@
 //!   once they are all sent, then waits for the answers until killed.
 //! - `coldstart --rounds R`: R cold starts on the local cluster, split into segments
 //!   (see `snooze_e2e::coldstart`).
+//! - `burst --requests N --max-queued Q`: N simultaneous first requests at a cold
+//!   service that holds at most Q; the send → 503 time of the refused ones.
 //! - `release --requests N --rounds R`: runs the activator's proxy in this process with
 //!   one service and no pod, holds N requests, then makes a pod appear and measures,
 //!   for each request, the time from the endpoint event to its answer; R cold starts.
@@ -60,6 +62,14 @@ enum Cmd {
         readiness_period: i32,
         #[arg(long, default_value = "coldstart-bench")]
         namespace: String,
+    },
+    /// N simultaneous first requests at a cold service holding at most `max-queued`:
+    /// the time from sending to the 503 of each refused one.
+    Burst {
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        #[arg(long, default_value_t = 1000)]
+        max_queued: u64,
     },
     Release {
         #[arg(long, default_value_t = 1000)]
@@ -336,6 +346,75 @@ async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
     Ok(lat)
 }
 
+/// The in-process activator with one cold service (no pod) holding at most
+/// `max_queued`; `n` clients connect and send their first request at once. Returns the
+/// send → 503 times (µs) of the refused ones and how many were held.
+async fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
+    use snooze_activator::{
+        listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics = Arc::new(Metrics::new());
+    let table = Arc::new(Table::new(metrics, 1_000_000));
+    let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
+    let proxy = Arc::new(Proxy {
+        table: table.clone(),
+        pool: Pool::new(Duration::from_secs(2), 256),
+        stats,
+        response_timeout: Duration::from_secs(60),
+    });
+    let listeners = Listeners::new(proxy, "127.0.0.1".parse()?, ServerLimits::default());
+    let key = snooze_crds::stats::ServiceRef {
+        namespace: "bench".into(),
+        name: "web".into(),
+    };
+    let settings = Settings {
+        max_queued,
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let svc = table.upsert(key, "web", settings);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let route = Arc::new(Route {
+        service: svc.clone(),
+        port_name: String::new(),
+        h2c: false,
+    });
+    listeners.sync(&[(port, route)].into()).await;
+    // Connect all first, then send every request at once.
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        streams.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut s in streams {
+        let go = go.clone();
+        tasks.spawn(async move {
+            go.wait().await;
+            let t0 = Instant::now();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = [0u8; 12];
+            // A held request gets nothing until the activation timeout: not waited for.
+            match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await {
+                Ok(Ok(_)) if &buf[9..12] == b"503" => Some(t0.elapsed().as_micros() as u32),
+                _ => None,
+            }
+        });
+    }
+    let mut refused = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        refused.extend(r.ok().flatten());
+    }
+    let held = svc.queued.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    listeners.drain(Duration::from_millis(100)).await;
+    Ok((refused, held))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -357,6 +436,22 @@ fn main() -> anyhow::Result<()> {
                 namespace,
             } => {
                 snooze_e2e::coldstart::run(rounds, startup_delay_ms, readiness_period, &namespace).await
+            }
+            Cmd::Burst {
+                requests,
+                max_queued,
+            } => {
+                let (mut refused, held) = burst(requests, max_queued).await?;
+                refused.sort_unstable();
+                println!(
+                    "{}",
+                    json!({
+                        "requests": requests, "max_queued": max_queued, "held": held, "refused_503": refused.len(),
+                        "503_p50_ms": percentile(&refused, 0.5), "503_p99_ms": percentile(&refused, 0.99),
+                        "503_max_ms": percentile(&refused, 1.0),
+                    })
+                );
+                Ok(())
             }
             Cmd::Release { requests, rounds } => {
                 let mut firsts = Vec::new();
