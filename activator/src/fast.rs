@@ -738,6 +738,7 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
         let resp = match resp {
             Ok(r) => {
                 buf.advance(consumed);
+                c.proxy.table.metrics.fast_path_requests.inc();
                 r
             }
             Err((0, _)) => {

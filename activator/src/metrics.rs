@@ -42,6 +42,8 @@ pub struct Metrics {
     pub watch_errors: Family<WatchLabels, Counter>,
     /// Idle upstream connections kept for reuse (set by the pool).
     pub pooled_connections: Gauge,
+    /// Requests forwarded by the HTTP/1.1 fast path (the rest go through hyper).
+    pub fast_path_requests: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,6 +73,12 @@ impl Metrics {
         let shed_global = Counter::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
         let pooled_connections = Gauge::default();
+        let fast_path_requests = Counter::default();
+        registry.register(
+            "fast_path_requests",
+            "Requests forwarded by the HTTP/1.1 fast path (the others by hyper)",
+            fast_path_requests.clone(),
+        );
         registry.register(
             "watch_errors",
             "Errors of the API watches, by watch (logged and retried; never fatal)",
@@ -127,6 +135,7 @@ impl Metrics {
             shed_global,
             watch_errors,
             pooled_connections,
+            fast_path_requests,
         }
     }
 

@@ -78,6 +78,11 @@ struct Activator {
 }
 
 impl Activator {
+    /// Requests the fast path answered (the rest went through hyper).
+    fn fast_path_requests(&self) -> u64 {
+        self.table.metrics.fast_path_requests.get()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -637,19 +642,26 @@ async fn pod_dying_before_answering_gives_502_and_others_are_unaffected() {
             drop(s);
         }
     });
-    let broken = activator(Settings::default()).await;
-    broken.svc.set_endpoints(vec![(
+    // One activator (one table, pool and set of listeners): a request in flight to a
+    // healthy pod while another dies on the broken one.
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let url = a.url("/?delay_ms=300");
+    let slow = tokio::spawn(async move { get(&url).await.0 });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    a.svc.set_endpoints(vec![(
         dying_addr.ip(),
         vec![("http".into(), dying_addr.port())],
     )]);
-    let healthy = activator(Settings::default()).await;
-    let b = backend(&[]).await;
-    healthy.set_backends(&[&b]);
-
-    let (status, _, body) = get(&broken.url("/")).await;
+    let (status, _, body) = get(&a.url("/")).await;
     assert_eq!(status, 502);
     assert!(body.contains("failed before answering"), "{body}");
-    let (status, _, _) = get(&healthy.url("/")).await;
+    // The request in flight to the healthy pod is unaffected, and the same activator
+    // serves the next one.
+    assert_eq!(slow.await.unwrap(), 200);
+    a.set_backends(&[&b]);
+    let (status, _, _) = get(&a.url("/")).await;
     assert_eq!(status, 200);
 }
 
@@ -854,6 +866,8 @@ async fn one_connection_goes_from_the_fast_path_to_hyper_and_every_request_is_an
     );
     assert!(!all.contains("x-drop-me"), "{all}");
     assert_eq!(a.svc.requests.load(std::sync::atomic::Ordering::Relaxed), 4);
+    // Which path served them: the first two the fast path, the rest hyper.
+    assert_eq!(a.fast_path_requests(), 2);
 }
 
 /// A "pod" with scripted answers on a kept-alive connection: `/hints` gets a 103
