@@ -93,7 +93,7 @@ fn hop_by_hop(name: &str, value: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
         .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-        || (is(name, "te") && trimmed(value) != b"trailers")
+        || (is(name, "te") && !crate::rules::te_kept(value))
 }
 
 fn trimmed(v: &[u8]) -> &[u8] {

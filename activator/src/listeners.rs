@@ -59,6 +59,9 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     /// Most concurrent streams per HTTP/2 connection.
     pub max_h2_streams: u32,
+    /// Let the HTTP/1.1 fast path take the requests it can (off: hyper serves all;
+    /// the differential tests compare the two).
+    pub fast_path: bool,
 }
 
 impl Default for ServerLimits {
@@ -67,6 +70,7 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
             max_h2_streams: 1000,
+            fast_path: true,
         }
     }
 }
@@ -278,7 +282,7 @@ impl Listeners {
         // HTTP/1.1 takes the fast path while its requests qualify; what it read of a
         // request it passes on goes to hyper first.
         let mut read = Bytes::new();
-        if !h2 && !self.stop_accepting.is_cancelled() {
+        if !h2 && self.limits.fast_path && !self.stop_accepting.is_cancelled() {
             let client = fast::Client {
                 proxy: &self.proxy,
                 route: &route,

@@ -231,10 +231,17 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in &HOP_BY_HOP {
         h.remove(n);
     }
-    if h.get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
+    if h.contains_key(header::TE) {
+        let kept: Vec<HeaderValue> = h
+            .get_all(header::TE)
+            .iter()
+            .filter(|v| crate::rules::te_kept(v.as_bytes()))
+            .cloned()
+            .collect();
         h.remove(header::TE);
+        for v in kept {
+            h.append(header::TE, v);
+        }
     }
     if let Some(u) = upgrade_value {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -12,6 +12,13 @@ pub fn host_fields(version_minor: u8, count: usize) -> Result<(), &'static str> 
     }
 }
 
+/// Whether one `TE` field goes on to the pod: only `trailers` does (the activator
+/// passes trailers through; codings are hop-by-hop, RFC 9110 §10.1.4). Per field, the
+/// same on both paths.
+pub fn te_kept(value: &[u8]) -> bool {
+    value.trim_ascii().eq_ignore_ascii_case(b"trailers")
+}
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
