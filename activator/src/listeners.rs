@@ -16,7 +16,7 @@ use bytes::{Buf, Bytes};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -258,7 +258,27 @@ impl Listeners {
                 .park(&r.service, &r.port_name, &stream, since)
                 .await
             {
-                Parked::NotNeeded | Parked::Full => {}
+                Parked::NotNeeded => {}
+                Parked::Full(queued) if !starts_h2(&stream).await => {
+                    let answer = self.proxy.queue_full_answer(&r.service, queued);
+                    let _ = stream.write_all(&answer).await;
+                    let _ = stream.shutdown().await;
+                    // Read what the client sent (bounded), so closing does not reset
+                    // the connection before it has read the answer.
+                    let mut sink = [0u8; 4096];
+                    let drain = async {
+                        let mut left = 64 * 1024;
+                        while left > 0 {
+                            match stream.read(&mut sink).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => left -= n.min(left),
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                    return;
+                }
+                Parked::Full(_) => {}
                 Parked::Closed => return,
                 Parked::Released | Parked::TimedOut => {
                     parked_since = Some(since);
@@ -448,4 +468,10 @@ async fn first_request(stream: &TcpStream, max: usize) -> Option<FirstRequest> {
             verdict => return Some(verdict),
         }
     }
+}
+
+/// Whether the connection opens with the HTTP/2 preface (peeked).
+async fn starts_h2(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 24];
+    matches!(stream.peek(&mut buf).await, Ok(n) if n >= 3 && buf[..n.min(24)].starts_with(&rules::H2_PREFACE[..n.min(24)]))
 }

@@ -46,8 +46,9 @@ pub struct Proxy {
 pub enum Parked {
     /// The service has a pod for this port: nothing to wait for.
     NotNeeded,
-    /// The queue is full: serve at once (the request gets its 503).
-    Full,
+    /// The queue is full: the request gets its 503 at once (see
+    /// [`Proxy::queue_full_answer`]); the service's held count.
+    Full(u64),
     /// A pod became ready while the connection waited.
     Released,
     /// The activation timeout passed (the request gets its 504).
@@ -348,8 +349,14 @@ impl Proxy {
         }
         let settings = svc.settings();
         // A full queue is counted (and answered) when the request is served.
-        let Ok(_queued) = self.enter_queue(svc, settings.max_queued) else {
-            return Parked::Full;
+        let _queued = match self.enter_queue(svc, settings.max_queued) {
+            Ok(q) => q,
+            Err(full) => {
+                if full.global {
+                    self.table.metrics.shed_global.inc();
+                }
+                return Parked::Full(full.queued);
+            }
         };
         self.stats.wake(svc);
         crate::probe::start(svc);
@@ -396,6 +403,25 @@ impl Proxy {
             });
         }
         Ok(place)
+    }
+
+    /// The whole answer to a new connection's first request that found the queue full:
+    /// 503 with `Retry-After` and `Connection: close`, written by the listener without
+    /// handing the connection to hyper (a burst's refusals are answered in
+    /// milliseconds). Counted like any request.
+    pub fn queue_full_answer(&self, svc: &Service, queued: u64) -> Vec<u8> {
+        svc.requests.fetch_add(1, Ordering::Relaxed);
+        svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
+        svc.metrics.response(503);
+        let body = format!(
+            "snooze: {} has too many requests waiting ({queued}); retry later\n",
+            svc.display
+        );
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
     }
 
     async fn acquire(
