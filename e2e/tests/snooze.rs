@@ -277,6 +277,12 @@ async fn sleeps_when_idle_and_wakes_on_the_first_request() {
             .filter(|l| l.starts_with("Woken|"))
             .find_map(|l| l.split("wake signal received ").nth(1)?.split("ms").next()?.parse::<u64>().ok());
         let patch = patch_seen.load(Ordering::SeqCst);
+        // The activator's own probe may release the request before the kubelet marks
+        // the pod Ready: wait for that too (bounded).
+        let until = Instant::now() + Duration::from_secs(10);
+        while ready_seen.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let ready = ready_seen.load(Ordering::SeqCst);
         eprintln!(
             "cold start (ms since the request): scale patch seen {} (the operator's wake signal → patch: {}), pod Ready seen {}, first byte {}; total {} ms",
