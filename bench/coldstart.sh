@@ -29,6 +29,16 @@ set_probing() { # true|false
   in_ns helm upgrade snooze "$repo/charts/snooze" -n snooze-system --reuse-values \
     --set "activator.activationProbing=$1" --wait --timeout 180s >/dev/null
   in_ns kubectl -n snooze-system rollout status deployment/snooze-activator --timeout=180s >/dev/null
+  # Until the replaced pods are gone too (what comes next lists the activator pods).
+  local want n
+  want=$(in_ns kubectl -n snooze-system get deployment snooze-activator -o jsonpath='{.spec.replicas}')
+  for _ in $(seq 1 240); do
+    n=$(in_ns kubectl -n snooze-system get pods -l app.kubernetes.io/component=activator --no-headers | wc -l)
+    [ "$n" = "$want" ] && return
+    sleep 0.5
+  done
+  echo "coldstart: old activator pods still there after 120 s" >&2
+  return 1
 }
 
 for probing in $PROBING; do
