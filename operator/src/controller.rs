@@ -58,6 +58,10 @@ pub struct Context {
     pub replicas: Mutex<HashMap<ServiceRef, (i32, i32)>>,
     /// The last scale the operator made per service: when and why (for the status).
     pub last_scale: Mutex<HashMap<ServiceRef, (Time, String)>>,
+    /// The replicas each workload had when this leader took it over, until the status
+    /// shows them: a reconcile that reads a cached object from before the first status
+    /// write must not record the replicas Snooze itself set as the original ones.
+    pub originals: Mutex<HashMap<ServiceRef, i32>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -573,10 +577,11 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     // Recorded once, when Snooze takes the workload over (0 included): deleting the
     // ScaledService gives it back.
-    if status.original_replicas.is_none() {
-        status.original_replicas = Some(current);
-    }
     let key = key_of(&ss);
+    if status.original_replicas.is_none() {
+        let original = *ctx.originals.lock().entry(key.clone()).or_insert(current);
+        status.original_replicas = Some(original);
+    }
     let load = ctx.stats.load(&key, &activators.stats);
     let mut d = decision::decide(
         &policy(&ss),
@@ -880,6 +885,7 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
     ctx.history.lock().remove(&key);
     ctx.scale_state.lock().remove(&key);
     ctx.last_scale.lock().remove(&key);
+    ctx.originals.lock().remove(&key);
     ctx.metrics.desired_replicas.remove(&ServiceLabels {
         namespace: ns,
         name,

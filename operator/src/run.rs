@@ -179,6 +179,7 @@ pub async fn lead(
         scale_state: Mutex::new(HashMap::new()),
         replicas: Mutex::new(HashMap::new()),
         last_scale: Mutex::new(HashMap::new()),
+        originals: Mutex::new(HashMap::new()),
     });
 
     // The autoscaler: once a second, follow the load (writes only on change).
