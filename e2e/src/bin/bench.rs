@@ -227,14 +227,19 @@ async fn hold(url: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One cold start: hold `n` requests, make a pod appear, and return each request's
-/// time from the endpoint event to its answer (sorted, microseconds).
-async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
+/// The activator's proxy and listeners in this process, with one service (no pod yet)
+/// on a free port: (port, service, listeners).
+async fn one_service_activator(
+    settings: snooze_activator::table::Settings,
+) -> anyhow::Result<(
+    u16,
+    Arc<snooze_activator::table::Service>,
+    Arc<snooze_activator::listeners::Listeners>,
+)> {
     use snooze_activator::{
         listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*,
     };
-    let metrics = Arc::new(Metrics::new());
-    let table = Arc::new(Table::new(metrics, 1_000_000));
+    let table = Arc::new(Table::new(Arc::new(Metrics::new()), 1_000_000));
     let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
     let proxy = Arc::new(Proxy {
         table: table.clone(),
@@ -247,30 +252,27 @@ async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
         namespace: "bench".into(),
         name: "web".into(),
     };
-    let svc = table.upsert(
-        key,
-        "web",
-        Settings {
-            max_queued: 1_000_000,
-            ..Default::default()
-        },
-    );
+    let svc = table.upsert(key, "web", settings);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    listeners
-        .sync(
-            &[(
-                port,
-                Arc::new(Route {
-                    service: svc.clone(),
-                    port_name: String::new(),
-                    h2c: false,
-                }),
-            )]
-            .into(),
-        )
-        .await;
+    let route = Arc::new(Route {
+        service: svc.clone(),
+        port_name: String::new(),
+        h2c: false,
+    });
+    listeners.sync(&[(port, route)].into()).await;
+    Ok((port, svc, listeners))
+}
+
+/// One cold start: hold `n` requests, make a pod appear, and return each request's
+/// time from the endpoint event to its answer (sorted, microseconds).
+async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
+    let (port, svc, listeners) = one_service_activator(snooze_activator::table::Settings {
+        max_queued: 1_000_000,
+        ..Default::default()
+    })
+    .await?;
     // The backend: a minimal in-process hyper server.
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let backend_addr = backend.local_addr()?;
@@ -350,39 +352,13 @@ async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
 /// `max_queued`; `n` clients connect and send their first request at once. Returns the
 /// send → 503 times (µs) of the refused ones and how many were held.
 async fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
-    use snooze_activator::{
-        listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*,
-    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let metrics = Arc::new(Metrics::new());
-    let table = Arc::new(Table::new(metrics, 1_000_000));
-    let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
-    let proxy = Arc::new(Proxy {
-        table: table.clone(),
-        pool: Pool::new(Duration::from_secs(2), 256),
-        stats,
-        response_timeout: Duration::from_secs(60),
-    });
-    let listeners = Listeners::new(proxy, "127.0.0.1".parse()?, ServerLimits::default());
-    let key = snooze_crds::stats::ServiceRef {
-        namespace: "bench".into(),
-        name: "web".into(),
-    };
-    let settings = Settings {
+    let (port, svc, listeners) = one_service_activator(snooze_activator::table::Settings {
         max_queued,
         timeout: Duration::from_secs(10),
         ..Default::default()
-    };
-    let svc = table.upsert(key, "web", settings);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let route = Arc::new(Route {
-        service: svc.clone(),
-        port_name: String::new(),
-        h2c: false,
-    });
-    listeners.sync(&[(port, route)].into()).await;
+    })
+    .await?;
     // Connect all first, then send every request at once.
     let mut streams = Vec::with_capacity(n);
     for _ in 0..n {
