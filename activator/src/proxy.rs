@@ -413,10 +413,7 @@ impl Proxy {
         svc.requests.fetch_add(1, Ordering::Relaxed);
         svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
         svc.metrics.response(503);
-        let body = format!(
-            "snooze: {} has too many requests waiting ({queued}); retry later\n",
-            svc.display
-        );
+        let body = queue_full_text(svc, queued);
         format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
@@ -510,10 +507,7 @@ impl Proxy {
                     Err(Refusal::QueueFull { queued }) => {
                         let mut r = text(
                             StatusCode::SERVICE_UNAVAILABLE,
-                            format!(
-                                "snooze: {} has too many requests waiting ({queued}); retry later\n",
-                                svc.display
-                            ),
+                            queue_full_text(svc, queued),
                         );
                         r.headers_mut()
                             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -669,6 +663,14 @@ impl Proxy {
         };
         Response::from_parts(parts, BodyExt::boxed(body))
     }
+}
+
+/// The body of a 503 for a full queue, the same on every path.
+fn queue_full_text(svc: &Service, queued: u64) -> String {
+    format!(
+        "snooze: {} has too many requests waiting ({queued}); retry later\n",
+        svc.display
+    )
 }
 
 /// Prepares a request for the pod: hop-by-hop headers out, `X-Forwarded-*` in, `Host`

@@ -346,12 +346,6 @@ async fn the_fast_path_and_the_hyper_path_agree_on_generated_requests() {
         }
         while let Some(r) = set.join_next().await {
             let (case, bytes, split, va, vb) = r.unwrap();
-            if std::env::var("DIFF_DEBUG").is_ok() {
-                eprintln!(
-                    "case {case} split {split} {va} {vb}: {:?}",
-                    String::from_utf8_lossy(&bytes)
-                );
-            }
             let key = case.to_string();
             let (sa, sb) = {
                 let l = log.lock().unwrap();

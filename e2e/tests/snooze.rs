@@ -1043,32 +1043,33 @@ async fn deleting_gives_back_zero_or_three_and_a_hand_over_starts_nothing() {
                 .await
             }
         };
+        // A Deployment created with `created` replicas, taken over until Snooze has set
+        // `set`, then its ScaledService deleted: the replicas given back.
+        let take_over_and_delete =
+            |name: &'static str, created: i32, min: i32, idle: &'static str, set: i32| {
+                let (client, ns, ssvcs, deploys, gone) = (
+                    client.clone(),
+                    ns.clone(),
+                    ssvcs.clone(),
+                    deploys.clone(),
+                    gone.clone(),
+                );
+                async move {
+                    app(&client, &ns, name, created, &[]).await;
+                    ssvcs
+                        .create(&PostParams::default(), &scaled_service(name, min, 3, idle))
+                        .await
+                        .unwrap();
+                    wait_replicas(&deploys, name, set, T).await;
+                    ssvcs.delete(name, &DeleteParams::default()).await.unwrap();
+                    gone(name).await;
+                    deployment_replicas(&deploys, name).await.unwrap()
+                }
+            };
         // Created at 0 (minReplicas 1 scales it up): deleting gives back 0.
-        app(&client, &ns, "zero", 0, &[]).await;
-        ssvcs
-            .create(&pp, &scaled_service("zero", 1, 2, "1h"))
-            .await
-            .unwrap();
-        wait_replicas(&deploys, "zero", 1, T).await;
-        ssvcs
-            .delete("zero", &DeleteParams::default())
-            .await
-            .unwrap();
-        gone("zero").await;
-        assert_eq!(deployment_replicas(&deploys, "zero").await.unwrap(), 0);
+        assert_eq!(take_over_and_delete("zero", 0, 1, "1h", 1).await, 0);
         // Created at 3 (idle → 0): deleting gives back 3.
-        app(&client, &ns, "three", 3, &[]).await;
-        ssvcs
-            .create(&pp, &scaled_service("three", 0, 3, "2s"))
-            .await
-            .unwrap();
-        wait_replicas(&deploys, "three", 0, T).await;
-        ssvcs
-            .delete("three", &DeleteParams::default())
-            .await
-            .unwrap();
-        gone("three").await;
-        assert_eq!(deployment_replicas(&deploys, "three").await.unwrap(), 3);
+        assert_eq!(take_over_and_delete("three", 3, 0, "2s", 0).await, 3);
         // Two ScaledServices on one sleeping Deployment: deleting the owner hands it over
         // as it is; no pod starts.
         app(&client, &ns, "web", 1, &[]).await;
