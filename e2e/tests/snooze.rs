@@ -932,7 +932,7 @@ async fn junk_is_answered_at_once_and_never_wakes_a_sleeping_service() {
 
 #[tokio::test]
 #[ignore = "needs the local cluster: run ./test.sh"]
-async fn a_wake_restarts_the_idle_clock() {
+async fn woken_by_one_request_it_stays_up_its_idle_timeout_after_the_answer() {
     ensure_snooze().await;
     in_namespace("idle-wake", |client, ns| async move {
         let ssvcs = scaled_app(&client, &ns, 0, 0, 1, "10s", &[]).await;
