@@ -1052,7 +1052,7 @@ async fn deleting_gives_back_zero_or_three_and_a_hand_over_starts_nothing() {
                     ns.clone(),
                     ssvcs.clone(),
                     deploys.clone(),
-                    gone.clone(),
+                    gone,
                 );
                 async move {
                     app(&client, &ns, name, created, &[]).await;
