@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::proxy::{HOP_BY_HOP, InFlight, Proxy, Route, SlotGuard, now_ms};
+use crate::proxy::{HOP_BY_HOP, InFlight, Proxy, Route, SlotGuard};
 use crate::table::Service;
 
 /// Most header fields in a head (hyper's default too).
@@ -575,6 +575,12 @@ fn room(buf: &mut BytesMut, n: usize) {
     }
 }
 
+/// Whether a request head (one the fast path took) is an `answerWhileAsleep` request
+/// of the service: forwarded, but not activity.
+fn asleep_answer(svc: &Service, head: &[u8]) -> bool {
+    crate::rules::method_and_path(head).is_some_and(|(m, p)| svc.asleep_answer(m, p).is_some())
+}
+
 /// Serves a connection's requests on the fast path while they qualify.
 pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
     let mut buf = BytesMut::with_capacity(4096);
@@ -655,9 +661,8 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
 
         // Counted from here on, and answered whatever happens.
         let start = c.parked_since.take().unwrap_or_else(Instant::now);
-        svc.requests.fetch_add(1, Ordering::Relaxed);
-        svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
-        let in_flight = InFlight::new(svc.clone());
+        let counted = !(svc.has_answers() && asleep_answer(svc, &buf[..req.head_len]));
+        let in_flight = InFlight::start(svc.clone(), counted);
         out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
         // The request stays in `buf` until an answer has begun (see `may_resend`).
         let consumed = req.head_len + req.body_len;
@@ -666,7 +671,9 @@ pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
             () => {
                 if may_resend {
                     debug!(service = %svc.display, %addr, "reused connection closed before answering; sending again");
-                    svc.requests.fetch_sub(1, Ordering::Relaxed);
+                    if in_flight.counted {
+                        svc.requests.fetch_sub(1, Ordering::Relaxed);
+                    }
                     *c.parked_since = Some(start);
                     drop((in_flight, slot));
                     fresh_connection = true;

@@ -244,7 +244,15 @@ impl Listeners {
             Some(r) if !r.service.has_pod(&r.port_name) => {
                 let max = self.limits.max_header_bytes;
                 match tokio::time::timeout(limit, first_request(&stream, max)).await {
-                    Ok(Some(FirstRequest::Complete)) => Some(r),
+                    // A health check it answers itself (`answerWhileAsleep`) wakes
+                    // nothing either: the proxy answers it.
+                    Ok(Some((FirstRequest::Complete, head)))
+                        if rules::method_and_path(&head)
+                            .is_some_and(|(m, p)| r.service.asleep_answer(m, p).is_some()) =>
+                    {
+                        None
+                    }
+                    Ok(Some((FirstRequest::Complete, _))) => Some(r),
                     Ok(Some(_)) => None,
                     // Closed, or no complete head within the header read timeout.
                     Ok(None) | Err(_) => return,
@@ -447,8 +455,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Peeks at a new connection until its first request can be judged (the bytes stay in
-/// the socket for whoever serves it); `None` when the client closed first.
-async fn first_request(stream: &TcpStream, max: usize) -> Option<FirstRequest> {
+/// the socket for whoever serves it), with the bytes peeked; `None` when the client
+/// closed first.
+async fn first_request(stream: &TcpStream, max: usize) -> Option<(FirstRequest, Vec<u8>)> {
     let mut buf = vec![0u8; 4096.min(max)];
     let mut pause = Duration::from_millis(1);
     loop {
@@ -465,7 +474,10 @@ async fn first_request(stream: &TcpStream, max: usize) -> Option<FirstRequest> {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            verdict => return Some(verdict),
+            verdict => {
+                buf.truncate(n);
+                return Some((verdict, buf));
+            }
         }
     }
 }

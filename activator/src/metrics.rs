@@ -36,6 +36,8 @@ pub struct Metrics {
     queued: Family<ServiceLabels, Gauge>,
     in_flight: Family<ServiceLabels, Gauge>,
     wakes: Family<ServiceLabels, Counter>,
+    asleep_answers: Family<ServiceLabels, Counter>,
+    activation_timeouts: Family<ServiceLabels, Counter>,
     pub shed_global: Counter,
     /// Watch errors by watch (`scaledservices`, `endpointslices`): each one is
     /// logged and retried with back-off; the activator keeps serving what it knows.
@@ -70,6 +72,8 @@ impl Metrics {
         let queued = Family::<ServiceLabels, Gauge>::default();
         let in_flight = Family::<ServiceLabels, Gauge>::default();
         let wakes = Family::<ServiceLabels, Counter>::default();
+        let asleep_answers = Family::<ServiceLabels, Counter>::default();
+        let activation_timeouts = Family::<ServiceLabels, Counter>::default();
         let shed_global = Counter::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
         let pooled_connections = Gauge::default();
@@ -120,6 +124,16 @@ impl Metrics {
             wakes.clone(),
         );
         registry.register(
+            "asleep_answers",
+            "Requests answered by the activator itself while no pod was ready (activation.answerWhileAsleep)",
+            asleep_answers.clone(),
+        );
+        registry.register(
+            "activation_timeouts",
+            "Requests answered 504 because no pod became ready within activation.timeout",
+            activation_timeouts.clone(),
+        );
+        registry.register(
             "shed_global_limit",
             "Requests refused because the activator-wide queue bound was reached",
             shed_global.clone(),
@@ -132,6 +146,8 @@ impl Metrics {
             queued,
             in_flight,
             wakes,
+            asleep_answers,
+            activation_timeouts,
             shed_global,
             watch_errors,
             pooled_connections,
@@ -167,6 +183,8 @@ impl Metrics {
             queued: self.queued.get_or_create(&l).clone(),
             in_flight: self.in_flight.get_or_create(&l).clone(),
             wakes: self.wakes.get_or_create(&l).clone(),
+            asleep_answers: self.asleep_answers.get_or_create(&l).clone(),
+            activation_timeouts: self.activation_timeouts.get_or_create(&l).clone(),
         }
     }
 
@@ -188,6 +206,8 @@ impl Metrics {
         self.queued.remove(&l);
         self.in_flight.remove(&l);
         self.wakes.remove(&l);
+        self.asleep_answers.remove(&l);
+        self.activation_timeouts.remove(&l);
     }
 
     /// Counts one error of the watch `watch`.
@@ -212,6 +232,8 @@ pub struct ServiceMetrics {
     pub queued: Gauge,
     pub in_flight: Gauge,
     pub wakes: Counter,
+    pub asleep_answers: Counter,
+    pub activation_timeouts: Counter,
 }
 
 impl ServiceMetrics {

@@ -69,23 +69,33 @@ enum Refusal {
     Timeout { waited: Duration },
 }
 
-/// Counts a request in flight for its service until dropped.
+/// A request being served: counted for its service (received, last request, in
+/// flight) until dropped. An `answerWhileAsleep` request is not activity: it shows in
+/// the metrics only.
 pub(crate) struct InFlight {
     service: Arc<Service>,
+    pub(crate) counted: bool,
 }
 
 impl InFlight {
-    pub(crate) fn new(service: Arc<Service>) -> Self {
-        service.in_flight.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn start(service: Arc<Service>, counted: bool) -> Self {
+        if counted {
+            service.requests.fetch_add(1, Ordering::Relaxed);
+            service.last_request_ms.store(now_ms(), Ordering::Relaxed);
+            service.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
         service.metrics.in_flight.inc();
-        Self { service }
+        Self { service, counted }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.service.metrics.in_flight.dec();
+        if !self.counted {
+            return;
+        }
+        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
         // A request's end is activity: idle time runs from the last moment anything
         // was open (an SSE stream that ends starts the idle clock then, not at its
         // start).
@@ -314,9 +324,19 @@ impl Proxy {
             svc.metrics.response(resp.status().as_u16());
             return resp;
         }
-        svc.requests.fetch_add(1, Ordering::Relaxed);
-        svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
-        let in_flight = InFlight::new(svc.clone());
+        // Health checks (`answerWhileAsleep`): answered here while no pod is ready,
+        // forwarded otherwise; never activity.
+        let asleep_answer = svc.asleep_answer(req.method().as_str(), req.uri().path());
+        if let Some(a) = &asleep_answer
+            && !svc.has_pod(&route.port_name)
+        {
+            let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK);
+            let resp = text(status, a.body.clone().unwrap_or_default());
+            svc.metrics.asleep_answers.inc();
+            svc.metrics.response(resp.status().as_u16());
+            return resp;
+        }
+        let in_flight = InFlight::start(svc.clone(), asleep_answer.is_none());
         let resp = self
             .serve(&route, in_flight, req, forwarded_for, start)
             .await;
@@ -514,6 +534,8 @@ impl Proxy {
                         return r;
                     }
                     Err(Refusal::Timeout { waited }) => {
+                        svc.timeouts.fetch_add(1, Ordering::Relaxed);
+                        svc.metrics.activation_timeouts.inc();
                         return text(
                             StatusCode::GATEWAY_TIMEOUT,
                             format!(

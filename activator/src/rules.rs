@@ -19,6 +19,29 @@ pub fn te_kept(value: &[u8]) -> bool {
     value.trim_ascii().eq_ignore_ascii_case(b"trailers")
 }
 
+/// The method and the path (without the query) of an HTTP/1.x request head, for
+/// matching `answerWhileAsleep`; an absolute-form target gives its path.
+pub fn method_and_path(head: &[u8]) -> Option<(&str, &str)> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    let (method, target) = (req.method?, req.path?);
+    Some((method, target_path(target)))
+}
+
+/// The path of a request target (origin or absolute form), without query or fragment.
+pub fn target_path(target: &str) -> &str {
+    let rest = match target.find("://") {
+        Some(i) if !target.starts_with('/') => {
+            let after = &target[i + 3..];
+            after.find('/').map_or("/", |j| &after[j..])
+        }
+        _ => target,
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    &rest[..end]
+}
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -95,6 +118,39 @@ fn h2_first_request(buf: &[u8], max: usize) -> FirstRequest {
 mod tests {
     use super::*;
     use FirstRequest::*;
+
+    #[test]
+    fn request_paths_for_matching() {
+        type Case<'a> = (&'a [u8], Option<(&'a str, &'a str)>);
+        let cases: &[Case] = &[
+            (
+                b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+                Some(("GET", "/healthz")),
+            ),
+            (
+                b"HEAD /healthz?full=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+                Some(("HEAD", "/healthz")),
+            ),
+            (
+                b"GET http://a.example/healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+                Some(("GET", "/healthz")),
+            ),
+            (
+                b"GET http://a.example HTTP/1.1\r\nHost: a\r\n\r\n",
+                Some(("GET", "/")),
+            ),
+            (b"GET /a#frag HTTP/1.1\r\n", Some(("GET", "/a"))),
+            (b"HELLO\r\n\r\n", None),
+        ];
+        for (head, want) in cases {
+            assert_eq!(
+                method_and_path(head),
+                *want,
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
 
     #[test]
     fn host_rules() {

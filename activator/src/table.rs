@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use rand::Rng;
+use snooze_crds::AsleepAnswer;
 use snooze_crds::stats::{ServiceRef, ServiceStats};
 use tokio::sync::{Notify, watch};
 
@@ -72,6 +73,11 @@ pub struct Service {
     pub queued: AtomicU64,
     pub requests: AtomicU64,
     pub last_request_ms: AtomicU64,
+    /// Requests answered 504 after the activation timeout.
+    pub timeouts: AtomicU64,
+    /// What the activator answers itself while no pod is ready
+    /// (`activation.answerWhileAsleep`); never counted as activity.
+    answers: RwLock<Arc<Vec<AsleepAnswer>>>,
     pub metrics: ServiceMetrics,
     /// Endpoints as the backend's slices give them, and what the activator's own
     /// probing found (see `crate::probe` and DESIGN.md).
@@ -129,6 +135,8 @@ impl Service {
             queued: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             last_request_ms: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            answers: RwLock::new(Arc::new(Vec::new())),
             metrics,
             pods: parking_lot::Mutex::new(BackendState::default()),
             candidates_changed: Notify::new(),
@@ -176,6 +184,25 @@ impl Service {
         if b.probe.as_deref() != probe.as_ref() {
             b.probe = probe.map(Arc::new);
         }
+    }
+
+    pub fn set_answers(&self, answers: &[AsleepAnswer]) {
+        if self.answers.read().as_slice() != answers {
+            *self.answers.write() = Arc::new(answers.to_vec());
+        }
+    }
+
+    /// The `answerWhileAsleep` entry for a request, if one matches (`path` without
+    /// the query).
+    pub fn asleep_answer(&self, method: &str, path: &str) -> Option<AsleepAnswer> {
+        let answers = self.answers.read();
+        answers.iter().find(|a| a.matches(method, path)).cloned()
+    }
+
+    /// Whether any `answerWhileAsleep` entry is set (most services have none, and the
+    /// fast path then skips looking).
+    pub fn has_answers(&self) -> bool {
+        !self.answers.read().is_empty()
     }
 
     pub fn settings(&self) -> Settings {
@@ -294,6 +321,7 @@ impl Service {
             queued: self.queued.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
             last_request_ms: self.last_request_ms.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
         }
     }
 }

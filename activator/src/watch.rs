@@ -82,6 +82,7 @@ impl Routes {
             return;
         };
         let svc = table.upsert(key.clone(), &ss.spec.service, settings(ss));
+        svc.set_answers(&ss.spec.activation.answer_while_asleep);
         svc.set_probe(
             ss.status
                 .as_ref()

@@ -152,6 +152,15 @@ pub struct ActivationSpec {
     /// or none, held requests wait for the kubelet (see `status.activationProbe`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ActivationProbe>,
+
+    /// Requests the activator answers itself while no pod is ready (the health checks
+    /// of load balancers, ingress controllers and uptime monitors): they never wake
+    /// the workload. While a pod is ready they are forwarded to it. Either way they
+    /// never count as activity, so they neither keep the workload awake nor reset its
+    /// idle clock.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub answer_while_asleep: Vec<AsleepAnswer>,
 }
 
 impl Default for ActivationSpec {
@@ -161,7 +170,42 @@ impl Default for ActivationSpec {
             max_queued_requests: default_max_queued(),
             pod_concurrency: 0,
             probe: None,
+            answer_while_asleep: Vec::new(),
         }
+    }
+}
+
+/// One request the activator answers while the workload sleeps.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AsleepAnswer {
+    /// The request path, matched exactly; the query string is ignored (`/healthz`
+    /// matches `/healthz?full=1`).
+    #[schemars(regex(pattern = r"^/[^?#\s]*$"), length(min = 1, max = 1024))]
+    pub path: String,
+    /// The request method to match (`GET`, `HEAD`, ...); unset: any method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Z]+$"), length(min = 1, max = 16))]
+    pub method: Option<String>,
+    /// The status code of the answer.
+    #[serde(default = "default_answer_status")]
+    #[schemars(range(min = 200, max = 599))]
+    pub status: u16,
+    /// The body of the answer (`text/plain`); unset: empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub body: Option<String>,
+}
+
+fn default_answer_status() -> u16 {
+    200
+}
+
+impl AsleepAnswer {
+    /// Whether this entry answers a request with `method` and `path` (the request
+    /// target's path, without the query).
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        self.path == path && self.method.as_deref().is_none_or(|m| m == method)
     }
 }
 

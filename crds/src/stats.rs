@@ -52,4 +52,8 @@ pub struct ServiceStats {
     pub requests: u64,
     /// Unix time in milliseconds of the last request received, 0 if none.
     pub last_request_ms: u64,
+    /// Requests answered 504 because no pod became ready within `activation.timeout`
+    /// (a counter).
+    #[serde(default)]
+    pub timeouts: u64,
 }

@@ -1147,3 +1147,205 @@ async fn the_queue_bound_holds_per_service_across_activators() {
     })
     .await;
 }
+
+/// `web` (created at 0) with a ScaledService whose `activation` is `activation`
+/// (merged over the defaults of [`scaled_service`]).
+async fn scaled_app_with(
+    client: &kube::Client,
+    ns: &str,
+    idle: &str,
+    app_args: &[&str],
+    activation: serde_json::Value,
+) -> Api<ScaledService> {
+    app(client, ns, "web", 0, app_args).await;
+    let mut ss = serde_json::to_value(scaled_service("web", 0, 1, idle)).unwrap();
+    for (k, v) in activation.as_object().unwrap() {
+        ss["spec"]["activation"][k] = v.clone();
+    }
+    let ss: ScaledService = serde_json::from_value(ss).unwrap();
+    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
+    ssvcs.create(&PostParams::default(), &ss).await.unwrap();
+    ssvcs
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn health_checks_are_answered_asleep_and_never_keep_it_awake() {
+    ensure_snooze().await;
+    in_namespace("health", |client, ns| async move {
+        scaled_app_with(
+            &client,
+            &ns,
+            "10s",
+            &[],
+            serde_json::json!({"answerWhileAsleep": [{"path": "/healthz", "body": "ok\n"}]}),
+        )
+        .await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let targets = wait_for("managed endpoints", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        // Asleep: 60 checks, over every activator, answered by the activator; nothing wakes.
+        for i in 0..60 {
+            let t = &targets[i % targets.len()];
+            let r = http_get(
+                &format!("http://{t}/healthz?probe={i}"),
+                Duration::from_secs(5),
+            )
+            .await;
+            assert_eq!(r, Ok((200, "ok\n".to_string())), "check {i} while asleep");
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            deployment_replicas(&deploys, "web").await.unwrap(),
+            0,
+            "a health check woke it"
+        );
+        // Awake: one real request, then 60 checks in 30 s; it still goes to sleep its
+        // idle timeout after the request, and every check is answered.
+        let r = http_get(&format!("http://{}/", targets[0]), Duration::from_secs(30)).await;
+        assert_eq!(r.map(|(c, _)| c), Ok(200));
+        let answered = Instant::now();
+        let checks = {
+            let targets = targets.clone();
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..60 {
+                    let t = &targets[i % targets.len()];
+                    match http_get(&format!("http://{t}/healthz"), Duration::from_secs(5)).await {
+                        Ok((200, _)) => {}
+                        other => failed.push(format!("check {i}: {other:?}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                failed
+            })
+        };
+        wait_replicas(&deploys, "web", 0, Duration::from_secs(25)).await;
+        let asleep_after = answered.elapsed();
+        eprintln!("asleep {asleep_after:?} after the last real request, checks still running");
+        assert!(!checks.is_finished(), "the checks ended before it slept");
+        let failed = checks.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_wake_that_times_out_leaves_a_warning_and_the_pods_reason() {
+    ensure_snooze().await;
+    in_namespace("wake-fails", |client, ns| async move {
+        // Never ready: its readiness path fails for an hour.
+        let ssvcs = scaled_app_with(
+            &client,
+            &ns,
+            "10s",
+            &["--ready-delay-ms", "3600000"],
+            serde_json::json!({"timeout": "5s"}),
+        )
+        .await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let targets = wait_for("managed endpoints", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let held: Vec<_> = (0..3)
+            .map(|i| {
+                let url = format!("http://{}/", targets[i % targets.len()]);
+                tokio::spawn(async move { http_get(&url, Duration::from_secs(30)).await })
+            })
+            .collect();
+        for h in held {
+            assert_eq!(h.await.unwrap().map(|(c, _)| c), Ok(504));
+        }
+        let gave_up = Instant::now();
+        let condition = || async {
+            let ss = ssvcs.get("web").await.map_err(|e| e.to_string())?;
+            ss.status
+                .and_then(|s| {
+                    s.conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "WakeSucceeded")
+                })
+                .filter(|c| c.status == "False")
+                .ok_or("no WakeSucceeded=False yet".to_string())
+        };
+        let c = wait_for("WakeSucceeded=False", Duration::from_secs(10), condition).await;
+        eprintln!(
+            "{:?} after the 504s: {} {}",
+            gave_up.elapsed(),
+            c.reason,
+            c.message
+        );
+        assert_eq!(c.reason, "NotReady", "{}", c.message);
+        assert!(c.message.contains("got 504"), "{}", c.message);
+        let describe = || async {
+            let (ok, out) = kubectl(&["describe", "ssvc", "web", "-n", &ns]).await;
+            assert!(ok, "{out}");
+            out
+        };
+        let out = describe().await;
+        for want in ["WakeSucceeded", "NotReady", "Warning", "ActivationTimeout"] {
+            assert!(out.contains(want), "kubectl describe lacks {want}:\n{out}");
+        }
+        // Still told after the workload went back to sleep.
+        wait_replicas(&deploys, "web", 0, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c = condition()
+            .await
+            .expect("the condition is kept while asleep");
+        assert_eq!(c.reason, "NotReady");
+        let out = describe().await;
+        for want in ["WakeSucceeded", "NotReady", "ActivationTimeout"] {
+            assert!(
+                out.contains(want),
+                "asleep, kubectl describe lacks {want}:\n{out}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_wake_alone_restarts_the_idle_clock() {
+    ensure_snooze().await;
+    in_namespace("wake-clock", |client, ns| async move {
+        scaled_app(&client, &ns, 0, 0, 1, "10s", &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let targets = wait_for("managed endpoints", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        // Past the idle timeout of the take-over, so only the wake can hold it up.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        // A client that sends a request and gives up at once: the wake is the only
+        // activity (no request is ever answered).
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut s = tokio::net::TcpStream::connect(targets[0].as_str())
+                .await
+                .unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let woken = Instant::now();
+        wait_replicas(&deploys, "web", 1, Duration::from_secs(5)).await;
+        while woken.elapsed() < Duration::from_secs(8) {
+            assert_eq!(
+                deployment_replicas(&deploys, "web").await.unwrap(),
+                1,
+                "asleep {:?} after a wake with idleTimeout 10s",
+                woken.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        wait_replicas(&deploys, "web", 0, Duration::from_secs(8)).await;
+        eprintln!("asleep {:?} after the wake", woken.elapsed());
+    })
+    .await;
+}

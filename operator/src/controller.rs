@@ -6,10 +6,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -29,6 +29,7 @@ use crate::metrics::{Metrics, ScaleLabels, ServiceLabels};
 use crate::objects;
 use crate::ports::{Exhausted, PortAllocator};
 use crate::stats::StatsStore;
+use crate::wakefail;
 
 pub use crate::activators::Activators;
 
@@ -47,21 +48,39 @@ pub struct Context {
     pub discovery: Mutex<HashMap<GroupVersionKind, Option<ApiResource>>>,
     /// Bound on every API call.
     pub api_timeout: Duration,
-    /// Wakes in progress or just done, by service: repeated signals for the same cold
-    /// start (every waiting request, every activator) patch once.
-    pub waking: Mutex<HashMap<ServiceRef, Instant>>,
-    /// Per-second load samples of each service (trimmed to its stable window).
-    pub history: Mutex<HashMap<ServiceRef, VecDeque<Sample>>>,
-    /// The autoscaler's memory (last change, panic) per service.
-    pub scale_state: Mutex<HashMap<ServiceRef, ScaleState>>,
-    /// Replicas (current, ready) of each programmed service, as last read.
-    pub replicas: Mutex<HashMap<ServiceRef, (i32, i32)>>,
-    /// The last scale the operator made per service: when and why (for the status).
-    pub last_scale: Mutex<HashMap<ServiceRef, (Time, String)>>,
-    /// The replicas each workload had when this leader took it over, until the status
+    /// What this leader remembers of each ScaledService (dropped on delete).
+    pub services: Mutex<HashMap<ServiceRef, ServiceState>>,
+}
+
+/// What the leader remembers of one ScaledService between reconciles and ticks. A new
+/// leader starts from the API objects (status included) and builds this up again.
+#[derive(Default)]
+pub struct ServiceState {
+    /// Replicas (current, ready) as last read; `None` until a reconcile programmed it
+    /// (the autoscaler leaves it alone until then).
+    pub replicas: Option<(i32, i32)>,
+    /// Per-second load samples (trimmed to the autoscaler's longest window).
+    pub history: VecDeque<Sample>,
+    /// The autoscaler's memory (last change, panic).
+    pub scale: ScaleState,
+    /// The last scale the operator made: when and why (for the status).
+    pub last_scale: Option<(Time, String)>,
+    /// The replicas the workload had when this leader took it over, until the status
     /// shows them: a reconcile that reads a cached object from before the first status
     /// write must not record the replicas Snooze itself set as the original ones.
-    pub originals: Mutex<HashMap<ServiceRef, i32>>,
+    pub original: Option<i32>,
+    /// A wake in progress or just done: repeated signals for the same cold start
+    /// (every waiting request, every activator) patch once.
+    pub waking: Option<Instant>,
+    /// Activation timeouts (504s) the activators reported, as last seen.
+    pub timeouts_seen: Option<u64>,
+}
+
+impl Context {
+    /// Runs `f` on the remembered state of `key` (created empty on first use).
+    pub fn state<R>(&self, key: &ServiceRef, f: impl FnOnce(&mut ServiceState) -> R) -> R {
+        f(self.services.lock().entry(key.clone()).or_default())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,11 +179,9 @@ fn idle_since(ctx: &Context, ss: &ScaledService) -> SystemTime {
     // A wake is activity: the idle clock starts over from it (a pod woken by a request
     // whose report came late was scaled down seconds later).
     let woken = ctx
-        .last_scale
-        .lock()
-        .get(&key_of(ss))
+        .state(&key_of(ss), |st| st.last_scale.clone())
         .filter(|(_, why)| why == Reason::Wake.as_str())
-        .map(|(t, _)| to_system(t))
+        .map(|(t, _)| to_system(&t))
         .into_iter()
         .chain(
             ss.status
@@ -188,7 +205,8 @@ pub async fn autoscale_tick(
     let activators = ctx.activators.borrow().stats.clone();
     for ss in ctx.store.state() {
         let key = key_of(&ss);
-        let Some((current, ready)) = ctx.replicas.lock().get(&key).copied() else {
+        let Some((current, ready)) = ctx.services.lock().get(&key).and_then(|st| st.replicas)
+        else {
             continue;
         };
         if ss.metadata.deletion_timestamp.is_some() {
@@ -196,9 +214,8 @@ pub async fn autoscale_tick(
         }
         let mut load = ctx.stats.load(&key, &activators);
         let ap = autoscale_policy(&ss);
-        let samples: Vec<Sample> = {
-            let mut h = ctx.history.lock();
-            let q = h.entry(key.clone()).or_default();
+        let samples: Vec<Sample> = ctx.state(&key, |st| {
+            let q = &mut st.history;
             q.push_back(Sample {
                 at: now,
                 // in_flight counts every request from its arrival to its answer, the
@@ -214,15 +231,10 @@ pub async fn autoscale_tick(
                 q.pop_front();
             }
             q.iter().copied().collect()
-        };
+        });
         let pol = policy(&ss);
         if current > 0 {
-            let state = ctx
-                .scale_state
-                .lock()
-                .get(&key)
-                .copied()
-                .unwrap_or_default();
+            let state = ctx.state(&key, |st| st.scale);
             let r = Replicas {
                 current,
                 ready,
@@ -230,7 +242,7 @@ pub async fn autoscale_tick(
                 max: pol.max_replicas,
             };
             let (wants, next, _why) = autoscale::desired(&ap, &samples, r, state, now);
-            ctx.scale_state.lock().insert(key.clone(), next);
+            ctx.state(&key, |st| st.scale = next);
             load.wants = Some(wants);
         }
         let d = decision::decide(&pol, current, &load, now, idle_since(ctx, &ss));
@@ -242,8 +254,16 @@ pub async fn autoscale_tick(
                 .as_ref()
                 .and_then(|s| s.last_request_time.as_ref())
                 .map(to_system);
-            if let Some(t) = load.last_request
-                && shown.is_none_or(|s| t >= s + Duration::from_secs(10))
+            // New activation timeouts are told at once (a Warning event, and the
+            // `WakeSucceeded` condition).
+            let timed_out = load.complete
+                && ctx.state(&key, |st| {
+                    st.timeouts_seen.is_some_and(|s| load.timeouts > s)
+                });
+            if timed_out
+                || load
+                    .last_request
+                    .is_some_and(|t| shown.is_none_or(|s| t >= s + Duration::from_secs(10)))
             {
                 let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
             }
@@ -254,10 +274,10 @@ pub async fn autoscale_tick(
         };
         match scale_to(ctx, &ss, &api, current, d.desired, d.reason, None).await {
             Ok(()) => {
-                ctx.replicas.lock().insert(key.clone(), (d.desired, ready));
-                ctx.last_scale
-                    .lock()
-                    .insert(key.clone(), (now_time(), d.reason.as_str().into()));
+                ctx.state(&key, |st| {
+                    st.replicas = Some((d.desired, ready));
+                    st.last_scale = Some((now_time(), d.reason.as_str().into()));
+                });
                 let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
             }
             Err(e) => warn!(service = ?key, "autoscale: {e}"),
@@ -531,7 +551,12 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         {
             publish(ctx, &ss, EventType::Warning, p.reason, p.message).await;
         }
-        status.conditions = vec![ready, active];
+        let wake = old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == wakefail::CONDITION)
+            .cloned();
+        status.conditions = [ready, active].into_iter().chain(wake).collect();
         write_status(ctx, &ss, &old, status).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
@@ -579,7 +604,7 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     // ScaledService gives it back.
     let key = key_of(&ss);
     if status.original_replicas.is_none() {
-        let original = *ctx.originals.lock().entry(key.clone()).or_insert(current);
+        let original = ctx.state(&key, |st| *st.original.get_or_insert(current));
         status.original_replicas = Some(original);
     }
     let load = ctx.stats.load(&key, &activators.stats);
@@ -612,18 +637,11 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
 
     // 4. Status.
     let ready_replicas = ready_endpoints(ctx, &ns, &ss.spec.service);
-    ctx.replicas.lock().insert(
-        key.clone(),
-        (
-            if d.desired != current {
-                d.desired
-            } else {
-                current
-            },
-            ready_replicas,
-        ),
-    );
-    if let Some((t, why)) = ctx.last_scale.lock().get(&key).cloned()
+    let last_scale = ctx.state(&key, |st| {
+        st.replicas = Some((d.desired, ready_replicas));
+        st.last_scale.clone()
+    });
+    if let Some((t, why)) = last_scale
         && status.last_scale_time.as_ref().is_none_or(|o| o.0 < t.0)
     {
         status.last_scale_time = Some(t);
@@ -733,7 +751,8 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     }
-    status.conditions = vec![ready, active];
+    let wake = wake_outcome(ctx, &ss, &old, &load, &backend, ready_replicas, &now).await;
+    status.conditions = [ready, active].into_iter().chain(wake).collect();
     write_status(ctx, &ss, &old, status).await?;
 
     let requeue = match (d.recheck_in, d.desired) {
@@ -742,6 +761,98 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         (None, _) => Duration::from_secs(30),
     };
     Ok(Action::requeue(requeue.max(Duration::from_millis(200))))
+}
+
+/// The `WakeSucceeded` condition (see `wakefail`): False, with a Warning event, when
+/// the activators report new activation timeouts; True again once a pod is ready;
+/// absent until a wake first fails.
+async fn wake_outcome(
+    ctx: &Context,
+    ss: &ScaledService,
+    old: &ScaledServiceStatus,
+    load: &Load,
+    backend: &Service,
+    ready_replicas: i32,
+    now: &Time,
+) -> Option<Condition> {
+    let gen_ = ss.metadata.generation;
+    let new = if load.complete {
+        ctx.state(&key_of(ss), |st| {
+            let (new, seen) = wakefail::new_timeouts(st.timeouts_seen, load.timeouts);
+            st.timeouts_seen = Some(seen);
+            new
+        })
+    } else {
+        0
+    };
+    let prev = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == wakefail::CONDITION);
+    if new > 0 {
+        let d = match workload_pods(ctx, ss, backend).await {
+            Ok(pods) => wakefail::diagnose(&pods),
+            Err(e) => wakefail::Diagnosis {
+                reason: "Unknown".into(),
+                message: format!("the workload's pods could not be listed: {e}"),
+            },
+        };
+        let msg = wakefail::message(new, ss.spec.activation.timeout(), &d);
+        publish(
+            ctx,
+            ss,
+            EventType::Warning,
+            wakefail::EVENT_REASON,
+            msg.clone(),
+        )
+        .await;
+        return Some(objects::condition(
+            &old.conditions,
+            wakefail::CONDITION,
+            false,
+            &d.reason,
+            msg,
+            gen_,
+            now,
+        ));
+    }
+    match prev {
+        Some(c) if c.status == "False" && ready_replicas > 0 => Some(objects::condition(
+            &old.conditions,
+            wakefail::CONDITION,
+            true,
+            "PodReady",
+            format!("{ready_replicas} ready replica(s) since the last failed wake"),
+            gen_,
+            now,
+        )),
+        other => other.cloned(),
+    }
+}
+
+/// The pods the backend Service selects (the workload's pods).
+async fn workload_pods(
+    ctx: &Context,
+    ss: &ScaledService,
+    backend: &Service,
+) -> Result<Vec<Pod>, Error> {
+    let selector = backend
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    if selector.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ss.namespace().unwrap_or_default());
+    let list = timed(ctx, pods.list(&ListParams::default().labels(&selector))).await?;
+    Ok(list.items)
 }
 
 /// Writes the replicas through the `/scale` subresource and records why.
@@ -881,11 +992,7 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
         namespace: ns.clone(),
         name: name.clone(),
     };
-    ctx.replicas.lock().remove(&key);
-    ctx.history.lock().remove(&key);
-    ctx.scale_state.lock().remove(&key);
-    ctx.last_scale.lock().remove(&key);
-    ctx.originals.lock().remove(&key);
+    ctx.services.lock().remove(&key);
     ctx.metrics.desired_replicas.remove(&ServiceLabels {
         namespace: ns,
         name,
@@ -896,18 +1003,29 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
 /// The fast path of a wake signal: scale a sleeping workload up at once, then let a
 /// reconcile write the status.
 pub async fn wake(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
-    {
-        let mut w = ctx.waking.lock();
-        w.retain(|_, t| t.elapsed() < Duration::from_secs(5));
-        if w.contains_key(key) {
-            return Ok(false);
+    let known = ctx
+        .store
+        .get(&ObjectRef::new(&key.name).within(&key.namespace))
+        .is_some();
+    if !known {
+        return Ok(false);
+    }
+    let already = ctx.state(key, |st| {
+        let recent = st
+            .waking
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+        if !recent {
+            st.waking = Some(Instant::now());
         }
-        w.insert(key.clone(), Instant::now());
+        recent
+    });
+    if already {
+        return Ok(false);
     }
     let r = wake_once(ctx, key, received).await;
     if !matches!(r, Ok(true)) {
         // Nothing was patched: let the next signal try again.
-        ctx.waking.lock().remove(key);
+        ctx.state(key, |st| st.waking = None);
     }
     r
 }
@@ -934,10 +1052,10 @@ async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result
     let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), ctx.started);
     if d.desired != current && d.reason == Reason::Wake {
         scale_to(ctx, &ss, &api, current, d.desired, d.reason, Some(received)).await?;
-        ctx.replicas.lock().insert(key.clone(), (d.desired, 0));
-        ctx.last_scale
-            .lock()
-            .insert(key.clone(), (now_time(), d.reason.as_str().into()));
+        ctx.state(key, |st| {
+            st.replicas = Some((d.desired, 0));
+            st.last_scale = Some((now_time(), d.reason.as_str().into()));
+        });
         return Ok(true);
     }
     Ok(false)

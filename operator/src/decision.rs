@@ -17,6 +17,9 @@ pub struct Load {
     pub wake: bool,
     /// Requests received, summed over the activators (a counter).
     pub requests: u64,
+    /// Requests answered 504 after the activation timeout, summed over the
+    /// activators (a counter; it drops when an activator restarts).
+    pub timeouts: u64,
     /// Replicas the autoscaler derives from the recent load (see `autoscale`), when
     /// it has decided; `None` keeps the current replicas while awake.
     pub wants: Option<i32>,
@@ -433,7 +436,7 @@ mod tests {
             complete in proptest::bool::ANY,
         ) {
             let max = min.max(1) + extra;
-            let l = Load { in_flight, queued, last_request: last.map(at), complete, wake, requests: 0, wants };
+            let l = Load { in_flight, queued, last_request: last.map(at), complete, wake, requests: 0, timeouts: 0, wants };
             let d = decide(&policy(min, max), current, &l, at(now), at(0));
             if in_flight > 0 || queued > 0 || wake {
                 proptest::prop_assert!(d.desired >= 1, "{d:?} with work waiting");

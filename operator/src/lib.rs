@@ -14,3 +14,4 @@ pub mod probe;
 pub mod run;
 pub mod schedule;
 pub mod stats;
+pub mod wakefail;

@@ -174,12 +174,7 @@ pub async fn lead(
         started: SystemTime::now(),
         discovery: Mutex::new(HashMap::new()),
         api_timeout: Duration::from_secs(args.api_timeout_seconds),
-        waking: Mutex::new(HashMap::new()),
-        history: Mutex::new(HashMap::new()),
-        scale_state: Mutex::new(HashMap::new()),
-        replicas: Mutex::new(HashMap::new()),
-        last_scale: Mutex::new(HashMap::new()),
-        originals: Mutex::new(HashMap::new()),
+        services: Mutex::new(HashMap::new()),
     });
 
     // The autoscaler: once a second, follow the load (writes only on change).

@@ -161,6 +161,7 @@ impl StatsStore {
                 load.in_flight += s.in_flight;
                 load.queued += s.queued;
                 load.requests += s.requests;
+                load.timeouts += s.timeouts;
                 last_ms = last_ms.max(s.last_request_ms);
             }
         }
@@ -284,6 +285,7 @@ mod tests {
             queued: 0,
             requests: 1,
             last_request_ms: last,
+            timeouts: 0,
         }
     }
 

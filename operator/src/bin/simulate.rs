@@ -242,6 +242,7 @@ fn run(args: &Args, trace: &Trace, p: &Named) -> Outcome {
                 complete: true,
                 wake: queued > 0.0 && desired == 0,
                 requests: total_requests as u64,
+                timeouts: 0,
                 wants: (desired > 0).then(|| {
                     let r = Replicas {
                         current: desired,
