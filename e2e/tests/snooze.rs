@@ -1178,7 +1178,7 @@ async fn health_checks_are_answered_asleep_and_never_keep_it_awake() {
             &ns,
             "10s",
             &[],
-            serde_json::json!({"answerWhileAsleep": [{"path": "/healthz", "body": "ok\n"}]}),
+            serde_json::json!({"answerWhileAsleep": [{"path": "/healthz", "body": "asleep\n"}]}),
         )
         .await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -1194,7 +1194,11 @@ async fn health_checks_are_answered_asleep_and_never_keep_it_awake() {
                 Duration::from_secs(5),
             )
             .await;
-            assert_eq!(r, Ok((200, "ok\n".to_string())), "check {i} while asleep");
+            assert_eq!(
+                r,
+                Ok((200, "asleep\n".to_string())),
+                "check {i} while asleep"
+            );
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(
@@ -1313,7 +1317,17 @@ async fn a_wake_that_times_out_leaves_a_warning_and_the_pods_reason() {
 async fn a_wake_alone_restarts_the_idle_clock() {
     ensure_snooze().await;
     in_namespace("wake-clock", |client, ns| async move {
-        scaled_app(&client, &ns, 0, 0, 1, "10s", &[]).await;
+        // Slow to start, so that the client below is gone before a pod could answer.
+        scaled_app(
+            &client,
+            &ns,
+            0,
+            0,
+            1,
+            "10s",
+            &["--startup-delay-ms", "3000"],
+        )
+        .await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let targets = wait_for("managed endpoints", T, || {
             listening_targets(&client, &ns, "web", "http")
@@ -1331,7 +1345,7 @@ async fn a_wake_alone_restarts_the_idle_clock() {
             s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
                 .await
                 .unwrap();
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let woken = Instant::now();
         wait_replicas(&deploys, "web", 1, Duration::from_secs(5)).await;
