@@ -228,46 +228,70 @@ impl Listeners {
         builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
     ) {
         let limit = self.limits.header_read_timeout;
+        let max = self.limits.max_header_bytes;
+        let cold = |route: &watch::Receiver<Option<Arc<Route>>>| {
+            route
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| !r.service.has_pod(&r.port_name))
+        };
         // Nothing is woken or parked for a connection that sends nothing (a TCP probe).
-        match tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return,
-        }
-        let since = Instant::now();
-        let mut parked_since = None;
-        let current = route.borrow().clone();
         // A sleeping service wakes only for a complete, valid request head (or the
         // HTTP/2 preface and a HEADERS frame): junk, TLS hellos, malformed, oversized
         // or Host-less heads are answered (400/431 by hyper or the proxy) or closed
-        // without a wake.
-        let current = match current {
-            Some(r) if !r.service.has_pod(&r.port_name) => {
-                let max = self.limits.max_header_bytes;
-                match tokio::time::timeout(limit, first_request(&stream, max)).await {
+        // without a wake. For a cold service the head is judged at once (one peek that
+        // waits for the bytes); otherwise the first byte is waited for, and the head
+        // judged only if the service went to sleep meanwhile.
+        if !cold(&route) {
+            match tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+        let head = if cold(&route) {
+            match tokio::time::timeout(limit, first_request(&stream, max)).await {
+                Ok(Some(judged)) => Some(judged),
+                // Closed, or no complete head within the header read timeout.
+                Ok(None) | Err(_) => return,
+            }
+        } else {
+            None
+        };
+        let since = Instant::now();
+        let mut parked_since = None;
+        // Whether the connection speaks h2c, when the head is known.
+        let mut h2_known = None;
+        let current = match (route.borrow().clone(), head) {
+            (Some(r), Some((verdict, bytes))) => {
+                h2_known = Some(bytes.starts_with(rules::H2_PREFACE));
+                match verdict {
                     // A health check it answers itself (`answerWhileAsleep`) wakes
                     // nothing either: the proxy answers it.
-                    Ok(Some((FirstRequest::Complete, head)))
-                        if rules::method_and_path(&head)
-                            .is_some_and(|(m, p)| r.service.asleep_answer(m, p).is_some()) =>
+                    FirstRequest::Complete
+                        if r.service.has_answers()
+                            && rules::method_and_path(&bytes)
+                                .is_some_and(|(m, p)| r.service.asleep_answer(m, p).is_some()) =>
                     {
                         None
                     }
-                    Ok(Some((FirstRequest::Complete, _))) => Some(r),
-                    Ok(Some(_)) => None,
-                    // Closed, or no complete head within the header read timeout.
-                    Ok(None) | Err(_) => return,
+                    FirstRequest::Complete => Some(r),
+                    _ => None,
                 }
             }
-            other => other,
+            (other, _) => other,
         };
         if let Some(r) = current {
+            let h2 = match h2_known {
+                Some(h2) => h2,
+                None => starts_h2(&stream).await,
+            };
             match self
                 .proxy
                 .park(&r.service, &r.port_name, &stream, since)
                 .await
             {
                 Parked::NotNeeded => {}
-                Parked::Full(queued) if !starts_h2(&stream).await => {
+                Parked::Full(queued) if !h2 => {
                     let answer = self.proxy.queue_full_answer(&r.service, queued);
                     let _ = stream.write_all(&answer).await;
                     let _ = stream.shutdown().await;

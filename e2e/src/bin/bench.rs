@@ -351,14 +351,38 @@ async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
 /// The in-process activator with one cold service (no pod) holding at most
 /// `max_queued`; `n` clients connect and send their first request at once. Returns the
 /// send → 503 times (µs) of the refused ones and how many were held.
-async fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
+///
+/// The activator runs on a runtime of its own and the clients on another (their own
+/// thread), as separate processes would: 2,000 client tasks in the activator's
+/// scheduler queue delayed its answers, and the clients' reads, by tens of ms.
+fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
+    let activator = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (port, svc, listeners) =
+        activator.block_on(one_service_activator(snooze_activator::table::Settings {
+            max_queued,
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        }))?;
+    let clients = std::thread::spawn(move || -> anyhow::Result<Vec<u32>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(burst_clients(port, n))
+    });
+    let refused = clients
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+    let held = svc.queued.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    activator.block_on(listeners.drain(Duration::from_millis(100)));
+    Ok((refused, held))
+}
+
+/// `n` connections to `port`, then every first request at once; the send → 503 times
+/// (µs) of the refused ones.
+async fn burst_clients(port: u16, n: usize) -> anyhow::Result<Vec<u32>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (port, svc, listeners) = one_service_activator(snooze_activator::table::Settings {
-        max_queued,
-        timeout: Duration::from_secs(10),
-        ..Default::default()
-    })
-    .await?;
     // Connect all first, then send every request at once.
     let mut streams = Vec::with_capacity(n);
     for _ in 0..n {
@@ -386,9 +410,7 @@ async fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
     while let Some(r) = tasks.join_next().await {
         refused.extend(r.ok().flatten());
     }
-    let held = svc.queued.load(std::sync::atomic::Ordering::Relaxed) as usize;
-    listeners.drain(Duration::from_millis(100)).await;
-    Ok((refused, held))
+    Ok(refused)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -417,7 +439,8 @@ fn main() -> anyhow::Result<()> {
                 requests,
                 max_queued,
             } => {
-                let (mut refused, held) = burst(requests, max_queued).await?;
+                let (mut refused, held) =
+                    tokio::task::spawn_blocking(move || burst(requests, max_queued)).await??;
                 refused.sort_unstable();
                 println!(
                     "{}",
