@@ -1363,3 +1363,137 @@ async fn a_wake_alone_restarts_the_idle_clock() {
     })
     .await;
 }
+
+/// The README's quickstart, run as far as it can run without Docker: the image names
+/// and tags it builds are the chart's, the Dockerfile takes the `COMPONENT` it passes,
+/// the chart lints, packages and renders the `--set image.registry` it suggests, and its
+/// `kubectl` lines (rollout status, apply of the example, get) run on the cluster.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn readme_quickstart_runs_as_written() {
+    ensure_snooze().await;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let quickstart = readme
+        .split("## Quickstart on your cluster")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a Quickstart section");
+    let chart = std::fs::read_to_string(format!("{root}/charts/snooze/Chart.yaml")).unwrap();
+    let app_version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .expect("appVersion");
+    // The shell lines of its code blocks (comments dropped).
+    let mut lines = Vec::new();
+    let mut in_sh = false;
+    for l in quickstart.lines() {
+        if l.starts_with("```") {
+            in_sh = l == "```sh";
+            continue;
+        }
+        let cmd = l.split(" #").next().unwrap_or("").trim();
+        if in_sh && !cmd.is_empty() && !cmd.starts_with('#') {
+            lines.push(cmd.replace("$REGISTRY", "registry.example.com/snooze"));
+        }
+    }
+    let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    for component in ["operator", "activator", "testapp"] {
+        let image = format!("ghcr.io/snooze-sh/{component}:{app_version}");
+        let build = lines
+            .iter()
+            .find(|l| l.starts_with("docker build") && l.contains(&image))
+            .unwrap_or_else(|| panic!("no docker build of {image} in the quickstart"));
+        assert!(
+            build.contains(&format!("--build-arg COMPONENT={component}")),
+            "{build}"
+        );
+        assert!(
+            dockerfile.contains(component),
+            "the Dockerfile does not build {component}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| (l.starts_with("kind load") || l.starts_with("k3d")) && l.contains(&image))
+                || quickstart.contains(&format!("k3d image import {image}")),
+            "{image} is not loaded into kind"
+        );
+    }
+    // The chart: lints, packages, and renders a user's registry with the same tags.
+    let chart_dir = format!("{root}/charts/snooze");
+    let (ok, out) = run_tool("helm", &["lint", "--strict", &chart_dir]).await;
+    assert!(ok, "{out}");
+    let dist = std::env::temp_dir().join(format!("snooze-chart-{}", std::process::id()));
+    let (ok, out) = run_tool(
+        "helm",
+        &["package", &chart_dir, "-d", dist.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        dist.join(format!("snooze-{app_version}.tgz")).exists(),
+        "{out}"
+    );
+    let install = lines
+        .iter()
+        .find(|l| l.starts_with("helm install snooze ./charts/snooze"))
+        .expect("the helm install line");
+    assert!(
+        install.contains("-n snooze-system --create-namespace"),
+        "{install}"
+    );
+    let (ok, out) = run_tool(
+        "helm",
+        &[
+            "template",
+            "snooze",
+            &chart_dir,
+            "--kube-version",
+            "1.33.0",
+            "--set",
+            "image.registry=registry.example.com/snooze",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    for component in ["operator", "activator"] {
+        let want = format!("image: registry.example.com/snooze/{component}:{app_version}");
+        assert!(out.contains(&want), "helm template lacks {want}");
+    }
+    // Its kubectl lines, in order, on the cluster (the chart is installed as `snooze`
+    // in `snooze-system`, as the quickstart says).
+    let kubectl_lines: Vec<&String> = lines.iter().filter(|l| l.starts_with("kubectl ")).collect();
+    assert!(kubectl_lines.len() >= 3, "{kubectl_lines:?}");
+    for l in kubectl_lines {
+        // Paths are the repository's (the quickstart runs from a clone's root).
+        let l = l.replace(" examples/", &format!(" {root}/examples/"));
+        let args: Vec<&str> = l.split_whitespace().skip(1).collect();
+        let (ok, out) = run_tool("kubectl", &args).await;
+        assert!(ok, "`{l}` failed:\n{out}");
+        eprintln!("$ {l}\n{}", out.trim_end());
+    }
+    // The example ScaledService is programmed; the ingress example is valid for the API
+    // server (the HTTPRoute needs the Gateway API CRDs, which this cluster lacks).
+    let client = client().await;
+    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), "shop");
+    wait_for("examples/app.yaml programmed", T, || async {
+        let (status, reason, msg) = ready_condition(&ssvcs, "web").await?;
+        (status == "True")
+            .then_some(())
+            .ok_or(format!("{reason}: {msg}"))
+    })
+    .await;
+    let (ok, out) = kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &format!("{root}/examples/ingress.yaml"),
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&["delete", "namespace", "shop", "--wait=false"]).await;
+    assert!(ok, "{out}");
+    let _ = std::fs::remove_dir_all(dist);
+}
