@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::proxy::{HOP_BY_HOP, InFlight, Proxy, Route, SlotGuard};
-use crate::table::Service;
+use crate::table::ServiceEntry;
 
 /// Most header fields in a head (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -50,7 +50,7 @@ pub enum Outcome {
 }
 
 /// The parts of a connection the fast path needs.
-pub struct Client<'a> {
+pub struct Inbound<'a> {
     pub proxy: &'a Proxy,
     pub route: &'a watch::Receiver<Option<Arc<Route>>>,
     /// The client's address as text, for `X-Forwarded-For`.
@@ -111,11 +111,10 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 /// Whether a `Connection` value holds only `close` and `keep-alive`; and whether `close`.
 fn connection_tokens(v: &[u8]) -> Option<bool> {
     let mut close = false;
-    for t in v.split(|b| *b == b',') {
-        let t = trimmed(t);
+    for t in crate::rules::connection_tokens(v) {
         if t.eq_ignore_ascii_case(b"close") {
             close = true;
-        } else if !(t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive")) {
+        } else if !t.eq_ignore_ascii_case(b"keep-alive") {
             return None;
         }
     }
@@ -181,12 +180,11 @@ fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedR
                 return ParsedRequest::Other;
             }
             xff = true;
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b", ");
-            out.extend_from_slice(forwarded_for);
-            out.extend_from_slice(b"\r\n");
+            header(
+                out,
+                name.as_bytes(),
+                &crate::rules::forwarded_for(Some(value), forwarded_for),
+            );
             continue;
         } else if is(name, "x-forwarded-proto") {
             proto = true;
@@ -507,20 +505,15 @@ impl Framing {
 }
 
 /// Counts an error answer of the activator's own and writes it out.
-fn failed(svc: &Service, start: Instant, status: u16, msg: &str, close: bool) -> Vec<u8> {
+fn failed(svc: &ServiceEntry, start: Instant, status: u16, msg: &str, close: bool) -> Vec<u8> {
     svc.metrics.response(status);
     svc.metrics.latency.observe(start.elapsed().as_secs_f64());
-    let reason = if status == 502 {
-        "Bad Gateway"
+    let extra: &[(&str, &str)] = if close {
+        &[("connection", "close")]
     } else {
-        "Gateway Timeout"
+        &[]
     };
-    let close = if close { "connection: close\r\n" } else { "" };
-    format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{close}\r\n{msg}",
-        msg.len()
-    )
-    .into_bytes()
+    crate::rules::answer(status, msg, extra)
 }
 
 /// Resolves when the client closed its connection; never when it only sent more
@@ -577,12 +570,12 @@ fn room(buf: &mut BytesMut, n: usize) {
 
 /// Whether a request head (one the fast path took) is an `answerWhileAsleep` request
 /// of the service: forwarded, but not activity.
-fn asleep_answer(svc: &Service, head: &[u8]) -> bool {
+fn asleep_answer(svc: &ServiceEntry, head: &[u8]) -> bool {
     crate::rules::method_and_path(head).is_some_and(|(m, p)| svc.asleep_answer(m, p).is_some())
 }
 
 /// Serves a connection's requests on the fast path while they qualify.
-pub async fn serve(c: Client<'_>, mut client: TcpStream) -> Outcome {
+pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
     let mut buf = BytesMut::with_capacity(4096);
     let mut ubuf = BytesMut::new();
     let mut out: Vec<u8> = Vec::with_capacity(1024);

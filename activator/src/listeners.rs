@@ -335,7 +335,7 @@ impl Listeners {
         // request it passes on goes to hyper first.
         let mut read = Bytes::new();
         if !h2 && self.limits.fast_path && !self.stop_accepting.is_cancelled() {
-            let client = fast::Client {
+            let inbound = fast::Inbound {
                 proxy: &self.proxy,
                 route: &route,
                 forwarded_for: forwarded_for.as_bytes(),
@@ -344,7 +344,7 @@ impl Listeners {
                 stop: &self.stop_accepting,
                 parked_since: &mut parked_since,
             };
-            match fast::serve(client, stream).await {
+            match fast::serve(inbound, stream).await {
                 fast::Outcome::Done => return,
                 fast::Outcome::Fallback(s, b) => (stream, read) = (s, b),
             }

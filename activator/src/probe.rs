@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::table::Service;
+use crate::table::ServiceEntry;
 
 /// Checks in flight at once, per service.
 pub const MAX_IN_FLIGHT: usize = 8;
@@ -203,7 +203,7 @@ async fn grpc_health(ip: IpAddr, port: u16, service: &str) -> bool {
 }
 
 /// Starts the prober of `svc` unless one runs or there is nothing to run.
-pub fn start(svc: &Arc<Service>) {
+pub fn start(svc: &Arc<ServiceEntry>) {
     if svc.pods.lock().probe.is_none() || svc.probing.swap(true, Ordering::AcqRel) {
         return;
     }
@@ -215,7 +215,7 @@ pub fn start(svc: &Arc<Service>) {
 }
 
 /// What the prober has to do now.
-fn work(svc: &Service) -> (bool, Vec<IpAddr>, Vec<IpAddr>) {
+fn work(svc: &ServiceEntry) -> (bool, Vec<IpAddr>, Vec<IpAddr>) {
     let b = svc.pods.lock();
     let holding = svc.queued.load(Ordering::Relaxed) > 0 && b.ready.is_empty();
     let unprobed: Vec<IpAddr> = b
@@ -228,7 +228,7 @@ fn work(svc: &Service) -> (bool, Vec<IpAddr>, Vec<IpAddr>) {
     (holding, unprobed, probed)
 }
 
-async fn run(svc: &Arc<Service>) {
+async fn run(svc: &Arc<ServiceEntry>) {
     let mut interval = FIRST_INTERVAL;
     let mut last_recheck = Instant::now();
     // Since the newest pod appeared (the pace is eager for `EAGER_FOR` after it).

@@ -19,14 +19,14 @@ use tracing::{debug, warn};
 
 use crate::pool::{Conn, Lease, Pool};
 use crate::stats::StatsHub;
-use crate::table::{Service, Slot, Table};
+use crate::table::{ServiceEntry, Slot, Table};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Where a listener's requests go: one port of one ScaledService.
 pub struct Route {
-    pub service: Arc<Service>,
+    pub service: Arc<ServiceEntry>,
     /// Name of the backend Service port ("" when unnamed); selects the pod port.
     pub port_name: String,
     /// The backend speaks HTTP/2 without TLS (`appProtocol: kubernetes.io/h2c`).
@@ -73,12 +73,12 @@ enum Refusal {
 /// flight) until dropped. An `answerWhileAsleep` request is not activity: it shows in
 /// the metrics only.
 pub(crate) struct InFlight {
-    service: Arc<Service>,
+    service: Arc<ServiceEntry>,
     pub(crate) counted: bool,
 }
 
 impl InFlight {
-    pub(crate) fn start(service: Arc<Service>, counted: bool) -> Self {
+    pub(crate) fn start(service: Arc<ServiceEntry>, counted: bool) -> Self {
         if counted {
             service.requests.fetch_add(1, Ordering::Relaxed);
             service.last_request_ms.store(now_ms(), Ordering::Relaxed);
@@ -107,7 +107,7 @@ impl Drop for InFlight {
 
 /// A reserved pod slot, given back when dropped.
 pub(crate) struct SlotGuard {
-    pub(crate) service: Arc<Service>,
+    pub(crate) service: Arc<ServiceEntry>,
     pub(crate) slot: Slot,
 }
 
@@ -118,7 +118,7 @@ impl Drop for SlotGuard {
 }
 
 struct Queued<'a> {
-    service: &'a Service,
+    service: &'a ServiceEntry,
     table: &'a Table,
 }
 
@@ -226,9 +226,8 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .flat_map(|v| crate::rules::connection_tokens(v.as_bytes()))
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
     let upgrade_value = if upgrade {
@@ -272,11 +271,8 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .headers()
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+            .flat_map(|v| crate::rules::connection_tokens(v.as_bytes()))
+            .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
 impl Proxy {
@@ -356,7 +352,7 @@ impl Proxy {
     /// consumed: register it afresh before reading from it.
     pub async fn park(
         &self,
-        svc: &Arc<Service>,
+        svc: &Arc<ServiceEntry>,
         port_name: &str,
         stream: &tokio::net::TcpStream,
         since: Instant,
@@ -400,7 +396,7 @@ impl Proxy {
     /// returned guard drops; refused (and given back) when either is full.
     fn enter_queue<'a>(
         &'a self,
-        svc: &'a Service,
+        svc: &'a ServiceEntry,
         max_queued: u64,
     ) -> Result<Queued<'a>, QueueFull> {
         let q = svc.queued.fetch_add(1, Ordering::AcqRel);
@@ -429,21 +425,17 @@ impl Proxy {
     /// 503 with `Retry-After` and `Connection: close`, written by the listener without
     /// handing the connection to hyper (a burst's refusals are answered in
     /// milliseconds). Counted like any request.
-    pub fn queue_full_answer(&self, svc: &Service, queued: u64) -> Vec<u8> {
+    pub fn queue_full_answer(&self, svc: &ServiceEntry, queued: u64) -> Vec<u8> {
         svc.requests.fetch_add(1, Ordering::Relaxed);
         svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
         svc.metrics.response(503);
         let body = queue_full_text(svc, queued);
-        format!(
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes()
+        crate::rules::answer(503, &body, &[("retry-after", "1"), ("connection", "close")])
     }
 
     async fn acquire(
         &self,
-        svc: &Arc<Service>,
+        svc: &Arc<ServiceEntry>,
         port_name: &str,
         start: Instant,
         exclude: &[SocketAddr],
@@ -688,7 +680,7 @@ impl Proxy {
 }
 
 /// The body of a 503 for a full queue, the same on every path.
-fn queue_full_text(svc: &Service, queued: u64) -> String {
+fn queue_full_text(svc: &ServiceEntry, queued: u64) -> String {
     format!(
         "snooze: {} has too many requests waiting ({queued}); retry later\n",
         svc.display
@@ -721,13 +713,11 @@ fn rewrite_request(
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + forwarded_for.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(forwarded_for.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
-        }
+        Some(prev) => HeaderValue::from_bytes(&crate::rules::forwarded_for(
+            Some(prev),
+            forwarded_for.as_bytes(),
+        ))
+        .ok(),
         None => Some(forwarded_for.clone()),
     };
     if let Some(v) = xff {

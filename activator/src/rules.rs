@@ -19,6 +19,46 @@ pub fn te_kept(value: &[u8]) -> bool {
     value.trim_ascii().eq_ignore_ascii_case(b"trailers")
 }
 
+/// The tokens of one `Connection` field value (RFC 9110 §7.6.1), trimmed and non-empty.
+pub fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// The `X-Forwarded-For` value the pod gets: the client's address appended to the one
+/// the request carried (one field; a repeated field is not taken on the fast path).
+pub fn forwarded_for(prev: Option<&[u8]>, client: &[u8]) -> Vec<u8> {
+    match prev {
+        Some(prev) => [prev, b", ", client].concat(),
+        None => client.to_vec(),
+    }
+}
+
+/// An answer of the activator's own, whole, as HTTP/1.1 bytes (written by the fast
+/// path and by the listener; hyper's path builds the same with `proxy::text`): the
+/// status line with the status's reason phrase, a text/plain body, `extra` fields.
+pub fn answer(status: u16, body: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in extra {
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    out.into_bytes()
+}
+
 /// The method and the path (without the query) of an HTTP/1.x request head, for
 /// matching `answerWhileAsleep`; an absolute-form target gives its path.
 pub fn method_and_path(head: &[u8]) -> Option<(&str, &str)> {
@@ -150,6 +190,38 @@ mod tests {
                 String::from_utf8_lossy(head)
             );
         }
+    }
+
+    #[test]
+    fn answers_carry_the_reason_of_their_status() {
+        let cases = [
+            (502, "Bad Gateway"),
+            (503, "Service Unavailable"),
+            (504, "Gateway Timeout"),
+            (400, "Bad Request"),
+        ];
+        for (status, reason) in cases {
+            let a = String::from_utf8(answer(status, "x\n", &[("connection", "close")])).unwrap();
+            assert!(
+                a.starts_with(&format!("HTTP/1.1 {status} {reason}\r\n")),
+                "{a}"
+            );
+            assert!(
+                a.contains("content-length: 2\r\nconnection: close\r\n\r\nx\n"),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_tokens_and_forwarded_for() {
+        let t: Vec<&[u8]> = connection_tokens(b" close ,, Keep-Alive,upgrade").collect();
+        assert_eq!(t, vec![&b"close"[..], b"Keep-Alive", b"upgrade"]);
+        assert_eq!(forwarded_for(None, b"10.0.0.1"), b"10.0.0.1");
+        assert_eq!(
+            forwarded_for(Some(b"1.2.3.4"), b"10.0.0.1"),
+            b"1.2.3.4, 10.0.0.1"
+        );
     }
 
     #[test]

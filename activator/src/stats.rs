@@ -12,7 +12,7 @@ use snooze_crds::stats::{Report, ServiceRef, ServiceStats};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{Interval, MissedTickBehavior};
 
-use crate::table::{Service, Table};
+use crate::table::{ServiceEntry, Table};
 
 pub struct StatsHub {
     table: Arc<Table>,
@@ -37,7 +37,7 @@ impl StatsHub {
     }
 
     /// Tells the operator at once that `svc` has requests waiting for a pod.
-    pub fn wake(&self, svc: &Service) {
+    pub fn wake(&self, svc: &ServiceEntry) {
         svc.metrics.wakes.inc();
         let _ = self.wake_tx.send(svc.key.clone());
     }

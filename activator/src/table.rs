@@ -59,8 +59,9 @@ impl Default for Settings {
     }
 }
 
-/// One ScaledService as the data plane sees it.
-pub struct Service {
+/// One ScaledService as the data plane sees it (named so as not to be taken for a
+/// Kubernetes Service).
+pub struct ServiceEntry {
     pub key: ServiceRef,
     /// Text used in error bodies and logs: `namespace/name`.
     pub display: String,
@@ -116,7 +117,7 @@ impl BackendState {
     }
 }
 
-impl Service {
+impl ServiceEntry {
     pub fn new(
         key: ServiceRef,
         backend: String,
@@ -326,7 +327,7 @@ impl Service {
     }
 }
 
-/// A reserved place on one pod; give it back with [`Service::release`].
+/// A reserved place on one pod; give it back with [`ServiceEntry::release`].
 pub struct Slot {
     pub endpoint: Arc<Endpoint>,
     pub port: u16,
@@ -339,7 +340,9 @@ pub type PodPorts = Vec<(IpAddr, Vec<(String, u16)>)>;
 /// All services and backend endpoints, shared by the listeners, the watchers and the
 /// stats stream.
 pub struct Table {
-    services: RwLock<HashMap<ServiceRef, Arc<Service>>>,
+    services: RwLock<HashMap<ServiceRef, Arc<ServiceEntry>>>,
+    /// The services of each backend Service (an endpoint change touches only them).
+    by_backend: RwLock<HashMap<BackendKey, Vec<Arc<ServiceEntry>>>>,
     /// Ready and not-ready (candidate) endpoints of each backend Service.
     endpoints: RwLock<HashMap<BackendKey, (PodPorts, PodPorts)>>,
     pub metrics: Arc<Metrics>,
@@ -352,6 +355,7 @@ impl Table {
     pub fn new(metrics: Arc<Metrics>, max_queued_total: u64) -> Self {
         Self {
             services: RwLock::new(HashMap::new()),
+            by_backend: RwLock::new(HashMap::new()),
             endpoints: RwLock::new(HashMap::new()),
             metrics,
             queued_total: AtomicU64::new(0),
@@ -359,16 +363,16 @@ impl Table {
         }
     }
 
-    pub fn get(&self, key: &ServiceRef) -> Option<Arc<Service>> {
+    pub fn get(&self, key: &ServiceRef) -> Option<Arc<ServiceEntry>> {
         self.services.read().get(key).cloned()
     }
 
-    pub fn services(&self) -> Vec<Arc<Service>> {
+    pub fn services(&self) -> Vec<Arc<ServiceEntry>> {
         self.services.read().values().cloned().collect()
     }
 
     /// Adds or updates a service; an existing one keeps its counters and waiters.
-    pub fn upsert(&self, key: ServiceRef, backend: &str, settings: Settings) -> Arc<Service> {
+    pub fn upsert(&self, key: ServiceRef, backend: &str, settings: Settings) -> Arc<ServiceEntry> {
         if let Some(s) = self.get(&key)
             && s.backend == backend
         {
@@ -378,7 +382,7 @@ impl Table {
             return s;
         }
         let metrics = self.metrics.service(&key.namespace, &key.name);
-        let svc = Arc::new(Service::new(
+        let svc = Arc::new(ServiceEntry::new(
             key.clone(),
             backend.to_string(),
             settings,
@@ -391,13 +395,36 @@ impl Table {
             .cloned()
             .unwrap_or_default();
         svc.set_backend(ready, candidates);
-        self.services.write().insert(key, svc.clone());
+        let old = self.services.write().insert(key.clone(), svc.clone());
+        let mut by_backend = self.by_backend.write();
+        if let Some(old) = old {
+            Self::unindex(&mut by_backend, &old);
+        }
+        by_backend
+            .entry((key.namespace.clone(), backend.to_string()))
+            .or_default()
+            .push(svc.clone());
         svc
     }
 
     pub fn remove(&self, key: &ServiceRef) {
-        if self.services.write().remove(key).is_some() {
-            self.metrics.remove_service(&key.namespace, &key.name);
+        let Some(old) = self.services.write().remove(key) else {
+            return;
+        };
+        Self::unindex(&mut self.by_backend.write(), &old);
+        self.metrics.remove_service(&key.namespace, &key.name);
+    }
+
+    fn unindex(
+        by_backend: &mut HashMap<BackendKey, Vec<Arc<ServiceEntry>>>,
+        svc: &Arc<ServiceEntry>,
+    ) {
+        let k = (svc.key.namespace.clone(), svc.backend.clone());
+        if let Some(list) = by_backend.get_mut(&k) {
+            list.retain(|s| !Arc::ptr_eq(s, svc));
+            if list.is_empty() {
+                by_backend.remove(&k);
+            }
         }
     }
 
@@ -430,10 +457,14 @@ impl Table {
             .into_iter()
             .filter(|a| !now.contains(a))
             .collect();
-        for s in self.services.read().values() {
-            if s.key.namespace == namespace && s.backend == backend {
-                s.set_backend(ready.clone(), candidates.clone());
-            }
+        let services = self
+            .by_backend
+            .read()
+            .get(&(namespace.to_string(), backend.to_string()))
+            .cloned()
+            .unwrap_or_default();
+        for s in services {
+            s.set_backend(ready.clone(), candidates.clone());
         }
         gone
     }
@@ -443,9 +474,9 @@ impl Table {
 mod tests {
     use super::*;
 
-    fn svc() -> Service {
+    fn svc() -> ServiceEntry {
         let m = Metrics::new();
-        Service::new(
+        ServiceEntry::new(
             ServiceRef {
                 namespace: "ns".into(),
                 name: "web".into(),

@@ -187,67 +187,128 @@ pub async fn scaled_services(
     Ok(())
 }
 
-type SliceKey = (String, String);
+/// A backend Service: namespace and name.
+type BackendKey = (String, String);
 
-/// Endpoints of one backend Service from all of its slices: the ready ones, and the
-/// not-ready ones that are not terminating (pods starting up: candidates for the
-/// activator's own probe; a terminating pod is never one).
-fn endpoints_of(
-    slices: &HashMap<SliceKey, EndpointSlice>,
-    ns: &str,
-    svc: &str,
-) -> (PodPorts, PodPorts) {
-    let (mut ready, mut candidates): (PodPorts, PodPorts) = (Vec::new(), Vec::new());
-    for ((sns, _), s) in slices {
-        if sns != ns || service_of(s).as_deref() != Some(svc) {
+/// What the activator keeps of one EndpointSlice: its endpoints by readiness (ready;
+/// not ready and not terminating), with their ports. A few hundred bytes, not the
+/// object: every slice of the cluster is kept, so that a ScaledService naming any
+/// Service finds its endpoints at once.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct SliceEndpoints {
+    ready: PodPorts,
+    candidates: PodPorts,
+}
+
+fn slice_endpoints(s: &EndpointSlice) -> SliceEndpoints {
+    let ports: Vec<(String, u16)> = s
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
+        .collect();
+    let mut out = SliceEndpoints::default();
+    for e in &s.endpoints {
+        let c = e.conditions.as_ref();
+        let list = if c.and_then(|c| c.ready) == Some(true) {
+            &mut out.ready
+        } else if c.and_then(|c| c.terminating) != Some(true) {
+            &mut out.candidates
+        } else {
             continue;
-        }
-        let ports: Vec<(String, u16)> = s
-            .ports
-            .iter()
-            .flatten()
-            .filter_map(|p| {
-                Some((
-                    p.name.clone().unwrap_or_default(),
-                    u16::try_from(p.port?).ok()?,
-                ))
-            })
-            .collect();
-        for e in &s.endpoints {
-            let c = e.conditions.as_ref();
-            let out = if c.and_then(|c| c.ready) == Some(true) {
-                &mut ready
-            } else if c.and_then(|c| c.terminating) != Some(true) {
-                &mut candidates
-            } else {
-                continue;
-            };
-            for a in &e.addresses {
-                if let Ok(ip) = a.parse::<IpAddr>()
-                    && !out.iter().any(|(i, _)| *i == ip)
-                {
-                    out.push((ip, ports.clone()));
-                }
+        };
+        for a in &e.addresses {
+            if let Ok(ip) = a.parse::<IpAddr>()
+                && !list.iter().any(|(i, _)| *i == ip)
+            {
+                list.push((ip, ports.clone()));
             }
         }
     }
-    candidates.retain(|(ip, _)| !ready.iter().any(|(r, _)| r == ip));
-    ready.sort_by_key(|(ip, _)| *ip);
-    candidates.sort_by_key(|(ip, _)| *ip);
-    (ready, candidates)
+    out
 }
 
-/// Sets the ready endpoints of one backend Service from its slices, and closes the
-/// pooled connections of every pod address that left them (none outlives its pod).
-fn update_backend(
-    table: &Table,
-    pool: &Pool,
-    slices: &HashMap<SliceKey, EndpointSlice>,
-    ns: &str,
-    svc: &str,
-) {
-    let (ready, candidates) = endpoints_of(slices, ns, svc);
-    for gone in table.set_backend_endpoints(ns, svc, ready, candidates) {
+/// The slices of every backend Service, indexed by the Service (the
+/// `kubernetes.io/service-name` label): an event costs the slices of its own Service,
+/// not every slice of the cluster.
+#[derive(Default)]
+struct SliceIndex {
+    by_backend: HashMap<BackendKey, HashMap<String, SliceEndpoints>>,
+    /// Each slice's Service (namespace, slice name → backend).
+    backend_of: HashMap<(String, String), BackendKey>,
+}
+
+impl SliceIndex {
+    /// Takes in a slice; returns the backends whose endpoints may have changed.
+    fn apply(&mut self, s: &EndpointSlice) -> Vec<BackendKey> {
+        let (Some(ns), name) = (s.namespace(), s.name_any()) else {
+            return vec![];
+        };
+        let mut touched = self.delete(&ns, &name);
+        if let Some(svc) = service_of(s) {
+            let backend = (ns.clone(), svc);
+            self.by_backend
+                .entry(backend.clone())
+                .or_default()
+                .insert(name.clone(), slice_endpoints(s));
+            self.backend_of.insert((ns, name), backend.clone());
+            if !touched.contains(&backend) {
+                touched.push(backend);
+            }
+        }
+        touched
+    }
+
+    /// Forgets a slice; returns the backend it belonged to.
+    fn delete(&mut self, ns: &str, name: &str) -> Vec<BackendKey> {
+        let Some(backend) = self.backend_of.remove(&(ns.to_string(), name.to_string())) else {
+            return vec![];
+        };
+        if let Some(slices) = self.by_backend.get_mut(&backend) {
+            slices.remove(name);
+            if slices.is_empty() {
+                self.by_backend.remove(&backend);
+            }
+        }
+        vec![backend]
+    }
+
+    /// Endpoints of one backend Service from all of its slices: the ready ones, and the
+    /// not-ready ones that are not terminating (pods starting up: candidates for the
+    /// activator's own probe; a terminating pod is never one).
+    fn endpoints(&self, backend: &BackendKey) -> (PodPorts, PodPorts) {
+        let (mut ready, mut candidates): (PodPorts, PodPorts) = (Vec::new(), Vec::new());
+        for s in self
+            .by_backend
+            .get(backend)
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            for (list, out) in [(&s.ready, &mut ready), (&s.candidates, &mut candidates)] {
+                for (ip, ports) in list {
+                    if !out.iter().any(|(i, _)| i == ip) {
+                        out.push((*ip, ports.clone()));
+                    }
+                }
+            }
+        }
+        candidates.retain(|(ip, _)| !ready.iter().any(|(r, _)| r == ip));
+        ready.sort_by_key(|(ip, _)| *ip);
+        candidates.sort_by_key(|(ip, _)| *ip);
+        (ready, candidates)
+    }
+}
+
+/// Sets the endpoints of one backend Service from its slices, and closes the pooled
+/// connections of every pod address that left them (none outlives its pod).
+fn update_backend(table: &Table, pool: &Pool, index: &SliceIndex, backend: &BackendKey) {
+    let (ready, candidates) = index.endpoints(backend);
+    for gone in table.set_backend_endpoints(&backend.0, &backend.1, ready, candidates) {
         pool.forget(&gone);
     }
 }
@@ -256,9 +317,9 @@ fn service_of(s: &EndpointSlice) -> Option<String> {
     s.labels().get("kubernetes.io/service-name").cloned()
 }
 
-/// Follows the backend Services' EndpointSlices. Never ends on an error (as
-/// [`scaled_services`]). The pool forgets the connections of every pod address that
-/// leaves a Service's ready endpoints.
+/// Follows the EndpointSlices of the cluster's Services (the EndpointSlice
+/// controller's). Never ends on an error (as [`scaled_services`]). The pool forgets the
+/// connections of every pod address that leaves a Service's endpoints.
 pub async fn endpoint_slices(
     client: Client,
     table: Arc<Table>,
@@ -269,51 +330,44 @@ pub async fn endpoint_slices(
     let api: Api<EndpointSlice> = Api::all(client);
     let cfg = watcher::Config::default()
         .labels("endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io");
-    let mut slices: HashMap<SliceKey, EndpointSlice> = HashMap::new();
-    let mut init: Option<HashMap<SliceKey, EndpointSlice>> = None;
+    let mut index = SliceIndex::default();
+    let mut init: Option<SliceIndex> = None;
     let mut stream = std::pin::pin!(snooze_runtime::watch::resilient(
         watcher::watcher(api, cfg).default_backoff(),
         "endpointslices",
         move || metrics.watch_error("endpointslices"),
     ));
-    let skey = |s: &EndpointSlice| (s.namespace().unwrap_or_default(), s.name_any());
     while let Some(ev) = stream.next().await {
-        let touched: Vec<(String, String)> = match ev {
+        let touched: Vec<BackendKey> = match ev {
             Event::Init => {
-                init = Some(HashMap::new());
+                init = Some(SliceIndex::default());
                 vec![]
             }
             Event::InitApply(s) => {
                 if let Some(i) = init.as_mut() {
-                    i.insert(skey(&s), s);
+                    i.apply(&s);
                 }
                 vec![]
             }
             Event::InitDone => {
                 let next = init.take().unwrap_or_default();
-                let mut t: Vec<(String, String)> = slices
-                    .values()
-                    .chain(next.values())
-                    .filter_map(|s| Some((s.namespace()?, service_of(s)?)))
+                let mut t: Vec<BackendKey> = index
+                    .by_backend
+                    .keys()
+                    .chain(next.by_backend.keys())
+                    .cloned()
                     .collect();
                 t.sort();
                 t.dedup();
-                slices = next;
+                index = next;
                 synced.send_replace(true);
                 t
             }
-            Event::Apply(s) => {
-                let t = s.namespace().zip(service_of(&s)).into_iter().collect();
-                slices.insert(skey(&s), s);
-                t
-            }
-            Event::Delete(s) => {
-                slices.remove(&skey(&s));
-                s.namespace().zip(service_of(&s)).into_iter().collect()
-            }
+            Event::Apply(s) => index.apply(&s),
+            Event::Delete(s) => index.delete(&s.namespace().unwrap_or_default(), &s.name_any()),
         };
-        for (ns, svc) in touched {
-            update_backend(&table, &pool, &slices, &ns, &svc);
+        for backend in touched {
+            update_backend(&table, &pool, &index, &backend);
         }
     }
     Ok(())
@@ -394,12 +448,14 @@ mod tests {
         let pool = Pool::new(std::time::Duration::from_secs(1), 8);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut slices = HashMap::new();
-        slices.insert(
-            ("shop".to_string(), "web-1".to_string()),
-            slice("web", "127.0.0.1", addr.port()),
+        let mut index = SliceIndex::default();
+        let web = ("shop".to_string(), "web".to_string());
+        let api = ("shop".to_string(), "api".to_string());
+        assert_eq!(
+            index.apply(&slice("web", "127.0.0.1", addr.port())),
+            vec![web.clone()]
         );
-        update_backend(&table, &pool, &slices, "shop", "web");
+        update_backend(&table, &pool, &index, &web);
         // Two idle connections to the pod, as after two requests.
         for _ in 0..2 {
             let s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -407,17 +463,46 @@ mod tests {
         }
         assert_eq!(pool.idle_count(Some(addr)), 2);
         // Another Service's change does not touch them.
-        slices.insert(
-            ("shop".to_string(), "api-1".to_string()),
-            slice("api", "127.0.0.2", 80),
+        assert_eq!(
+            index.apply(&slice("api", "127.0.0.2", 80)),
+            vec![api.clone()]
         );
-        update_backend(&table, &pool, &slices, "shop", "api");
+        update_backend(&table, &pool, &index, &api);
         assert_eq!(pool.idle_count(Some(addr)), 2);
         // The pod leaves web's slices: its connections are closed at once.
-        slices.remove(&("shop".to_string(), "web-1".to_string()));
-        update_backend(&table, &pool, &slices, "shop", "web");
+        assert_eq!(index.delete("shop", "web-1"), vec![web.clone()]);
+        update_backend(&table, &pool, &index, &web);
         assert_eq!(pool.idle_count(Some(addr)), 0);
         assert_eq!(pool.idle_count(None), 0);
+    }
+
+    #[test]
+    fn slices_are_indexed_by_their_service() {
+        let mut index = SliceIndex::default();
+        let web = ("shop".to_string(), "web".to_string());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut second = slice("web", "10.0.0.2", 8080);
+        second.metadata.name = Some("web-2".into());
+        index.apply(&slice("web", "10.0.0.1", 8080));
+        index.apply(&second);
+        index.apply(&slice("api", "10.0.0.9", 80));
+        let (ready, candidates) = index.endpoints(&web);
+        assert_eq!(
+            ready.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![ip("10.0.0.1"), ip("10.0.0.2")],
+            "both slices of web, not api's"
+        );
+        assert!(candidates.is_empty());
+        // A slice that moves to another Service leaves the first one's endpoints.
+        let mut moved = slice("api", "10.0.0.2", 8080);
+        moved.metadata.name = Some("web-2".into());
+        let touched = index.apply(&moved);
+        assert!(touched.contains(&web) && touched.len() == 2, "{touched:?}");
+        assert_eq!(index.endpoints(&web).0.len(), 1);
+        // The last slice gone: nothing is kept for the Service.
+        index.delete("shop", "web-1");
+        assert!(index.endpoints(&web).0.is_empty());
+        assert!(!index.by_backend.contains_key(&web));
     }
 
     #[test]

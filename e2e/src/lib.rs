@@ -4,4 +4,5 @@
 pub mod agent;
 pub mod coldstart;
 pub mod faults;
+pub mod startup;
 pub mod testing;

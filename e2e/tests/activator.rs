@@ -20,7 +20,7 @@ use snooze_activator::metrics::Metrics;
 use snooze_activator::pool::Pool;
 use snooze_activator::proxy::{Proxy, Route};
 use snooze_activator::stats::StatsHub;
-use snooze_activator::table::{Service, Settings, Table};
+use snooze_activator::table::{ServiceEntry, Settings, Table};
 use snooze_crds::stats::{Report, ServiceRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -72,7 +72,7 @@ async fn backend(extra: &[&str]) -> Backend {
 struct Activator {
     table: Arc<Table>,
     stats: Arc<StatsHub>,
-    svc: Arc<Service>,
+    svc: Arc<ServiceEntry>,
     port: u16,
     listeners: Arc<Listeners>,
 }
@@ -131,7 +131,7 @@ async fn activator_with(
 }
 
 /// The route of a listener to `svc`'s "http" port.
-fn route(svc: &Arc<Service>, h2c: bool) -> Arc<Route> {
+fn route(svc: &Arc<ServiceEntry>, h2c: bool) -> Arc<Route> {
     Arc::new(Route {
         service: svc.clone(),
         port_name: "http".into(),

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Activators {
     pub ips: Vec<String>,
-    pub stats: Vec<SocketAddr>,
+    pub stats_addrs: Vec<SocketAddr>,
 }
 
 impl Activators {
@@ -55,7 +55,10 @@ impl Activators {
         ips.dedup();
         stats.sort();
         stats.dedup();
-        Self { ips, stats }
+        Self {
+            ips,
+            stats_addrs: stats,
+        }
     }
 }
 
@@ -131,7 +134,7 @@ mod tests {
         let got = Activators::from_slices([&a, &b], "admin");
         assert_eq!(got.ips, vec!["10.0.0.1", "10.0.0.2"]);
         assert_eq!(
-            got.stats,
+            got.stats_addrs,
             vec![
                 "10.0.0.1:9090".parse().unwrap(),
                 "10.0.0.2:9090".parse().unwrap()
@@ -147,6 +150,6 @@ mod tests {
         );
         let got = Activators::from_slices([&a], "admin");
         assert_eq!(got.ips, vec!["10.0.0.1", "not-an-ip"]);
-        assert!(got.stats.is_empty());
+        assert!(got.stats_addrs.is_empty());
     }
 }

@@ -202,7 +202,7 @@ pub async fn autoscale_tick(
     trigger: &tokio::sync::mpsc::Sender<ObjectRef<ScaledService>>,
 ) {
     let now = SystemTime::now();
-    let activators = ctx.activators.borrow().stats.clone();
+    let activators = ctx.activators.borrow().stats_addrs.clone();
     for ss in ctx.store.state() {
         let key = key_of(&ss);
         let Some((current, ready)) = ctx.services.lock().get(&key).and_then(|st| st.replicas)
@@ -408,7 +408,7 @@ fn serving_activators(ctx: &Context, activators: &Activators, ports: &[PortStatu
         .filter(|ip| {
             let ip: Option<std::net::IpAddr> = ip.parse().ok();
             activators
-                .stats
+                .stats_addrs
                 .iter()
                 .filter(|a| Some(a.ip()) == ip)
                 .all(|a| ctx.stats.serves(a, &ports))
@@ -607,7 +607,7 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         let original = ctx.state(&key, |st| *st.original.get_or_insert(current));
         status.original_replicas = Some(original);
     }
-    let load = ctx.stats.load(&key, &activators.stats);
+    let load = ctx.stats.load(&key, &activators.stats_addrs);
     let mut d = decision::decide(
         &policy(&ss),
         current,

@@ -91,7 +91,7 @@ pub async fn lead(
     let mut act = act_rx.clone();
     tasks.spawn("stats targets", async move {
         loop {
-            let t = act.borrow_and_update().stats.clone();
+            let t = act.borrow_and_update().stats_addrs.clone();
             targets_tx.send_replace(t);
             act.changed().await?;
         }

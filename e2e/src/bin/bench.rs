@@ -71,6 +71,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         max_queued: u64,
     },
+    /// The objects of the activator start-up benchmark (bench/startup.sh): ScaledServices
+    /// with their status ports, and EndpointSlices of Services none of them names.
+    Populate {
+        #[arg(long, default_value = "startup-bench")]
+        namespace: String,
+        #[arg(long, default_value_t = 1000)]
+        scaled_services: usize,
+        #[arg(long, default_value_t = 20000)]
+        slices: usize,
+        #[arg(long, default_value_t = 30000)]
+        first_port: u16,
+    },
     Release {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
@@ -233,7 +245,7 @@ async fn one_service_activator(
     settings: snooze_activator::table::Settings,
 ) -> anyhow::Result<(
     u16,
-    Arc<snooze_activator::table::Service>,
+    Arc<snooze_activator::table::ServiceEntry>,
     Arc<snooze_activator::listeners::Listeners>,
 )> {
     use snooze_activator::{
@@ -434,6 +446,15 @@ fn main() -> anyhow::Result<()> {
                 namespace,
             } => {
                 snooze_e2e::coldstart::run(rounds, startup_delay_ms, readiness_period, &namespace).await
+            }
+            Cmd::Populate {
+                namespace,
+                scaled_services,
+                slices,
+                first_port,
+            } => {
+                snooze_e2e::startup::populate(&namespace, scaled_services, slices, first_port)
+                    .await
             }
             Cmd::Burst {
                 requests,
