@@ -29,7 +29,15 @@ in_ns kubectl apply -f crds/scaledservice.yaml >/dev/null
 # next run), before the operator comes back, so it never sees them.
 op_replicas=$(in_ns kubectl get deploy -n snooze-system snooze-operator -o jsonpath='{.spec.replicas}' 2>/dev/null || true)
 cleanup() {
-  [ "${STARTUP_KEEP:-0}" = 1 ] || in_ns kubectl delete ns startup-bench --ignore-not-found --wait=true >/dev/null
+  if [ "${STARTUP_KEEP:-0}" != 1 ]; then
+    in_ns kubectl delete ns startup-bench --ignore-not-found --wait=false >/dev/null
+    # ScaledServices an operator once reconciled carry its finalizer: with the operator
+    # paused nobody would remove it, and the namespace would never go.
+    in_ns kubectl get scaledservices -n startup-bench -o name 2>/dev/null \
+      | in_ns xargs -r -n 100 kubectl patch -n startup-bench --type=merge \
+          -p '{"metadata":{"finalizers":null}}' >/dev/null || true
+    in_ns kubectl wait --for=delete ns/startup-bench --timeout=300s >/dev/null 2>&1 || true
+  fi
   if [ -n "$op_replicas" ]; then
     in_ns kubectl scale deploy -n snooze-system snooze-operator --replicas="$op_replicas" >/dev/null
     in_ns kubectl rollout status -n snooze-system deploy/snooze-operator --timeout=180s >/dev/null
