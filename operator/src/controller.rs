@@ -29,6 +29,7 @@ use crate::metrics::{Metrics, ScaleLabels, ServiceLabels};
 use crate::objects;
 use crate::ports::{Exhausted, PortAllocator};
 use crate::stats::StatsStore;
+use crate::status::{self, Problem};
 use crate::wakefail;
 
 pub use crate::activators::Activators;
@@ -112,12 +113,6 @@ impl Error {
             },
         }
     }
-}
-
-/// Why a ScaledService cannot be programmed; shown as `Ready=False`.
-struct Problem {
-    reason: &'static str,
-    message: String,
 }
 
 async fn timed<T>(ctx: &Context, f: impl Future<Output = kube::Result<T>>) -> Result<T, Error> {
@@ -476,33 +471,14 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     };
 
     // 1. References.
-    let problem = conflicting_owner(ctx, &ss).map(|owner| Problem {
-        reason: "Conflict",
-        message: format!(
-            "{} {} is already scaled by ScaledService {owner}",
-            ss.spec.scale_target_ref.kind, ss.spec.scale_target_ref.name
-        ),
-    });
-    let backend = if problem.is_none() {
+    let conflict = conflicting_owner(ctx, &ss);
+    let backend = if conflict.is_none() {
         let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
         timed(ctx, svcs.get_opt(&ss.spec.service)).await?
     } else {
         None
     };
-    let problem = problem.or_else(|| {
-        crate::schedule::validate(&ss.spec.schedules)
-            .err()
-            .map(|e| Problem {
-                reason: "InvalidSchedule",
-                message: e,
-            })
-    });
-    let problem = problem.or_else(|| {
-        backend.is_none().then(|| Problem {
-            reason: "ServiceNotFound",
-            message: format!("Service {} not found in namespace {ns}", ss.spec.service),
-        })
-    });
+    let problem = status::references_problem(&ss, conflict.as_deref(), backend.is_some());
     let (target, problem) = match problem {
         Some(p) => (None, Some(p)),
         None => match scale_api(ctx, &ss).await? {
@@ -677,64 +653,21 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         ss.spec.activation.max_queued_requests,
         serving.len(),
     ));
-    if let Some(t) = load.last_request.and_then(to_time) {
-        let newer = old
-            .last_request_time
-            .as_ref()
-            .is_none_or(|o| t.0.as_second() >= o.0.as_second() + 10);
-        if newer {
-            status.last_request_time = Some(t);
-        }
+    if let Some(last) = load.last_request
+        && status::show_last_request(old.last_request_time.as_ref().map(to_system), last)
+    {
+        status.last_request_time = to_time(last);
     }
-    let port_list: Vec<String> = status
-        .ports
-        .iter()
-        .map(|p| format!("{}→{}", p.port, p.activator_port))
-        .collect();
-    let ready = if serving.is_empty() {
-        objects::condition(
-            &old.conditions,
-            "Ready",
-            false,
-            "NoActivator",
-            format!(
-                "no ready activator listens on ports {} yet ({} ready activator(s)); Service {svc_name} has no endpoint until one does",
-                port_list.join(", "),
-                activators.ips.len()
-            ),
-            gen_,
-            &now,
-        )
-    } else {
-        objects::condition(
-            &old.conditions,
-            "Ready",
-            true,
-            "Programmed",
-            format!(
-                "Service {svc_name} routes to {} through {} activator(s) (ports {})",
-                ss.spec.service,
-                serving.len(),
-                port_list.join(", ")
-            ),
-            gen_,
-            &now,
-        )
-    };
-    let (active, reason, msg) = match (ready_replicas, status.replicas.unwrap_or(0)) {
-        (r, _) if r > 0 => (true, "ReplicasReady", format!("{r} ready replica(s)")),
-        (_, 0) => (
-            false,
-            "ScaledToZero",
-            "asleep: the next request wakes it".to_string(),
-        ),
-        (_, n) => (
-            false,
-            "Waking",
-            format!("waiting for {n} replica(s) to become ready"),
-        ),
-    };
-    let active = objects::condition(&old.conditions, "Active", active, reason, msg, gen_, &now);
+    let (ok, reason, msg) = status::ready(
+        serving.len(),
+        activators.ips.len(),
+        &svc_name,
+        &ss.spec.service,
+        &status.ports,
+    );
+    let ready = objects::condition(&old.conditions, "Ready", ok, reason, msg, gen_, &now);
+    let (ok, reason, msg) = status::active(ready_replicas, status.replicas.unwrap_or(0));
+    let active = objects::condition(&old.conditions, "Active", ok, reason, msg, gen_, &now);
     if ready.status == "True"
         && old
             .conditions

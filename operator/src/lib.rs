@@ -14,4 +14,5 @@ pub mod probe;
 pub mod run;
 pub mod schedule;
 pub mod stats;
+pub mod status;
 pub mod wakefail;
