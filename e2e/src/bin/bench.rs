@@ -364,11 +364,14 @@ async fn release(n: usize) -> anyhow::Result<Vec<u32>> {
 /// `max_queued`; `n` clients connect and send their first request at once. Returns the
 /// send → 503 times (µs) of the refused ones and how many were held.
 ///
-/// The activator runs on a runtime of its own and the clients on another (their own
-/// thread), as separate processes would: 2,000 client tasks in the activator's
-/// scheduler queue delayed its answers, and the clients' reads, by tens of ms.
+/// The activator runs on a runtime of its own with one worker and the clients on a
+/// single-threaded one (their own thread): one core each, as two processes on two
+/// machines would be. Sharing one runtime (2,000 client tasks in the activator's
+/// scheduler queue) or four threads on two cores put tens of ms of scheduling noise
+/// into the measure (p99 9–46 ms from run to run; 15–17 ms like this).
 fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
     let activator = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()?;
     let (port, svc, listeners) =
@@ -377,8 +380,20 @@ fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
             timeout: Duration::from_secs(10),
             ..Default::default()
         }))?;
+    // The most requests held at once (sampled every millisecond while the burst runs).
+    let most_held = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (svc, most_held) = (svc.clone(), most_held.clone());
+        activator.spawn(async move {
+            loop {
+                let q = svc.queued.load(std::sync::atomic::Ordering::Relaxed);
+                most_held.fetch_max(q, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
     let clients = std::thread::spawn(move || -> anyhow::Result<Vec<u32>> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(burst_clients(port, n))
@@ -386,7 +401,8 @@ fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
     let refused = clients
         .join()
         .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
-    let held = svc.queued.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    sampler.abort();
+    let held = most_held.load(std::sync::atomic::Ordering::Relaxed) as usize;
     activator.block_on(listeners.drain(Duration::from_millis(100)));
     Ok((refused, held))
 }
