@@ -1497,3 +1497,101 @@ async fn readme_quickstart_runs_as_written() {
     assert!(ok, "{out}");
     let _ = std::fs::remove_dir_all(dist);
 }
+
+/// The chart's switches: with every one on, `helm template` renders, the objects the
+/// API server knows (NetworkPolicies, Deployments with a priority class and spread
+/// constraints, Services, the test Pod) pass its validation (server dry-run; the
+/// ServiceMonitor and PodMonitor need the Prometheus Operator's CRDs, absent here), and
+/// `helm test` on the installed release passes (both components answer `/readyz`).
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn chart_switches_render_validate_and_helm_test_passes() {
+    ensure_snooze().await;
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/snooze");
+    let (ok, out) = run_tool(
+        "helm",
+        &[
+            "template", "switches", chart, "--kube-version", "1.33.0", "-n", "default",
+            "--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
+            "--set", "networkPolicy.enabled=true,priorityClassName=system-cluster-critical",
+            "--set", "networkPolicy.dataFromNamespaces={ingress-nginx},networkPolicy.metricsFromNamespaces={monitoring}",
+            "--set-json",
+            r#"activator.topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"kubernetes.io/hostname","whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/component":"activator"}}}]"#,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let docs: Vec<&str> = out.split("\n---").collect();
+    let kind_of = |d: &str| {
+        d.lines()
+            .find_map(|l| l.strip_prefix("kind: "))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let kinds: Vec<String> = docs.iter().map(|d| kind_of(d)).collect();
+    for want in ["ServiceMonitor", "PodMonitor", "NetworkPolicy", "Pod"] {
+        assert!(
+            kinds.iter().any(|k| k == want),
+            "no {want} rendered: {kinds:?}"
+        );
+    }
+    assert!(out.contains("priorityClassName: system-cluster-critical"));
+    assert!(out.contains("topologySpreadConstraints:"));
+    assert!(out.contains("endPort: 29999"), "the data ports' range");
+    // The namespaced workload objects through the API server (the Prometheus
+    // Operator's kinds have no CRD here; the test Pod needs its service account to
+    // exist, and is run for real by `helm test` below).
+    let validated: Vec<&str> = docs
+        .iter()
+        .copied()
+        .filter(|d| {
+            matches!(
+                kind_of(d).as_str(),
+                "NetworkPolicy" | "Deployment" | "Service" | "PodDisruptionBudget"
+            )
+        })
+        .collect();
+    let file = std::env::temp_dir().join(format!("snooze-switches-{}.yaml", std::process::id()));
+    std::fs::write(&file, validated.join("\n---")).unwrap();
+    let (ok, out) = kubectl(&["apply", "--dry-run=server", "-f", file.to_str().unwrap()]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "networkpolicy.networking.k8s.io/switches-snooze-activator created (server dry run)"
+        ),
+        "{out}"
+    );
+    let _ = std::fs::remove_file(file);
+    // Off by default: nothing of the sort in a plain install.
+    let (ok, plain) = run_tool(
+        "helm",
+        &["template", "plain", chart, "--kube-version", "1.33.0"],
+    )
+    .await;
+    assert!(ok, "{plain}");
+    for absent in [
+        "kind: ServiceMonitor",
+        "kind: PodMonitor",
+        "kind: NetworkPolicy",
+        "priorityClassName",
+    ] {
+        assert!(!plain.contains(absent), "{absent} rendered by default");
+    }
+    // helm test on the installed release.
+    let (ok, out) = run_tool(
+        "helm",
+        &[
+            "test",
+            SNOOZE_RELEASE,
+            "-n",
+            SNOOZE_NAMESPACE,
+            "--timeout",
+            "120s",
+        ],
+    )
+    .await;
+    eprintln!("{out}");
+    assert!(ok, "helm test failed:\n{out}");
+    assert!(out.contains("Phase:          Succeeded"), "{out}");
+}

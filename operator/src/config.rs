@@ -51,4 +51,9 @@ pub struct Args {
     /// `json` or `text`.
     #[arg(long, env = "SNOOZE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Instead of running: check that every ready endpoint of these Services (in
+    /// `--namespace`) answers `/readyz` on its `admin` port, and exit 0 or 1 (the
+    /// chart's `helm test`).
+    #[arg(long, value_delimiter = ',')]
+    pub check_services: Vec<String>,
 }

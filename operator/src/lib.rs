@@ -3,6 +3,7 @@
 
 pub mod activators;
 pub mod autoscale;
+pub mod check;
 pub mod config;
 pub mod controller;
 pub mod decision;

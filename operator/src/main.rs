@@ -26,8 +26,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let shutdown = snooze_runtime::shutdown::on_signal()?;
     let client = kube::Client::try_default().await?;
+    if !args.check_services.is_empty() {
+        return snooze_operator::check::run(client, &args.namespace, &args.check_services).await;
+    }
+    let shutdown = snooze_runtime::shutdown::on_signal()?;
     let metrics = Arc::new(Metrics::new());
     let (ready_tx, ready_rx) = watch::channel(false);
     let m = metrics.clone();
