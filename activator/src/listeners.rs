@@ -281,17 +281,19 @@ impl Listeners {
             (other, _) => other,
         };
         if let Some(r) = current {
-            let h2 = match h2_known {
-                Some(h2) => h2,
-                None => starts_h2(&stream).await,
-            };
             match self
                 .proxy
                 .park(&r.service, &r.port_name, &stream, since)
                 .await
             {
                 Parked::NotNeeded => {}
-                Parked::Full(queued) if !h2 => {
+                // (h2c is known from the judged head; otherwise peeked, only here.)
+                Parked::Full(queued)
+                    if !match h2_known {
+                        Some(h2) => h2,
+                        None => starts_h2(&stream).await,
+                    } =>
+                {
                     let answer = self.proxy.queue_full_answer(&r.service, queued);
                     let _ = stream.write_all(&answer).await;
                     let _ = stream.shutdown().await;
