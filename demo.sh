@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The local demo in one command: builds everything, brings the local cluster up,
-# installs Snooze with helm and an example app, shows it asleep, wakes it with one
-# request and prints the timings. Leaves the cluster running (see the last lines).
+# The local demo in one command: builds release binaries (what users run), brings the
+# local cluster up, installs Snooze with helm and an example app, shows it asleep, wakes
+# it with one request, and prints the cold start split into its segments (request →
+# scale patch → pod created → ready → first byte). Leaves the cluster running (see the
+# last lines).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$repo"
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-say "building (Rust workspace; control plane and helm from Go modules, cached)"
-cargo build --workspace --bins
+say "building release binaries (Rust workspace; control plane and helm from Go modules, cached)"
+cargo build --release --workspace --bins
 bin=$(e2e/cluster/build.sh | tail -n 1)
 export PATH="$bin:$PATH"
+# The pods run the release builds.
+export SNOOZE_PROFILE=release
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
 
 say "bringing the local cluster up"
 e2e/cluster/cluster.sh up >/dev/null
@@ -40,6 +45,10 @@ target=$(k get endpointslice web-snooze -n shop -o jsonpath='{.endpoints[0].addr
 echo "curl -H 'Host: shop.example.com' http://$target/"
 ip netns exec "$SNOOZE_NETNS" curl -sS -m 90 -H 'Host: shop.example.com' \
   -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "http://$target/"
+
+say "the cold start, split: 3 more cold starts of a test app (release builds; readiness probe every 10 s, the Kubernetes default)"
+ip netns exec "$SNOOZE_NETNS" env KUBECONFIG="$KUBECONFIG" \
+  "$target_dir/release/snooze-bench" coldstart --rounds 3 --readiness-period 10 --namespace demo-coldstart
 
 say "what happened"
 k get events -n shop --field-selector reason=Woken -o custom-columns=EVENT:.reason,MESSAGE:.message
