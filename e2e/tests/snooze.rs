@@ -70,8 +70,9 @@ async fn install_runs_as_own_service_accounts_and_activator_cannot_scale() {
         assert_eq!(sc.read_only_root_filesystem, Some(true));
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    // The two components' pods (not a `helm test` pod another test may have run).
     let list: Vec<Pod> = pods
-        .list(&ListParams::default())
+        .list(&ListParams::default().labels("app.kubernetes.io/component in (operator,activator)"))
         .await
         .unwrap()
         .items
