@@ -38,6 +38,7 @@ pub struct Metrics {
     wakes: Family<ServiceLabels, Counter>,
     asleep_answers: Family<ServiceLabels, Counter>,
     activation_timeouts: Family<ServiceLabels, Counter>,
+    queue_full: Family<ServiceLabels, Counter>,
     pub shed_global: Counter,
     /// Watch errors by watch (`scaledservices`, `endpointslices`): each one is
     /// logged and retried with back-off; the activator keeps serving what it knows.
@@ -74,6 +75,7 @@ impl Metrics {
         let wakes = Family::<ServiceLabels, Counter>::default();
         let asleep_answers = Family::<ServiceLabels, Counter>::default();
         let activation_timeouts = Family::<ServiceLabels, Counter>::default();
+        let queue_full = Family::<ServiceLabels, Counter>::default();
         let shed_global = Counter::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
         let pooled_connections = Gauge::default();
@@ -134,6 +136,11 @@ impl Metrics {
             activation_timeouts.clone(),
         );
         registry.register(
+            "queue_full",
+            "Requests refused with 503 because the service's queue (or the activator-wide bound) was full",
+            queue_full.clone(),
+        );
+        registry.register(
             "shed_global_limit",
             "Requests refused because the activator-wide queue bound was reached",
             shed_global.clone(),
@@ -148,6 +155,7 @@ impl Metrics {
             wakes,
             asleep_answers,
             activation_timeouts,
+            queue_full,
             shed_global,
             watch_errors,
             pooled_connections,
@@ -185,6 +193,7 @@ impl Metrics {
             wakes: self.wakes.get_or_create(&l).clone(),
             asleep_answers: self.asleep_answers.get_or_create(&l).clone(),
             activation_timeouts: self.activation_timeouts.get_or_create(&l).clone(),
+            queue_full: self.queue_full.get_or_create(&l).clone(),
         }
     }
 
@@ -208,6 +217,7 @@ impl Metrics {
         self.wakes.remove(&l);
         self.asleep_answers.remove(&l);
         self.activation_timeouts.remove(&l);
+        self.queue_full.remove(&l);
     }
 
     /// Counts one error of the watch `watch`.
@@ -234,6 +244,7 @@ pub struct ServiceMetrics {
     pub wakes: Counter,
     pub asleep_answers: Counter,
     pub activation_timeouts: Counter,
+    pub queue_full: Counter,
 }
 
 impl ServiceMetrics {

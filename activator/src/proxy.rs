@@ -406,6 +406,9 @@ impl Proxy {
             table: &self.table,
         };
         svc.metrics.queued.inc();
+        if q >= max_queued || g >= self.table.max_queued_total {
+            svc.metrics.queue_full.inc();
+        }
         if q >= max_queued {
             return Err(QueueFull {
                 queued: q,

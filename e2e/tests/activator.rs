@@ -409,6 +409,8 @@ async fn full_queue_gives_503_with_retry_after_at_once() {
     );
     assert_eq!(headers.get("retry-after").unwrap(), "1");
     assert!(body.contains("too many requests waiting"), "{body}");
+    // Counted for the SnoozeQueueOverflow alert: the refused one, not the held ones.
+    assert_eq!(a.svc.metrics.queue_full.get(), 1);
     // The held ones are still served once a pod is there.
     let b = backend(&[]).await;
     a.set_backends(&[&b]);

@@ -1513,7 +1513,7 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
         "helm",
         &[
             "template", "switches", chart, "--kube-version", "1.33.0", "-n", "default",
-            "--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
+            "--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
             "--set", "networkPolicy.enabled=true,priorityClassName=system-cluster-critical",
             "--set", "networkPolicy.dataFromNamespaces={ingress-nginx},networkPolicy.metricsFromNamespaces={monitoring}",
             "--set-json",
@@ -1531,7 +1531,13 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
             .to_string()
     };
     let kinds: Vec<String> = docs.iter().map(|d| kind_of(d)).collect();
-    for want in ["ServiceMonitor", "PodMonitor", "NetworkPolicy", "Pod"] {
+    for want in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "Pod",
+    ] {
         assert!(
             kinds.iter().any(|k| k == want),
             "no {want} rendered: {kinds:?}"
@@ -1540,6 +1546,22 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
     assert!(out.contains("priorityClassName: system-cluster-critical"));
     assert!(out.contains("topologySpreadConstraints:"));
     assert!(out.contains("endPort: 29999"), "the data ports' range");
+    // The PrometheusRule carries the rules file as it is (templates left to Prometheus).
+    for alert in [
+        "SnoozeActivationTimeouts",
+        "SnoozeQueueOverflow",
+        "SnoozeNoLeader",
+        "SnoozeActivatorsNotReady",
+    ] {
+        assert!(
+            out.contains(&format!("alert: {alert}")),
+            "{alert} not in the PrometheusRule"
+        );
+    }
+    assert!(
+        out.contains("{{ $labels.namespace }}"),
+        "alert templates rendered by helm"
+    );
     // The namespaced workload objects through the API server (the Prometheus
     // Operator's kinds have no CRD here; the test Pod needs its service account to
     // exist, and is run for real by `helm test` below).
@@ -1575,6 +1597,7 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
         "kind: ServiceMonitor",
         "kind: PodMonitor",
         "kind: NetworkPolicy",
+        "kind: PrometheusRule",
         "priorityClassName",
     ] {
         assert!(!plain.contains(absent), "{absent} rendered by default");
