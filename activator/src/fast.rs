@@ -571,7 +571,7 @@ fn room(buf: &mut BytesMut, n: usize) {
 /// Whether a request head (one the fast path took) is an `answerWhileAsleep` request
 /// of the service: forwarded, but not activity.
 fn asleep_answer(svc: &ServiceEntry, head: &[u8]) -> bool {
-    crate::rules::method_and_path(head).is_some_and(|(m, p)| svc.asleep_answer(m, p).is_some())
+    crate::rules::method_and_path(head).is_some_and(|(m, p)| svc.is_asleep_answer(m, p))
 }
 
 /// Serves a connection's requests on the fast path while they qualify.

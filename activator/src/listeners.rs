@@ -270,7 +270,7 @@ impl Listeners {
                     FirstRequest::Complete
                         if r.service.has_answers()
                             && rules::method_and_path(&bytes)
-                                .is_some_and(|(m, p)| r.service.asleep_answer(m, p).is_some()) =>
+                                .is_some_and(|(m, p)| r.service.is_asleep_answer(m, p)) =>
                     {
                         None
                     }

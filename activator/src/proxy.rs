@@ -322,17 +322,19 @@ impl Proxy {
         }
         // Health checks (`answerWhileAsleep`): answered here while no pod is ready,
         // forwarded otherwise; never activity.
-        let asleep_answer = svc.asleep_answer(req.method().as_str(), req.uri().path());
-        if let Some(a) = &asleep_answer
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        let quiet = svc.is_asleep_answer(method, path);
+        if quiet
             && !svc.has_pod(&route.port_name)
+            && let Some(a) = svc.asleep_answer(method, path)
         {
             let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK);
-            let resp = text(status, a.body.clone().unwrap_or_default());
+            let resp = text(status, a.body.unwrap_or_default());
             svc.metrics.asleep_answers.inc();
             svc.metrics.response(resp.status().as_u16());
             return resp;
         }
-        let in_flight = InFlight::start(svc.clone(), asleep_answer.is_none());
+        let in_flight = InFlight::start(svc.clone(), !quiet);
         let resp = self
             .serve(&route, in_flight, req, forwarded_for, start)
             .await;

@@ -194,10 +194,15 @@ impl ServiceEntry {
     }
 
     /// The `answerWhileAsleep` entry for a request, if one matches (`path` without
-    /// the query).
+    /// the query); cloned only when it does.
     pub fn asleep_answer(&self, method: &str, path: &str) -> Option<AsleepAnswer> {
         let answers = self.answers.read();
         answers.iter().find(|a| a.matches(method, path)).cloned()
+    }
+
+    /// Whether a request is an `answerWhileAsleep` one (nothing cloned).
+    pub fn is_asleep_answer(&self, method: &str, path: &str) -> bool {
+        self.answers.read().iter().any(|a| a.matches(method, path))
     }
 
     /// Whether any `answerWhileAsleep` entry is set (most services have none, and the

@@ -38,6 +38,27 @@ async fn wait_replicas(deploys: &Api<Deployment>, name: &str, want: i32, timeout
     .await;
 }
 
+/// Asserts every 500 ms, until `until` after `since`, that `name` has `want` replicas;
+/// `what` names the moment `since` stands for in the failure message.
+async fn stays_at(
+    deploys: &Api<Deployment>,
+    name: &str,
+    want: i32,
+    since: Instant,
+    until: Duration,
+    what: &str,
+) {
+    while since.elapsed() < until {
+        assert_eq!(
+            deployment_replicas(deploys, name).await.unwrap(),
+            want,
+            "{name} left {want} replica(s) {:?} after {what}",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn wait_no_pods(pods: &Api<Pod>, app: &str) {
     wait_for(&format!("pods of {app} gone"), T, || async {
         let n = pods
@@ -994,26 +1015,27 @@ async fn idle_time_runs_from_the_end_of_a_long_request() {
         let url = format!("http://{}/stream?chunks=40&interval_ms=1000", targets[0]);
         let stream = tokio::spawn(async move { http_get(&url, Duration::from_secs(60)).await });
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(38) {
-            assert_eq!(
-                deployment_replicas(&deploys, "web").await.unwrap(),
-                1,
-                "scaled down during the stream"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        stays_at(
+            &deploys,
+            "web",
+            1,
+            t0,
+            Duration::from_secs(38),
+            "the stream's start",
+        )
+        .await;
         assert_eq!(stream.await.unwrap().map(|(c, _)| c), Ok(200));
         let ended = Instant::now();
         // Up for the idle timeout after its end (with a margin for the 1 s tick).
-        while ended.elapsed() < Duration::from_secs(9) {
-            assert_eq!(
-                deployment_replicas(&deploys, "web").await.unwrap(),
-                1,
-                "scaled down {:?} after the stream",
-                ended.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        stays_at(
+            &deploys,
+            "web",
+            1,
+            ended,
+            Duration::from_secs(9),
+            "the stream's end",
+        )
+        .await;
         wait_replicas(&deploys, "web", 0, Duration::from_secs(10)).await;
         eprintln!("asleep {:?} after the stream ended", ended.elapsed());
     })
@@ -1350,15 +1372,15 @@ async fn a_wake_alone_restarts_the_idle_clock() {
         }
         let woken = Instant::now();
         wait_replicas(&deploys, "web", 1, Duration::from_secs(5)).await;
-        while woken.elapsed() < Duration::from_secs(8) {
-            assert_eq!(
-                deployment_replicas(&deploys, "web").await.unwrap(),
-                1,
-                "asleep {:?} after a wake with idleTimeout 10s",
-                woken.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        stays_at(
+            &deploys,
+            "web",
+            1,
+            woken,
+            Duration::from_secs(8),
+            "a wake (idleTimeout 10s)",
+        )
+        .await;
         wait_replicas(&deploys, "web", 0, Duration::from_secs(8)).await;
         eprintln!("asleep {:?} after the wake", woken.elapsed());
     })
