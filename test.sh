@@ -19,6 +19,7 @@ install_packages() {
   command -v curl >/dev/null || missing+=(curl)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v setsid >/dev/null || missing+=(util-linux)
+  command -v nft >/dev/null || missing+=(nftables)   # kube-proxy's nftables mode runs nft
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     if [ "$(id -u)" = 0 ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local cluster's control plane (etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler) and helm from upstream Go modules into a
-# cache outside the repository, keyed by version. Builds only what is missing.
+# kube-controller-manager, kube-scheduler), its add-ons (kube-proxy, CoreDNS, Traefik,
+# Prometheus) and helm from upstream Go modules into a cache outside the repository,
+# keyed by version. Builds only what is missing.
 #
 #   e2e/cluster/build.sh            # prints the bin folder on its last line
 #   SNOOZE_CACHE=/some/dir e2e/cluster/build.sh
@@ -11,6 +12,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 K8S_VERSION=v1.33.13      # keep in step with go.mod
 ETCD_VERSION=v3.5.21      # the etcd release that Kubernetes pins
 HELM_VERSION=v3.19.5
+COREDNS_VERSION=v1.15.0   # keep in step with addons/coredns/go.mod
+TRAEFIK_VERSION=v3.6.12   # keep in step with addons/traefik/go.mod
+PROMETHEUS_VERSION=v0.316.0
 cache=${SNOOZE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/snooze}
 bin="$cache/k8s-$K8S_VERSION/bin"
 helm_bin="$cache/helm-$HELM_VERSION/bin"
@@ -38,6 +42,26 @@ build etcd ./cmd/etcd "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERS
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$ldk"
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager "$ldk"
 build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$ldk"
+build kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$ldk"
+
+addon() { # name, version, module folder (or "" for go install), package, ldflags
+  local name=$1 version=$2 dir=$3 pkg=$4 ld=$5 out="$cache/tools/$1-$2"
+  if [ ! -x "$out/$name" ]; then
+    echo "building $name $version ($pkg)" >&2
+    mkdir -p "$out"
+    if [ -n "$dir" ]; then
+      (cd "$here/addons/$dir" && go build -trimpath -ldflags "$ld" -o "$out/$name.tmp" "$pkg")
+      mv "$out/$name.tmp" "$out/$name"
+    else
+      GOFLAGS= GOBIN="$out" go install -trimpath -ldflags "$ld" "$pkg@$version"
+    fi
+  fi
+  ln -sf "$out/$name" "$bin/$name"
+}
+addon coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
+addon traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
+  "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
+addon prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
 
 if [ ! -x "$helm_bin/helm" ]; then
   echo "building helm $HELM_VERSION" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The local cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
-# the snooze node agent, all inside one private network namespace.
+# The local cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kube-proxy (nftables) and the snooze node agent, all inside one private network
+# namespace, with CoreDNS as the cluster DNS (a pod, addons/coredns.yaml).
 #
 #   e2e/cluster/cluster.sh up      # build what is missing, start (idempotent), print usage
 #   e2e/cluster/cluster.sh down    # stop everything, remove the namespace and the data
@@ -23,6 +24,7 @@ NODE_NAME=snooze-node
 NODE_IP=10.240.0.1       # the node's and the API server's address
 POD_CIDR=10.244.0.0/16   # pod IPs, routed to lo inside the namespace
 SERVICE_CIDR=10.96.0.0/16
+CLUSTER_DNS=10.96.0.10   # the kube-dns Service (addons/coredns.yaml)
 API_PORT=6443
 PKI=$STATE/pki
 LOGS=$STATE/logs
@@ -55,7 +57,7 @@ EOF
 # --- certificates ---------------------------------------------------------------------
 gen_pki() {
   mkdir -p "$PKI"
-  [ -f "$PKI/ca.crt" ] && [ -f "$PKI/node.crt" ] && return
+  [ -f "$PKI/ca.crt" ] && [ -f "$PKI/kube-proxy.crt" ] && return
   log "generating certificates in $PKI"
   (
     cd "$PKI"
@@ -75,6 +77,7 @@ gen_pki() {
     client controller-manager system:kube-controller-manager
     client scheduler system:kube-scheduler
     client node "system:node:$NODE_NAME" system:nodes
+    client kube-proxy system:kube-proxy
     openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
       -subj "/CN=kube-apiserver" 2>/dev/null
     cat > apiserver.ext <<EOF
@@ -97,10 +100,11 @@ kubeconfig() { # name, cert file prefix
   KUBECONFIG=$f kubectl config use-context local >/dev/null
 }
 
-write_image_map() {
+write_image_map() { # bin folder (the add-ons' executables)
   cat > "$STATE/images.json" <<EOF
 {
   "images": {
+    "registry.k8s.io/coredns/coredns": "$1/coredns",
     "ghcr.io/snooze-sh/operator": "$PROFILE_DIR/snooze-operator",
     "ghcr.io/snooze-sh/activator": "$PROFILE_DIR/snooze-activator",
     "ghcr.io/snooze-sh/testapp": "$PROFILE_DIR/snooze-testapp"
@@ -202,7 +206,8 @@ up() {
   kubeconfig controller-manager controller-manager
   kubeconfig scheduler scheduler
   kubeconfig node node
-  write_image_map
+  kubeconfig kube-proxy kube-proxy
+  write_image_map "$bin"
   cat > "$STATE/kubectl" <<EOF
 #!/usr/bin/env bash
 exec ip netns exec $NETNS kubectl --kubeconfig $STATE/admin.kubeconfig "\$@"
@@ -213,6 +218,9 @@ EOF
   in_ns ip link set lo up
   in_ns ip addr add "$NODE_IP/32" dev lo
   in_ns ip route add local "$POD_CIDR" dev lo
+  # ClusterIPs are local too: kube-proxy's nftables rules rewrite them (output hook)
+  # to a pod address before the packet leaves.
+  in_ns ip route add local "$SERVICE_CIDR" dev lo
 
   start etcd "$bin/etcd" --name default --data-dir "$STATE/etcd" \
     --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
@@ -240,11 +248,20 @@ EOF
   start node-agent env KUBECONFIG="$STATE/node.kubeconfig" RUST_LOG="${SNOOZE_NODE_LOG:-info,kube=warn}" \
     "$PROFILE_DIR/snooze-node-agent" --node-name $NODE_NAME --node-ip $NODE_IP \
     --images "$STATE/images.json" --state-dir "$STATE/node" --log-dir "$LOGS/pods" \
-    --api-host $NODE_IP --api-port $API_PORT
+    --api-host $NODE_IP --api-port $API_PORT --cluster-dns $CLUSTER_DNS
 
   wait_for "node $NODE_NAME" 60 "$STATE/kubectl" wait --for=condition=Ready "node/$NODE_NAME" --timeout=1s
+  # kube-proxy in nftables mode: ClusterIP and NodePort (on the node's address).
+  # conntrack-max-per-core=0: the conntrack table size is the host's, not ours to set.
+  start kube-proxy "$bin/kube-proxy" --kubeconfig="$STATE/kube-proxy.kubeconfig" \
+    --proxy-mode=nftables --hostname-override=$NODE_NAME --cluster-cidr=$POD_CIDR \
+    --conntrack-max-per-core=0 --metrics-bind-address=127.0.0.1:10249 \
+    --healthz-bind-address=127.0.0.1:10256 --v=1
+  wait_for kube-proxy 60 in_ns curl -fsS http://127.0.0.1:10256/healthz
+  "$STATE/kubectl" apply -f "$here/addons/coredns.yaml" >/dev/null
   wait_for "default service account" 60 "$STATE/kubectl" get serviceaccount default -n default
   wait_for "kube-root-ca.crt" 60 "$STATE/kubectl" get configmap kube-root-ca.crt -n default
+  wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
   log "up in $((SECONDS - t0))s"
   print_env
 }

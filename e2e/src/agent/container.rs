@@ -37,6 +37,9 @@ pub struct PodContext {
     pub pod: watch::Receiver<Pod>,
     /// Host folder of each volume, by volume name.
     pub volume_dirs: std::collections::BTreeMap<String, PathBuf>,
+    /// The pod's resolv.conf, mounted read-only on /etc/resolv.conf (see
+    /// `spec::resolv_conf`); `None`: the host's.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// Stop request: `Some(grace)` once the container must stop.
@@ -311,6 +314,9 @@ impl Runner {
             }
             .map_err(|e| err(format!("creating mount point {}: {e}", dst.display())))?;
             mounts.push((cstring(&src)?, cstring(&dst)?, m.read_only.unwrap_or(false)));
+        }
+        if let Some(r) = &self.ctx.resolv_conf {
+            mounts.push((cstring(r)?, cstring(Path::new("/etc/resolv.conf"))?, true));
         }
         let cwd = match self.container.working_dir.as_deref() {
             Some(d) if !d.is_empty() => Some(cstring(Path::new(d))?),

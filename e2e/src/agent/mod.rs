@@ -42,6 +42,11 @@ pub struct AgentConfig {
     /// kube-proxy, so this is the API server's own address rather than a ClusterIP.
     pub api_host: String,
     pub api_port: u16,
+    /// The cluster DNS Service's address that pods with `dnsPolicy: ClusterFirst` get
+    /// in their resolv.conf (the kubelet's `--cluster-dns`); `None`: the host's file.
+    pub cluster_dns: Option<String>,
+    /// The kubelet's `--cluster-domain`, for the search path.
+    pub cluster_domain: String,
     /// First pod IP and how many there are.
     pub pod_ip_start: Ipv4Addr,
     pub pod_ip_count: u32,

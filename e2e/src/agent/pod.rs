@@ -143,6 +143,21 @@ impl PodWorker {
         let mut statuses = Vec::new();
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
+        let resolv_conf = spec::resolv_conf(
+            &with_ip,
+            self.cfg.cluster_dns.as_deref(),
+            &self.cfg.cluster_domain,
+        )
+        .and_then(|text| {
+            let path = pod_dir.join("resolv.conf");
+            match std::fs::write(&path, text) {
+                Ok(()) => Some(path),
+                Err(e) => {
+                    warn!(pod = %name, "writing resolv.conf: {e}; the pod gets the host's");
+                    None
+                }
+            }
+        });
         if let Some(volume_dirs) = volume_dirs {
             let (pod_tx, pod_rx) = watch::channel(with_ip.clone());
             let ctx = Arc::new(PodContext {
@@ -154,6 +169,7 @@ impl PodWorker {
                 ip: ip.clone(),
                 pod: pod_rx,
                 volume_dirs,
+                resolv_conf,
             });
             let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
             for (c, init) in containers.iter().zip(initial.iter()) {

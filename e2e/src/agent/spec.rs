@@ -537,11 +537,126 @@ pub fn volume_sources(
     Ok(out)
 }
 
+/// The resolv.conf the kubelet would give the pod, or `None` for the host's file.
+/// `ClusterFirst` (the default) points at the cluster DNS with the namespace's search
+/// path and `ndots:5`; host-network pods get that only with `ClusterFirstWithHostNet`;
+/// `Default` is the host's file; `None` is `dnsConfig` alone. `dnsConfig` adds
+/// nameservers (3 at most), search domains (32 at most) and options (by name, the
+/// pod's win).
+pub fn resolv_conf(pod: &Pod, cluster_dns: Option<&str>, domain: &str) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let host_net = spec.host_network == Some(true);
+    let (mut servers, mut search, mut options): (Vec<String>, Vec<String>, Vec<String>) =
+        match spec.dns_policy.as_deref().unwrap_or("ClusterFirst") {
+            "None" => (vec![], vec![], vec![]),
+            "ClusterFirstWithHostNet" | "ClusterFirst"
+                if cluster_dns.is_some()
+                    && (!host_net || spec.dns_policy.as_deref() == Some("ClusterFirstWithHostNet")) =>
+            {
+                (
+                    vec![cluster_dns?.to_string()],
+                    vec![
+                        format!("{ns}.svc.{domain}"),
+                        format!("svc.{domain}"),
+                        domain.to_string(),
+                    ],
+                    vec!["ndots:5".into()],
+                )
+            }
+            _ if spec.dns_config.is_none() => return None,
+            // Default (or no cluster DNS) with dnsConfig: the host's nameservers first.
+            _ => {
+                let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+                let servers = host
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("nameserver"))
+                    .map(|a| a.trim().to_string())
+                    .collect();
+                (servers, vec![], vec![])
+            }
+        };
+    if let Some(c) = &spec.dns_config {
+        servers.extend(c.nameservers.iter().flatten().cloned());
+        search.extend(c.searches.iter().flatten().cloned());
+        for o in c.options.iter().flatten() {
+            let Some(name) = o.name.as_deref() else {
+                continue;
+            };
+            options.retain(|x| x.split(':').next() != Some(name));
+            options.push(match &o.value {
+                Some(v) => format!("{name}:{v}"),
+                None => name.to_string(),
+            });
+        }
+    }
+    servers.dedup();
+    servers.truncate(3);
+    search.dedup();
+    search.truncate(32);
+    let mut out = String::new();
+    for s in &servers {
+        out.push_str(&format!("nameserver {s}\n"));
+    }
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    if !options.is_empty() {
+        out.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{EnvVarSource, PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn resolv_conf_follows_the_dns_policy() {
+        let pod = |policy: Option<&str>, host_net: bool, cfg: Option<serde_json::Value>| Pod {
+            metadata: ObjectMeta {
+                namespace: Some("shop".into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                dns_policy: policy.map(Into::into),
+                host_network: Some(host_net),
+                dns_config: cfg.map(|c| serde_json::from_value(c).unwrap()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cluster = "nameserver 10.96.0.10\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
+        let dns = Some("10.96.0.10");
+        let r = |p: &Pod, d: Option<&str>| resolv_conf(p, d, "cluster.local");
+        assert_eq!(r(&pod(None, false, None), dns).as_deref(), Some(cluster));
+        assert_eq!(r(&pod(Some("ClusterFirst"), false, None), dns).as_deref(), Some(cluster));
+        // No cluster DNS configured, host network, or Default: the host's file.
+        assert_eq!(r(&pod(None, false, None), None), None);
+        assert_eq!(r(&pod(Some("ClusterFirst"), true, None), dns), None);
+        assert_eq!(r(&pod(Some("Default"), false, None), dns), None);
+        assert_eq!(
+            r(&pod(Some("ClusterFirstWithHostNet"), true, None), dns).as_deref(),
+            Some(cluster)
+        );
+        let cfg = serde_json::json!({
+            "nameservers": ["1.1.1.1"],
+            "searches": ["corp.example"],
+            "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}]
+        });
+        assert_eq!(
+            r(&pod(None, false, Some(cfg.clone())), dns).as_deref(),
+            Some(
+                "nameserver 10.96.0.10\nnameserver 1.1.1.1\nsearch shop.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions ndots:2 edns0\n"
+            )
+        );
+        assert_eq!(
+            r(&pod(Some("None"), false, Some(cfg)), dns).as_deref(),
+            Some("nameserver 1.1.1.1\nsearch corp.example\noptions ndots:2 edns0\n")
+        );
+    }
 
     #[test]
     fn repository_strips_tag_and_digest_not_port() {

@@ -26,6 +26,12 @@ struct Args {
     api_host: String,
     #[arg(long, env = "SNOOZE_API_PORT", default_value_t = 6443)]
     api_port: u16,
+    /// Address of the cluster DNS Service for pods with `dnsPolicy: ClusterFirst`
+    /// (unset: pods use the host's resolv.conf).
+    #[arg(long, env = "SNOOZE_CLUSTER_DNS")]
+    cluster_dns: Option<String>,
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
     #[arg(long, default_value = "10.244.0.10")]
     pod_ip_start: Ipv4Addr,
     #[arg(long, default_value_t = 65000)]
@@ -50,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
         log_dir: a.log_dir,
         api_host: a.api_host,
         api_port: a.api_port,
+        cluster_dns: a.cluster_dns,
+        cluster_domain: a.cluster_domain,
         pod_ip_start: a.pod_ip_start,
         pod_ip_count: a.pod_ip_count,
         started: agent::now(),

@@ -11,7 +11,11 @@
 //! - `/ws` is a WebSocket echo;
 //! - `/snooze.test.Echo/Echo` is a unary gRPC echo (framed body back, `grpc-status` trailer);
 //! - `/api-check` lists pods in its namespace with its service-account token;
-//! - `/bytes?n=N` answers N bytes.
+//! - `/bytes?n=N` answers N bytes;
+//! - `/fetch?host=H&port=P&path=/x` makes one GET to `http://H:P/x` from the pod, the way
+//!   an in-cluster client does (the name resolved with the pod's resolv.conf), and
+//!   answers that response's status and body, with the address it connected to in
+//!   `x-fetch-addr` (502 when the name does not resolve or the connection fails).
 //!
 //! HTTP/1.1 and h2c (prior knowledge) are served on the same port.
 
@@ -105,6 +109,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         "/ws" => websocket(req),
         "/snooze.test.Echo/Echo" => grpc_echo(req).await,
         "/api-check" => api_check().await,
+        "/fetch" => fetch(&req).await,
         "/bytes" => {
             // A body of n bytes (benchmarks: 8 KB, 1 MB), capped at 64 MiB.
             let n = query_u64(&req, "n").unwrap_or(1024).min(64 << 20) as usize;
@@ -219,6 +224,63 @@ async fn grpc_echo(req: Request<Incoming>) -> Response<Body> {
 
 /// Lists the pods of the app's own namespace with its in-cluster credentials (the
 /// service-account token the node agent mounted) and answers what the API server said.
+fn query_str<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then_some(v)
+    })
+}
+
+async fn fetch(req: &Request<Incoming>) -> Response<Body> {
+    let Some(host) = query_str(req, "host") else {
+        return full(StatusCode::BAD_REQUEST, "fetch: host= is required\n");
+    };
+    let port = query_u64(req, "port").unwrap_or(80) as u16;
+    let path = query_str(req, "path").unwrap_or("/");
+    let work = async {
+        // getaddrinfo: /etc/resolv.conf of the pod's mount namespace, search path and all.
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("resolving {host}: no address"))?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        tokio::spawn(conn);
+        let up = Request::get(path)
+            .header(header::HOST, host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = send
+            .send_request(up)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{addr}: body: {e}"))?
+            .to_bytes();
+        Ok::<_, String>((addr, status, body))
+    };
+    match tokio::time::timeout(Duration::from_secs(30), work).await {
+        Ok(Ok((addr, status, body))) => {
+            let mut r = full(status, body);
+            if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+                r.headers_mut().insert("x-fetch-addr", v);
+            }
+            r
+        }
+        Ok(Err(e)) => full(StatusCode::BAD_GATEWAY, format!("fetch: {e}\n")),
+        Err(_) => full(StatusCode::GATEWAY_TIMEOUT, "fetch: no answer in 30s\n"),
+    }
+}
+
 async fn api_check() -> Response<Body> {
     use k8s_openapi::api::core::v1::Pod;
     let client = match kube::Client::try_default().await {
