@@ -5,6 +5,7 @@
 #
 #   ./test.sh            # everything
 #   ./test.sh unit       # unit tests only (no cluster, no root)
+#   ./test.sh paths      # only the traffic paths (DNS + ClusterIP, NodePort, Ingress, HTTPRoute)
 #   E2E_FILTER=smoke ./test.sh   # only e2e tests whose name contains the filter
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -58,10 +59,17 @@ e2e() {
   ip netns exec "$SNOOZE_NETNS" env PATH="$PATH" KUBECONFIG="$KUBECONFIG" \
     cargo test --offline -p snooze-e2e --test "$1" -- --ignored --nocapture --test-threads=${E2E_THREADS:-4} ${E2E_FILTER:-}
 }
+if [ "$mode" = paths ]; then
+  step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
+  e2e paths
+  exit 0
+fi
 step "end-to-end: the local cluster itself"
 e2e cluster
 step "end-to-end: Snooze installed with helm"
 e2e snooze
+step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
+e2e paths
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"
 COLD_ROUNDS=2 bench/coldstart.sh
 SCALE_N=10 SCALE_IDLE_SECONDS=3 SCALE_WAKE=5 bench/scale.sh

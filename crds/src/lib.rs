@@ -91,6 +91,38 @@ pub struct ScaledServiceSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub schedules: Vec<Schedule>,
+
+    /// Type of the managed Service (`<name>-snooze`): `ClusterIP` (the default) for an
+    /// ingress controller, a Gateway or in-cluster clients; `NodePort` or `LoadBalancer`
+    /// when a load balancer sends traffic to the nodes. Node ports are allocated by the
+    /// API server and shown on the Service.
+    #[serde(default, skip_serializing_if = "ServiceType::is_default")]
+    pub service_type: ServiceType,
+}
+
+/// The Kubernetes Service types the managed Service can have (not `ExternalName`: it
+/// has no endpoints).
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    fn is_default(&self) -> bool {
+        *self == ServiceType::ClusterIP
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
 }
 
 fn default_max_replicas() -> i32 {

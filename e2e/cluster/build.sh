@@ -15,6 +15,7 @@ HELM_VERSION=v3.19.5
 COREDNS_VERSION=v1.15.0   # keep in step with addons/coredns/go.mod
 TRAEFIK_VERSION=v3.6.12   # keep in step with addons/traefik/go.mod
 PROMETHEUS_VERSION=v0.316.0
+GATEWAY_API_VERSION=v1.7.0   # the standard channel's CRDs
 cache=${SNOOZE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/snooze}
 bin="$cache/k8s-$K8S_VERSION/bin"
 helm_bin="$cache/helm-$HELM_VERSION/bin"
@@ -62,6 +63,30 @@ addon coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
 addon traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
   "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
 addon prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
+
+# Gateway API CRDs: the YAML files of the module's zip, fetched from the module proxy
+# (go mod download refuses v1.7.0 here: its go.mod asks for a newer Go, and no code of
+# it is compiled).
+gw="$cache/tools/gateway-api-$GATEWAY_API_VERSION"
+if [ ! -s "$gw/standard-crds.yaml" ]; then
+  echo "fetching the Gateway API $GATEWAY_API_VERSION CRDs" >&2
+  mkdir -p "$gw"
+  proxy=$(go env GOPROXY); proxy=${proxy%%[,|]*}
+  [ "$proxy" != direct ] && [ "$proxy" != off ] || proxy=https://proxy.golang.org
+  curl -fsSL -o "$gw/module.zip" "$proxy/sigs.k8s.io/gateway-api/@v/$GATEWAY_API_VERSION.zip"
+  python3 - "$gw/module.zip" "$gw/standard-crds.yaml.tmp" <<'PY'
+import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+names = sorted(n for n in z.namelist()
+               if "/config/crd/standard/gateway.networking.k8s.io_" in n and "_vap_" not in n)
+with open(sys.argv[2], "wb") as out:
+    for n in names:
+        out.write(b"---\n" + z.read(n))
+PY
+  mv "$gw/standard-crds.yaml.tmp" "$gw/standard-crds.yaml"
+  rm -f "$gw/module.zip"
+fi
+ln -sf "$gw/standard-crds.yaml" "$bin/gateway-api-crds.yaml"
 
 if [ ! -x "$helm_bin/helm" ]; then
   echo "building helm $HELM_VERSION" >&2

@@ -105,6 +105,8 @@ write_image_map() { # bin folder (the add-ons' executables)
 {
   "images": {
     "registry.k8s.io/coredns/coredns": "$1/coredns",
+    "docker.io/traefik": "$1/traefik",
+    "quay.io/prometheus/prometheus": "$1/prometheus",
     "ghcr.io/snooze-sh/operator": "$PROFILE_DIR/snooze-operator",
     "ghcr.io/snooze-sh/activator": "$PROFILE_DIR/snooze-activator",
     "ghcr.io/snooze-sh/testapp": "$PROFILE_DIR/snooze-testapp"
@@ -259,9 +261,14 @@ EOF
     --healthz-bind-address=127.0.0.1:10256 --v=1
   wait_for kube-proxy 60 in_ns curl -fsS http://127.0.0.1:10256/healthz
   "$STATE/kubectl" apply -f "$here/addons/coredns.yaml" >/dev/null
+  # The Gateway API CRDs, then the ingress controller (Ingress and Gateway API).
+  "$STATE/kubectl" apply --server-side -f "$bin/gateway-api-crds.yaml" >/dev/null
+  "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
   wait_for "default service account" 60 "$STATE/kubectl" get serviceaccount default -n default
   wait_for "kube-root-ca.crt" 60 "$STATE/kubectl" get configmap kube-root-ca.crt -n default
   wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
+  wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
   log "up in $((SECONDS - t0))s"
   print_env
 }

@@ -198,6 +198,18 @@ pub async fn ready_pods(pods: &Api<Pod>, selector: &str) -> Result<Vec<(String, 
 
 /// One HTTP/1.1 GET with a deadline: status and body.
 pub async fn http_get(url: &str, timeout: Duration) -> Result<(u16, String), String> {
+    http_get_as(url, None, timeout)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// One HTTP/1.1 GET with a deadline and, when given, another `Host` than the URL's (a
+/// virtual host behind an ingress): status, headers and body.
+pub async fn http_get_as(
+    url: &str,
+    host_header: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, http::HeaderMap, String), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let host = uri.host().ok_or("no host")?.to_string();
     let port = uri.port_u16().unwrap_or(80);
@@ -210,17 +222,22 @@ pub async fn http_get(url: &str, timeout: Duration) -> Result<(u16, String), Str
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
+        let host_value = match host_header {
+            Some(h) => h.to_string(),
+            None => format!("{host}:{port}"),
+        };
         let req = http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header("host", format!("{host}:{port}"))
+            .header("host", host_value)
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = http_body_util::BodyExt::collect(resp.into_body())
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(timeout, fut)
         .await
@@ -339,6 +356,15 @@ pub fn scaled_service(name: &str, min: i32, max: i32, idle: &str) -> snooze_crds
 pub async fn deployment_replicas(deploys: &Api<Deployment>, name: &str) -> Result<i32, String> {
     let d = deploys.get(name).await.map_err(|e| e.to_string())?;
     Ok(d.spec.and_then(|s| s.replicas).unwrap_or(1))
+}
+
+/// Waits until the Deployment's spec asks for `want` replicas.
+pub async fn wait_replicas(deploys: &Api<Deployment>, name: &str, want: i32, timeout: Duration) {
+    wait_for(&format!("{name} at {want} replicas"), timeout, || async {
+        let r = deployment_replicas(deploys, name).await?;
+        (r == want).then_some(()).ok_or(format!("replicas={r}"))
+    })
+    .await;
 }
 
 /// The test application: a Deployment and its Service, both named `name`.

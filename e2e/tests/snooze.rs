@@ -30,14 +30,6 @@ async fn ready_condition(
     Ok((c.status, c.reason, c.message))
 }
 
-async fn wait_replicas(deploys: &Api<Deployment>, name: &str, want: i32, timeout: Duration) {
-    wait_for(&format!("{name} at {want} replicas"), timeout, || async {
-        let r = deployment_replicas(deploys, name).await?;
-        (r == want).then_some(()).ok_or(format!("replicas={r}"))
-    })
-    .await;
-}
-
 /// Asserts every 500 ms, until `until` after `since`, that `name` has `want` replicas;
 /// `what` names the moment `since` stands for in the failure message.
 async fn stays_at(

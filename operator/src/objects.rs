@@ -78,7 +78,7 @@ pub fn managed_service(ss: &ScaledService, ports: &[PortStatus]) -> Service {
     Service {
         metadata: meta(ss, ss.managed_service_name(), &[]),
         spec: Some(ServiceSpec {
-            type_: Some("ClusterIP".into()),
+            type_: Some(ss.spec.service_type.as_str().into()),
             ports: Some(
                 ports
                     .iter()

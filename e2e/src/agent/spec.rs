@@ -552,7 +552,8 @@ pub fn resolv_conf(pod: &Pod, cluster_dns: Option<&str>, domain: &str) -> Option
             "None" => (vec![], vec![], vec![]),
             "ClusterFirstWithHostNet" | "ClusterFirst"
                 if cluster_dns.is_some()
-                    && (!host_net || spec.dns_policy.as_deref() == Some("ClusterFirstWithHostNet")) =>
+                    && (!host_net
+                        || spec.dns_policy.as_deref() == Some("ClusterFirstWithHostNet")) =>
             {
                 (
                     vec![cluster_dns?.to_string()],
@@ -632,7 +633,10 @@ mod tests {
         let dns = Some("10.96.0.10");
         let r = |p: &Pod, d: Option<&str>| resolv_conf(p, d, "cluster.local");
         assert_eq!(r(&pod(None, false, None), dns).as_deref(), Some(cluster));
-        assert_eq!(r(&pod(Some("ClusterFirst"), false, None), dns).as_deref(), Some(cluster));
+        assert_eq!(
+            r(&pod(Some("ClusterFirst"), false, None), dns).as_deref(),
+            Some(cluster)
+        );
         // No cluster DNS configured, host network, or Default: the host's file.
         assert_eq!(r(&pod(None, false, None), None), None);
         assert_eq!(r(&pod(Some("ClusterFirst"), true, None), dns), None);
