@@ -21,6 +21,7 @@ install_packages() {
   command -v ip >/dev/null || missing+=(iproute2)
   command -v setsid >/dev/null || missing+=(util-linux)
   command -v nft >/dev/null || missing+=(nftables)   # kube-proxy's nftables mode runs nft
+  command -v python3 >/dev/null || missing+=(python3) # build.sh unpacks the Gateway API CRDs
   if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     if [ "$(id -u)" = 0 ]; then
@@ -30,7 +31,7 @@ install_packages() {
     fi
   fi
   command -v kubectl >/dev/null || { echo "kubectl is required (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
-  command -v go >/dev/null || { echo "go >= 1.24 is required to build the local control plane" >&2; exit 1; }
+  command -v go >/dev/null || { echo "go >= 1.26 is required to build the local control plane and its add-ons" >&2; exit 1; }
 }
 
 step "cargo build (workspace binaries and tests)"

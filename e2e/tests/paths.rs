@@ -305,11 +305,12 @@ async fn an_httproute_through_traefik_loses_nothing() {
 async fn an_ingress_at_the_apps_own_service_gets_a_readable_hint() {
     ensure_snooze().await;
     in_namespace("path-mistake", |client, ns| async move {
-        sleeping_web(&client, &ns, "ClusterIP").await;
-        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        // The Ingress was there before Snooze, and stays as it was.
         let wrong = example("ingress.yaml", &ns).replace("name: web-snooze", "name: web");
         assert!(wrong.contains("name: web\n"), "{wrong}");
         apply(&ns, "ingress", &wrong).await;
+        sleeping_web(&client, &ns, "ClusterIP").await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let events: Api<Event> = Api::namespaced(client.clone(), &ns);
         let hint = wait_for("a Warning event naming the Ingress", T, || async {
             let list = events

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
@@ -21,7 +22,7 @@ use serde_json::json;
 use snooze_crds::stats::ServiceRef;
 use snooze_crds::{FINALIZER, MANAGER, PortStatus, ScaledService, ScaledServiceStatus};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::autoscale::{self, Autoscale, Replicas, Sample, ScaleState};
 use crate::decision::{self, Load, Policy, Reason};
@@ -30,7 +31,7 @@ use crate::objects;
 use crate::ports::{Exhausted, PortAllocator};
 use crate::stats::StatsStore;
 use crate::status::{self, Problem};
-use crate::wakefail;
+use crate::{bypass, wakefail};
 
 pub use crate::activators::Activators;
 
@@ -75,6 +76,10 @@ pub struct ServiceState {
     pub waking: Option<Instant>,
     /// Activation timeouts (504s) the activators reported, as last seen.
     pub timeouts_seen: Option<u64>,
+    /// When (and at which generation) this leader last looked for routes that bypass
+    /// the managed Service, and what it found (`bypass`).
+    pub routes_checked: Option<(Instant, Option<i64>)>,
+    pub routes_reported: Vec<String>,
 }
 
 impl Context {
@@ -687,6 +692,7 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let wake = wake_outcome(ctx, &ss, &old, &load, &backend, ready_replicas, &now).await;
     status.conditions = [ready, active].into_iter().chain(wake).collect();
     write_status(ctx, &ss, &old, status).await?;
+    check_routes(ctx, &ss).await;
 
     let requeue = match (d.recheck_in, d.desired) {
         (Some(r), _) => r.min(Duration::from_secs(30)),
@@ -694,6 +700,67 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         (None, _) => Duration::from_secs(30),
     };
     Ok(Action::requeue(requeue.max(Duration::from_millis(200))))
+}
+
+/// How often, at most, a leader lists a ScaledService's routes when nothing changed.
+const ROUTE_CHECK_EVERY: Duration = Duration::from_secs(300);
+
+/// Routes (Ingress, HTTPRoute, GRPCRoute) in the namespace that send traffic to the
+/// app's own Service instead of the managed one (`bypass`): a Warning event for each one
+/// not reported before. Looked at on a leader's first reconcile of the ScaledService, on
+/// every spec change, and every `ROUTE_CHECK_EVERY`; a failed list (no Gateway API
+/// CRDs, no RBAC) only skips that kind.
+async fn check_routes(ctx: &Context, ss: &ScaledService) {
+    let key = key_of(ss);
+    let gen_ = ss.metadata.generation;
+    let due = ctx.state(&key, |st| {
+        let due = st
+            .routes_checked
+            .is_none_or(|(at, g)| g != gen_ || at.elapsed() >= ROUTE_CHECK_EVERY);
+        if due {
+            st.routes_checked = Some((Instant::now(), gen_));
+        }
+        due
+    });
+    if !due {
+        return;
+    }
+    let ns = ss.namespace().unwrap_or_default();
+    let lp = ListParams::default();
+    let mut routes = Vec::new();
+    let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), &ns);
+    match timed(ctx, ingresses.list(&lp)).await {
+        Ok(l) => routes.extend(l.items.iter().map(bypass::from_ingress)),
+        Err(e) => debug!(namespace = %ns, "listing Ingresses: {e}"),
+    }
+    for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+        let ar = ApiResource {
+            group: "gateway.networking.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
+        match timed(ctx, api.list(&lp)).await {
+            Ok(l) => routes.extend(l.items.iter().map(|r| bypass::from_route(kind, r))),
+            Err(e) => debug!(namespace = %ns, "listing {kind}s: {e}"),
+        }
+    }
+    let found = bypass::findings(&ns, &ss.spec.service, &ss.managed_service_name(), &routes);
+    let new: Vec<String> = ctx.state(&key, |st| {
+        let new = found
+            .iter()
+            .filter(|m| !st.routes_reported.contains(m))
+            .cloned()
+            .collect();
+        st.routes_reported = found;
+        new
+    });
+    for m in new {
+        warn!(namespace = %ns, name = %ss.name_any(), "{m}");
+        publish(ctx, ss, EventType::Warning, bypass::EVENT_REASON, m).await;
+    }
 }
 
 /// The `WakeSucceeded` condition (see `wakefail`): False, with a Warning event, when

@@ -3,6 +3,7 @@
 
 pub mod activators;
 pub mod autoscale;
+pub mod bypass;
 pub mod check;
 pub mod config;
 pub mod controller;
