@@ -71,6 +71,8 @@ step "end-to-end: Snooze installed with helm"
 e2e snooze
 step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
 e2e paths
+step "end-to-end: Prometheus scrapes Snooze; the dashboard's and alerts' queries, an alert firing"
+e2e monitoring
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"
 COLD_ROUNDS=2 bench/coldstart.sh
 SCALE_N=10 SCALE_IDLE_SECONDS=3 SCALE_WAKE=5 bench/scale.sh

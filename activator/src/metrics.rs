@@ -43,6 +43,7 @@ pub struct Metrics {
     /// Watch errors by watch (`scaledservices`, `endpointslices`): each one is
     /// logged and retried with back-off; the activator keeps serving what it knows.
     pub watch_errors: Family<WatchLabels, Counter>,
+    pub resident_memory: Gauge,
     /// Idle upstream connections kept for reuse (set by the pool).
     pub pooled_connections: Gauge,
     /// Requests forwarded by the HTTP/1.1 fast path (the rest go through hyper).
@@ -78,8 +79,19 @@ impl Metrics {
         let queue_full = Family::<ServiceLabels, Counter>::default();
         let shed_global = Counter::default();
         let watch_errors = Family::<WatchLabels, Counter>::default();
+        // Every watch's series exists from the start (0 until an error), so that a rate
+        // over it is 0, not absent.
+        for watch in ["scaledservices", "endpointslices"] {
+            let _ = watch_errors.get_or_create(&WatchLabels { watch });
+        }
         let pooled_connections = Gauge::default();
         let fast_path_requests = Counter::default();
+        let resident_memory = Gauge::default();
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the activator process (VmRSS), read at each scrape",
+            resident_memory.clone(),
+        );
         registry.register(
             "fast_path_requests",
             "Requests forwarded by the HTTP/1.1 fast path (the others by hyper)",
@@ -158,6 +170,7 @@ impl Metrics {
             queue_full,
             shed_global,
             watch_errors,
+            resident_memory,
             pooled_connections,
             fast_path_requests,
         }
@@ -228,6 +241,9 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        if let Some(b) = snooze_runtime::resident_memory_bytes() {
+            self.resident_memory.set(b);
+        }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

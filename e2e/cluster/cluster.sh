@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 # kube-proxy (nftables) and the snooze node agent, all inside one private network
-# namespace, with CoreDNS as the cluster DNS (a pod, addons/coredns.yaml).
+# namespace, with add-ons as pods: CoreDNS as the cluster DNS, Traefik as the ingress
+# controller and Gateway, Prometheus (e2e/cluster/addons/).
 #
 #   e2e/cluster/cluster.sh up      # build what is missing, start (idempotent), print usage
 #   e2e/cluster/cluster.sh down    # stop everything, remove the namespace and the data
@@ -265,10 +266,15 @@ EOF
   "$STATE/kubectl" apply --server-side -f "$bin/gateway-api-crds.yaml" >/dev/null
   "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
   "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
+  # Prometheus, with Snooze's plain alert rules file (the chart's files/alerts.yaml).
+  "$STATE/kubectl" apply -f "$here/addons/prometheus.yaml" >/dev/null
+  "$STATE/kubectl" create configmap snooze-alerts -n monitoring \
+    --from-file=alerts.yaml="$repo/charts/snooze/files/alerts.yaml" >/dev/null
   wait_for "default service account" 60 "$STATE/kubectl" get serviceaccount default -n default
   wait_for "kube-root-ca.crt" 60 "$STATE/kubectl" get configmap kube-root-ca.crt -n default
   wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
   wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
+  wait_for "prometheus" 90 "$STATE/kubectl" rollout status deployment/prometheus -n monitoring --timeout=1s
   log "up in $((SECONDS - t0))s"
   print_env
 }

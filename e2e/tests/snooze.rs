@@ -1489,8 +1489,8 @@ async fn readme_quickstart_runs_as_written() {
         assert!(ok, "`{l}` failed:\n{out}");
         eprintln!("$ {l}\n{}", out.trim_end());
     }
-    // The example ScaledService is programmed; the ingress example is valid for the API
-    // server (the HTTPRoute needs the Gateway API CRDs, which this cluster lacks).
+    // The example ScaledService is programmed; the Ingress and HTTPRoute examples are
+    // valid for the API server (e2e/tests/paths.rs routes traffic through both).
     let client = client().await;
     let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), "shop");
     wait_for("examples/app.yaml programmed", T, || async {
@@ -1500,14 +1500,16 @@ async fn readme_quickstart_runs_as_written() {
             .ok_or(format!("{reason}: {msg}"))
     })
     .await;
-    let (ok, out) = kubectl(&[
-        "apply",
-        "--dry-run=server",
-        "-f",
-        &format!("{root}/examples/ingress.yaml"),
-    ])
-    .await;
-    assert!(ok, "{out}");
+    for example in ["ingress.yaml", "httproute.yaml"] {
+        let (ok, out) = kubectl(&[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            &format!("{root}/examples/{example}"),
+        ])
+        .await;
+        assert!(ok, "{example}: {out}");
+    }
     let (ok, out) = kubectl(&["delete", "namespace", "shop", "--wait=false"]).await;
     assert!(ok, "{out}");
     let _ = std::fs::remove_dir_all(dist);
@@ -1528,6 +1530,7 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
         &[
             "template", "switches", chart, "--kube-version", "1.33.0", "-n", "default",
             "--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+            "--set", "metrics.grafanaDashboard.enabled=true,metrics.grafanaDashboard.annotations.grafana_folder=Snooze",
             "--set", "networkPolicy.enabled=true,priorityClassName=system-cluster-critical",
             "--set", "networkPolicy.dataFromNamespaces={ingress-nginx},networkPolicy.metricsFromNamespaces={monitoring}",
             "--set-json",
@@ -1550,6 +1553,7 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
         "PodMonitor",
         "PrometheusRule",
         "NetworkPolicy",
+        "ConfigMap",
         "Pod",
     ] {
         assert!(
@@ -1576,6 +1580,16 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
         out.contains("{{ $labels.namespace }}"),
         "alert templates rendered by helm"
     );
+    // The dashboard's ConfigMap: labelled for Grafana's sidecar, the JSON as it is.
+    let dashboard = docs
+        .iter()
+        .find(|d| kind_of(d) == "ConfigMap" && d.contains("name: switches-snooze-dashboard"))
+        .expect("the dashboard ConfigMap");
+    assert!(
+        dashboard.contains("grafana_dashboard: \"1\""),
+        "{dashboard}"
+    );
+    assert!(dashboard.contains("\"uid\": \"snooze-overview\""));
     // The namespaced workload objects through the API server (the Prometheus
     // Operator's kinds have no CRD here; the test Pod needs its service account to
     // exist, and is run for real by `helm test` below).
@@ -1585,7 +1599,7 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
         .filter(|d| {
             matches!(
                 kind_of(d).as_str(),
-                "NetworkPolicy" | "Deployment" | "Service" | "PodDisruptionBudget"
+                "NetworkPolicy" | "Deployment" | "Service" | "PodDisruptionBudget" | "ConfigMap"
             )
         })
         .collect();

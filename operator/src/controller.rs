@@ -596,13 +596,18 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         SystemTime::now(),
         idle_since(ctx, &ss),
     );
+    let labels = ServiceLabels {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
     ctx.metrics
         .desired_replicas
-        .get_or_create(&ServiceLabels {
-            namespace: ns.clone(),
-            name: name.clone(),
-        })
+        .get_or_create(&labels)
         .set(i64::from(d.desired));
+    ctx.metrics
+        .replicas
+        .get_or_create(&labels)
+        .set(i64::from(current));
     // Scaling down for idleness and following the load belong to the autoscaler tick
     // (one decision a second, so steps stay steps); the reconcile wakes and enforces
     // the bounds.
@@ -618,6 +623,10 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
 
     // 4. Status.
     let ready_replicas = ready_endpoints(ctx, &ns, &ss.spec.service);
+    ctx.metrics
+        .ready_replicas
+        .get_or_create(&labels)
+        .set(i64::from(ready_replicas));
     let last_scale = ctx.state(&key, |st| {
         st.replicas = Some((d.desired, ready_replicas));
         st.last_scale.clone()
@@ -885,6 +894,15 @@ pub async fn scale_to(
     if let Some(t) = woken_at {
         ctx.metrics.wake_to_patch.observe(t.elapsed().as_secs_f64());
     }
+    if from == 0 && matches!(reason, Reason::Wake) {
+        ctx.metrics
+            .wakes
+            .get_or_create(&ServiceLabels {
+                namespace: ss.namespace().unwrap_or_default(),
+                name: ss.name_any(),
+            })
+            .inc();
+    }
     let signal = woken_at
         .map(|t| {
             format!(
@@ -993,7 +1011,7 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
         name: name.clone(),
     };
     ctx.services.lock().remove(&key);
-    ctx.metrics.desired_replicas.remove(&ServiceLabels {
+    ctx.metrics.remove_service(&ServiceLabels {
         namespace: ns,
         name,
     });

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub scale_actions: Family<ScaleLabels, Counter>,
     pub desired_replicas: Family<ServiceLabels, Gauge>,
+    pub replicas: Family<ServiceLabels, Gauge>,
+    pub ready_replicas: Family<ServiceLabels, Gauge>,
+    pub wakes: Family<ServiceLabels, Counter>,
+    pub resident_memory: Gauge,
     pub api_writes: Counter,
     pub leader: Gauge,
     pub leader_transitions: Counter,
@@ -57,6 +61,10 @@ impl Metrics {
             reconcile_errors: Family::default(),
             scale_actions: Family::default(),
             desired_replicas: Family::default(),
+            replicas: Family::default(),
+            ready_replicas: Family::default(),
+            wakes: Family::default(),
+            resident_memory: Gauge::default(),
             api_writes: Counter::default(),
             leader: Gauge::default(),
             leader_transitions: Counter::default(),
@@ -79,6 +87,26 @@ impl Metrics {
             "desired_replicas",
             "Replicas the operator wants, per ScaledService",
             m.desired_replicas.clone(),
+        );
+        registry.register(
+            "replicas",
+            "Replicas of the scaled workload (its /scale spec), per ScaledService",
+            m.replicas.clone(),
+        );
+        registry.register(
+            "ready_replicas",
+            "Ready endpoints of the workload's Service, per ScaledService",
+            m.ready_replicas.clone(),
+        );
+        registry.register(
+            "wakes",
+            "Cold starts: scale patches from zero made for a request, per ScaledService",
+            m.wakes.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the operator process (VmRSS), read at each scrape",
+            m.resident_memory.clone(),
         );
         registry.register(
             "api_writes",
@@ -111,7 +139,24 @@ impl Metrics {
             "Open stats streams to activators",
             m.stats_streams.clone(),
         );
+        // Every watch's series exists from the start (0 until an error).
+        for watch in [
+            "activator-endpointslices",
+            "backend-endpointslices",
+            "services",
+            "controller",
+        ] {
+            let _ = m.watch_errors.get_or_create(&WatchLabels { watch });
+        }
         Self { registry, ..m }
+    }
+
+    /// Forgets a deleted ScaledService's series.
+    pub fn remove_service(&self, l: &ServiceLabels) {
+        self.desired_replicas.remove(l);
+        self.replicas.remove(l);
+        self.ready_replicas.remove(l);
+        self.wakes.remove(l);
     }
 
     /// Counts one error of the watch `watch`.
@@ -122,6 +167,9 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        if let Some(b) = snooze_runtime::resident_memory_bytes() {
+            self.resident_memory.set(b);
+        }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out

@@ -24,6 +24,21 @@ pub fn init_logging(format: &str) {
     }
 }
 
+/// The process's resident memory (`VmRSS` of /proc/self/status), for the
+/// `*_resident_memory_bytes` gauges; `None` where there is no procfs.
+pub fn resident_memory_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 /// Parses a duration such as `10s`, `1m30s` or `250ms` (the Kubernetes notation).
 pub fn duration(s: &str) -> Result<std::time::Duration, String> {
     s.parse::<kube::core::Duration>()

@@ -313,11 +313,46 @@ impl Runner {
                     })
             }
             .map_err(|e| err(format!("creating mount point {}: {e}", dst.display())))?;
-            mounts.push((cstring(&src)?, cstring(&dst)?, m.read_only.unwrap_or(false)));
+            mounts.push((src, dst, m.read_only.unwrap_or(false)));
         }
         if let Some(r) = &self.ctx.resolv_conf {
-            mounts.push((cstring(r)?, cstring(Path::new("/etc/resolv.conf"))?, true));
+            mounts.push((r.clone(), PathBuf::from("/etc/resolv.conf"), true));
         }
+        // Outer mounts first; a mount point inside another volume (rules/ inside a
+        // config volume) must exist in that volume's folder, as the kubelet makes it.
+        mounts.sort_by_key(|(_, dst, _)| dst.components().count());
+        for j in 0..mounts.len() {
+            for i in 0..j {
+                let (outer_src, outer_dst) = (&mounts[i].0, &mounts[i].1);
+                if let Ok(rel) = mounts[j].1.strip_prefix(outer_dst)
+                    && outer_src.is_dir()
+                {
+                    let point = outer_src.join(rel);
+                    let made = if mounts[j].0.is_dir() {
+                        std::fs::create_dir_all(&point)
+                    } else {
+                        point
+                            .parent()
+                            .map(std::fs::create_dir_all)
+                            .unwrap_or(Ok(()))
+                            .and_then(|_| {
+                                std::fs::OpenOptions::new()
+                                    .create(true)
+                                    .append(true)
+                                    .open(&point)
+                                    .map(|_| ())
+                            })
+                    };
+                    made.map_err(|e| {
+                        err(format!("creating mount point {}: {e}", point.display()))
+                    })?;
+                }
+            }
+        }
+        let mounts = mounts
+            .iter()
+            .map(|(src, dst, ro)| Ok((cstring(src)?, cstring(dst)?, *ro)))
+            .collect::<Result<Vec<_>, Waiting>>()?;
         let cwd = match self.container.working_dir.as_deref() {
             Some(d) if !d.is_empty() => Some(cstring(Path::new(d))?),
             _ => None,
