@@ -27,8 +27,9 @@ ip netns exec "$SNOOZE_NETNS" helm upgrade --install snooze charts/snooze -n sno
   --create-namespace --wait --timeout 180s --set logFormat=text
 k get pods -n snooze-system
 
-say "kubectl apply -f examples/app.yaml (idleTimeout shortened to 10s for the demo)"
+say "kubectl apply -f examples/app.yaml (idleTimeout shortened to 10s for the demo) and examples/ingress.yaml"
 k apply -f examples/app.yaml
+k apply -f examples/ingress.yaml   # the cluster's ingress controller: Traefik
 k patch scaledservice web -n shop --type merge -p '{"spec":{"idleTimeout":"10s"}}'
 
 say "waiting for it to fall asleep"
@@ -40,12 +41,10 @@ done
 k get scaledservice web -n shop
 k get deploy,pods -n shop
 
-say "one request, sent the way an ingress sends it (to the endpoints of Service web-snooze)"
-target=$(k get endpointslice web-snooze -n shop -o jsonpath='{.endpoints[0].addresses[0]}:{.ports[0].port}')
-echo "curl -H 'Host: shop.example.com' http://$target/"
+say "one request through the ingress controller (Traefik, its NodePort on the node's address)"
+echo "curl -H 'Host: shop.example.com' http://10.240.0.1:30080/"
 ip netns exec "$SNOOZE_NETNS" curl -sS -m 90 -H 'Host: shop.example.com' \
-  -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "http://$target/"
-
+  -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "http://10.240.0.1:30080/"
 say "the cold start, split: 3 more cold starts of a test app (release builds; readiness probe every 10 s, the Kubernetes default)"
 ip netns exec "$SNOOZE_NETNS" env KUBECONFIG="$KUBECONFIG" \
   "$target_dir/release/snooze-bench" coldstart --rounds 3 --readiness-period 10 --namespace demo-coldstart

@@ -367,6 +367,42 @@ pub async fn wait_replicas(deploys: &Api<Deployment>, name: &str, want: i32, tim
     .await;
 }
 
+/// Samples a Deployment's replicas every 200 ms while a load runs: whether it went up,
+/// and whether it dropped back to zero after that.
+pub struct ReplicaWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(bool, bool)>,
+}
+
+impl ReplicaWatch {
+    pub fn start(deploys: &Api<Deployment>, name: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (deploys, name, flag) = (deploys.clone(), name.to_string(), stop.clone());
+        let task = tokio::spawn(async move {
+            let (mut went_up, mut dropped) = (false, false);
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok(r) = deployment_replicas(&deploys, &name).await {
+                    if r > 0 {
+                        went_up = true;
+                    } else if went_up {
+                        dropped = true;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (went_up, dropped)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sampling: (went up, dropped to zero after going up).
+    pub async fn finish(self) -> (bool, bool) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("replica sampler")
+    }
+}
+
 /// The test application: a Deployment and its Service, both named `name`.
 pub async fn app(client: &kube::Client, ns: &str, name: &str, replicas: i32, extra: &[&str]) {
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);

@@ -4,8 +4,6 @@
 //! under steady load; the Ingress and HTTPRoute are the repository's `examples/` files.
 //! Run by ./test.sh; only these: `./test.sh paths`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -109,29 +107,7 @@ async fn steady_load(
     deploys: &Api<Deployment>,
     dur: Duration,
 ) -> (Vec<Result<(u16, String), String>>, bool) {
-    let went_up = Arc::new(AtomicBool::new(false));
-    let dropped = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = {
-        let (deploys, went_up, dropped, stop) = (
-            deploys.clone(),
-            went_up.clone(),
-            dropped.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                if let Ok(r) = deployment_replicas(&deploys, "web").await {
-                    if r > 0 {
-                        went_up.store(true, Ordering::SeqCst);
-                    } else if went_up.load(Ordering::SeqCst) {
-                        dropped.store(true, Ordering::SeqCst);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
+    let watch = ReplicaWatch::start(deploys, "web");
     let start = Instant::now();
     let mut handles = Vec::new();
     while start.elapsed() < dur {
@@ -143,9 +119,8 @@ async fn steady_load(
     for h in handles {
         results.push(h.await.unwrap());
     }
-    stop.store(true, Ordering::SeqCst);
-    sampler.await.unwrap();
-    (results, dropped.load(Ordering::SeqCst))
+    let (_, dropped) = watch.finish().await;
+    (results, dropped)
 }
 
 /// 0 → 1 under load (6 s, twice the idle timeout), 1 → 0 once it stops, 0 → 1 again
@@ -263,14 +238,14 @@ async fn a_client_of_the_node_port_loses_nothing() {
     .await;
 }
 
-#[tokio::test]
-#[ignore = "needs the local cluster: run ./test.sh"]
-async fn an_ingress_through_traefik_loses_nothing() {
+/// `examples/<file>` applied in front of a sleeping `web`, then the cycle through Traefik.
+async fn through_traefik(prefix: &str, file: &str) {
     ensure_snooze().await;
-    in_namespace("path-ingress", |client, ns| async move {
+    let file = file.to_string();
+    in_namespace(prefix, |client, ns| async move {
         sleeping_web(&client, &ns, "ClusterIP").await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-        apply(&ns, "ingress", &example("ingress.yaml", &ns)).await;
+        apply(&ns, &file, &example(&file, &ns)).await;
         let via = Via::Traefik {
             host: format!("{ns}.example.com"),
         };
@@ -282,19 +257,14 @@ async fn an_ingress_through_traefik_loses_nothing() {
 
 #[tokio::test]
 #[ignore = "needs the local cluster: run ./test.sh"]
+async fn an_ingress_through_traefik_loses_nothing() {
+    through_traefik("path-ingress", "ingress.yaml").await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
 async fn an_httproute_through_traefik_loses_nothing() {
-    ensure_snooze().await;
-    in_namespace("path-route", |client, ns| async move {
-        sleeping_web(&client, &ns, "ClusterIP").await;
-        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-        apply(&ns, "httproute", &example("httproute.yaml", &ns)).await;
-        let via = Via::Traefik {
-            host: format!("{ns}.example.com"),
-        };
-        wait_programmed(&via, &deploys).await;
-        zero_one_zero_one(&via, &deploys).await;
-    })
-    .await;
+    through_traefik("path-route", "httproute.yaml").await;
 }
 
 /// The usual mistake: the Ingress keeps pointing at the app's own Service. Through it a

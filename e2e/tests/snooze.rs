@@ -3,7 +3,7 @@
 //! sends it (to the endpoints of the managed Service). Run by ./test.sh.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -388,29 +388,7 @@ async fn steady_load_through_zero_one_zero_one_loses_nothing() {
         .await;
 
         // Watch the replicas while the load runs: once up, never back to zero.
-        let went_up = Arc::new(AtomicBool::new(false));
-        let dropped_to_zero = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let (deploys, went_up, dropped, stop) = (
-                deploys.clone(),
-                went_up.clone(),
-                dropped_to_zero.clone(),
-                stop.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Ok(r) = deployment_replicas(&deploys, "web").await {
-                        if r > 0 {
-                            went_up.store(true, Ordering::SeqCst);
-                        } else if went_up.load(Ordering::SeqCst) {
-                            dropped.store(true, Ordering::SeqCst);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            })
-        };
+        let watch = ReplicaWatch::start(&deploys, "web");
         // 0 → 1 under load, held for well over idleTimeout.
         let (ok, failed) = steady_load(
             targets.clone(),
@@ -418,8 +396,7 @@ async fn steady_load_through_zero_one_zero_one_loses_nothing() {
             Duration::from_millis(100),
         )
         .await;
-        stop.store(true, Ordering::SeqCst);
-        sampler.await.unwrap();
+        let (went_up, dropped_to_zero) = watch.finish().await;
         assert!(
             failed.is_empty(),
             "{} failed: {:?}",
@@ -427,11 +404,8 @@ async fn steady_load_through_zero_one_zero_one_loses_nothing() {
             &failed[..failed.len().min(3)]
         );
         assert!(ok >= 60, "{ok}");
-        assert!(went_up.load(Ordering::SeqCst));
-        assert!(
-            !dropped_to_zero.load(Ordering::SeqCst),
-            "scaled to zero under load"
-        );
+        assert!(went_up);
+        assert!(!dropped_to_zero, "scaled to zero under load");
 
         // Load stops: 1 → 0.
         wait_replicas(&deploys, "web", 0, Duration::from_secs(60)).await;
