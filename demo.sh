@@ -59,6 +59,6 @@ cat <<MSG
 The cluster keeps running. Try:
   $SNOOZE_CLUSTER_DIR/kubectl get scaledservices -A
   $SNOOZE_CLUSTER_DIR/kubectl describe scaledservice web -n shop
-  ip netns exec $SNOOZE_NETNS curl http://$target/
+  ip netns exec $SNOOZE_NETNS curl -H 'Host: shop.example.com' http://10.240.0.1:30080/
 Tear it down with: e2e/cluster/cluster.sh down
 MSG
