@@ -52,7 +52,13 @@ pub struct Context {
     pub api_timeout: Duration,
     /// What this leader remembers of each ScaledService (dropped on delete).
     pub services: Mutex<HashMap<ServiceRef, ServiceState>>,
+    /// The routes of a namespace as last listed, shared by its ScaledServices for
+    /// `ROUTES_FRESH` (`check_routes`).
+    pub routes: Mutex<HashMap<String, ListedRoutes>>,
 }
+
+/// A namespace's routes and when they were listed.
+pub type ListedRoutes = (Instant, Arc<Vec<bypass::Route>>);
 
 /// What the leader remembers of one ScaledService between reconciles and ticks. A new
 /// leader starts from the API objects (status included) and builds this up again.
@@ -711,8 +717,11 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(requeue.max(Duration::from_millis(200))))
 }
 
-/// How often, at most, a leader lists a ScaledService's routes when nothing changed.
+/// How often, at most, a leader looks at a ScaledService's routes when nothing changed.
 const ROUTE_CHECK_EVERY: Duration = Duration::from_secs(300);
+/// How long one listing of a namespace's routes serves all its ScaledServices (so the
+/// lists cost one per namespace, not one per ScaledService).
+const ROUTES_FRESH: Duration = Duration::from_secs(30);
 
 /// Routes (Ingress, HTTPRoute, GRPCRoute) in the namespace that send traffic to the
 /// app's own Service instead of the managed one (`bypass`): a Warning event for each one
@@ -735,27 +744,7 @@ async fn check_routes(ctx: &Context, ss: &ScaledService) {
         return;
     }
     let ns = ss.namespace().unwrap_or_default();
-    let lp = ListParams::default();
-    let mut routes = Vec::new();
-    let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), &ns);
-    match timed(ctx, ingresses.list(&lp)).await {
-        Ok(l) => routes.extend(l.items.iter().map(bypass::from_ingress)),
-        Err(e) => debug!(namespace = %ns, "listing Ingresses: {e}"),
-    }
-    for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
-        let ar = ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: kind.into(),
-            plural: plural.into(),
-        };
-        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &ar);
-        match timed(ctx, api.list(&lp)).await {
-            Ok(l) => routes.extend(l.items.iter().map(|r| bypass::from_route(kind, r))),
-            Err(e) => debug!(namespace = %ns, "listing {kind}s: {e}"),
-        }
-    }
+    let routes = namespace_routes(ctx, &ns).await;
     let found = bypass::findings(&ns, &ss.spec.service, &ss.managed_service_name(), &routes);
     let new: Vec<String> = ctx.state(&key, |st| {
         let new = found
@@ -770,6 +759,42 @@ async fn check_routes(ctx: &Context, ss: &ScaledService) {
         warn!(namespace = %ns, name = %ss.name_any(), "{m}");
         publish(ctx, ss, EventType::Warning, bypass::EVENT_REASON, m).await;
     }
+}
+
+/// The namespace's Ingresses, HTTPRoutes and GRPCRoutes: listed, or the listing of the
+/// last `ROUTES_FRESH`.
+async fn namespace_routes(ctx: &Context, ns: &str) -> Arc<Vec<bypass::Route>> {
+    if let Some((at, r)) = ctx.routes.lock().get(ns)
+        && at.elapsed() < ROUTES_FRESH
+    {
+        return r.clone();
+    }
+    let lp = ListParams::default();
+    let mut routes = Vec::new();
+    let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), ns);
+    match timed(ctx, ingresses.list(&lp)).await {
+        Ok(l) => routes.extend(l.items.iter().map(bypass::from_ingress)),
+        Err(e) => debug!(namespace = %ns, "listing Ingresses: {e}"),
+    }
+    for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+        let ar = ApiResource {
+            group: "gateway.networking.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+        match timed(ctx, api.list(&lp)).await {
+            Ok(l) => routes.extend(l.items.iter().map(|r| bypass::from_route(kind, r))),
+            Err(e) => debug!(namespace = %ns, "listing {kind}s: {e}"),
+        }
+    }
+    let routes = Arc::new(routes);
+    let mut cache = ctx.routes.lock();
+    cache.retain(|_, (at, _)| at.elapsed() < ROUTES_FRESH);
+    cache.insert(ns.to_string(), (Instant::now(), routes.clone()));
+    routes
 }
 
 /// The `WakeSucceeded` condition (see `wakefail`): False, with a Warning event, when

@@ -175,6 +175,7 @@ pub async fn lead(
         discovery: Mutex::new(HashMap::new()),
         api_timeout: Duration::from_secs(args.api_timeout_seconds),
         services: Mutex::new(HashMap::new()),
+        routes: Mutex::new(HashMap::new()),
     });
 
     // The autoscaler: once a second, follow the load (writes only on change).
