@@ -86,6 +86,8 @@ pub struct ServiceState {
     /// the managed Service, and what it found (`bypass`).
     pub routes_checked: Option<(Instant, Option<i64>)>,
     pub routes_reported: Vec<String>,
+    /// The `WakeSucceeded` condition as this leader last wrote it (`wake_outcome`).
+    pub wake_condition: Option<Condition>,
 }
 
 impl Context {
@@ -809,7 +811,6 @@ async fn wake_outcome(
     ready_replicas: i32,
     now: &Time,
 ) -> Option<Condition> {
-    let gen_ = ss.metadata.generation;
     let new = if load.complete {
         ctx.state(&key_of(ss), |st| {
             let (new, seen) = wakefail::new_timeouts(st.timeouts_seen, load.timeouts);
@@ -819,10 +820,33 @@ async fn wake_outcome(
     } else {
         0
     };
-    let prev = old
-        .conditions
-        .iter()
-        .find(|c| c.type_ == wakefail::CONDITION);
+    // The condition as this leader last wrote it comes first: a reconcile can read the
+    // object from the cache before its own last status write shows there, and must not
+    // drop the condition it just set.
+    let key = key_of(ss);
+    let prev = ctx.state(&key, |st| st.wake_condition.clone()).or_else(|| {
+        old.conditions
+            .iter()
+            .find(|c| c.type_ == wakefail::CONDITION)
+            .cloned()
+    });
+    let out = wake_condition(ctx, ss, old, new, prev, backend, ready_replicas, now).await;
+    ctx.state(&key, |st| st.wake_condition = out.clone());
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn wake_condition(
+    ctx: &Context,
+    ss: &ScaledService,
+    old: &ScaledServiceStatus,
+    new: u64,
+    prev: Option<Condition>,
+    backend: &Service,
+    ready_replicas: i32,
+    now: &Time,
+) -> Option<Condition> {
+    let gen_ = ss.metadata.generation;
     if new > 0 {
         let d = match workload_pods(ctx, ss, backend).await {
             Ok(pods) => wakefail::diagnose(&pods),
@@ -860,7 +884,7 @@ async fn wake_outcome(
             gen_,
             now,
         )),
-        other => other.cloned(),
+        other => other,
     }
 }
 
