@@ -779,13 +779,8 @@ async fn namespace_routes(ctx: &Context, ns: &str) -> Arc<Vec<bypass::Route>> {
         Err(e) => debug!(namespace = %ns, "listing Ingresses: {e}"),
     }
     for (kind, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
-        let ar = ApiResource {
-            group: "gateway.networking.k8s.io".into(),
-            version: "v1".into(),
-            api_version: "gateway.networking.k8s.io/v1".into(),
-            kind: kind.into(),
-            plural: plural.into(),
-        };
+        let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
+        let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
         match timed(ctx, api.list(&lp)).await {
             Ok(l) => routes.extend(l.items.iter().map(|r| bypass::from_route(kind, r))),
@@ -811,43 +806,28 @@ async fn wake_outcome(
     ready_replicas: i32,
     now: &Time,
 ) -> Option<Condition> {
-    let new = if load.complete {
-        ctx.state(&key_of(ss), |st| {
-            let (new, seen) = wakefail::new_timeouts(st.timeouts_seen, load.timeouts);
-            st.timeouts_seen = Some(seen);
-            new
-        })
-    } else {
-        0
-    };
+    let gen_ = ss.metadata.generation;
+    let key = key_of(ss);
     // The condition as this leader last wrote it comes first: a reconcile can read the
     // object from the cache before its own last status write shows there, and must not
     // drop the condition it just set.
-    let key = key_of(ss);
-    let prev = ctx.state(&key, |st| st.wake_condition.clone()).or_else(|| {
+    let (new, remembered) = ctx.state(&key, |st| {
+        let new = if load.complete {
+            let (new, seen) = wakefail::new_timeouts(st.timeouts_seen, load.timeouts);
+            st.timeouts_seen = Some(seen);
+            new
+        } else {
+            0
+        };
+        (new, st.wake_condition.clone())
+    });
+    let prev = remembered.or_else(|| {
         old.conditions
             .iter()
             .find(|c| c.type_ == wakefail::CONDITION)
             .cloned()
     });
-    let out = wake_condition(ctx, ss, old, new, prev, backend, ready_replicas, now).await;
-    ctx.state(&key, |st| st.wake_condition = out.clone());
-    out
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn wake_condition(
-    ctx: &Context,
-    ss: &ScaledService,
-    old: &ScaledServiceStatus,
-    new: u64,
-    prev: Option<Condition>,
-    backend: &Service,
-    ready_replicas: i32,
-    now: &Time,
-) -> Option<Condition> {
-    let gen_ = ss.metadata.generation;
-    if new > 0 {
+    let out = if new > 0 {
         let d = match workload_pods(ctx, ss, backend).await {
             Ok(pods) => wakefail::diagnose(&pods),
             Err(e) => wakefail::Diagnosis {
@@ -864,7 +844,7 @@ async fn wake_condition(
             msg.clone(),
         )
         .await;
-        return Some(objects::condition(
+        Some(objects::condition(
             &old.conditions,
             wakefail::CONDITION,
             false,
@@ -872,20 +852,23 @@ async fn wake_condition(
             msg,
             gen_,
             now,
-        ));
-    }
-    match prev {
-        Some(c) if c.status == "False" && ready_replicas > 0 => Some(objects::condition(
-            &old.conditions,
-            wakefail::CONDITION,
-            true,
-            "PodReady",
-            format!("{ready_replicas} ready replica(s) since the last failed wake"),
-            gen_,
-            now,
-        )),
-        other => other,
-    }
+        ))
+    } else {
+        match prev {
+            Some(c) if c.status == "False" && ready_replicas > 0 => Some(objects::condition(
+                &old.conditions,
+                wakefail::CONDITION,
+                true,
+                "PodReady",
+                format!("{ready_replicas} ready replica(s) since the last failed wake"),
+                gen_,
+                now,
+            )),
+            other => other,
+        }
+    };
+    ctx.state(&key, |st| st.wake_condition = out.clone());
+    out
 }
 
 /// The pods the backend Service selects (the workload's pods).
