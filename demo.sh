@@ -9,16 +9,36 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$repo"
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-say "building release binaries (Rust workspace; control plane and helm from Go modules, cached)"
-cargo build --release --workspace --bins
-bin=$(e2e/cluster/build.sh | tail -n 1)
-export PATH="$bin:$PATH"
-# The pods run the release builds.
+. e2e/preflight.sh
+t_start=$SECONDS
+preflight cluster
+mkdir -p "$SNOOZE_BUILD_LOGS"
+# The demo never queries Prometheus: neither built nor deployed.
+export SNOOZE_MONITORING=off
+# The pods run the release builds (what users run).
 export SNOOZE_PROFILE=release
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 
+say "building: the Rust workspace (release) and, side by side, the control plane, add-ons and helm from Go modules (cached in $SNOOZE_CACHE)"
+# The Go builds run in the background while cargo compiles: the machine's cores stay
+# busy through each build's downloads and single-threaded link steps.
+e2e/cluster/build.sh >"$SNOOZE_BUILD_LOGS/build-go.out" &
+go_builds=$!
+# The same packages cluster.sh builds for release pods (one feature set, one build).
+if ! step_run "rust workspace (release)" "$SNOOZE_BUILD_LOGS/cargo-release.log" \
+  cargo build --release --bins -p snooze-operator -p snooze-activator -p snooze-e2e; then
+  kill "$go_builds" 2>/dev/null || true
+  exit 1
+fi
+wait "$go_builds" || { echo "demo: the Go builds failed (logs in $SNOOZE_BUILD_LOGS)" >&2; exit 1; }
+bin=$(tail -n 1 "$SNOOZE_BUILD_LOGS/build-go.out")
+export PATH="$bin:$PATH"
+echo "built in $((SECONDS - t_start)) s"
+
 say "bringing the local cluster up"
+t0=$SECONDS
 e2e/cluster/cluster.sh up >/dev/null
+echo "cluster up in $((SECONDS - t0)) s"
 eval "$(e2e/cluster/cluster.sh env)"
 k() { ip netns exec "$SNOOZE_NETNS" kubectl "$@"; }
 
@@ -45,6 +65,7 @@ say "one request through the ingress controller (Traefik, its NodePort on the no
 echo "curl -H 'Host: shop.example.com' http://10.240.0.1:30080/"
 ip netns exec "$SNOOZE_NETNS" curl -sS -m 90 -H 'Host: shop.example.com' \
   -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "http://10.240.0.1:30080/"
+echo "from ./demo.sh to the woken request: $((SECONDS - t_start)) s"
 say "the cold start, split: 3 more cold starts of a test app (release builds; readiness probe every 10 s, the Kubernetes default)"
 ip netns exec "$SNOOZE_NETNS" env KUBECONFIG="$KUBECONFIG" \
   "$target_dir/release/snooze-bench" coldstart --rounds 3 --readiness-period 10 --namespace demo-coldstart

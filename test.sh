@@ -14,25 +14,19 @@ mode=${1:-all}
 
 step() { printf '\n==> %s\n' "$*"; }
 
-install_packages() {
-  local missing=()
-  command -v openssl >/dev/null || missing+=(openssl)
-  command -v curl >/dev/null || missing+=(curl)
-  command -v ip >/dev/null || missing+=(iproute2)
-  command -v setsid >/dev/null || missing+=(util-linux)
-  command -v nft >/dev/null || missing+=(nftables)   # kube-proxy's nftables mode runs nft
-  command -v python3 >/dev/null || missing+=(python3) # build.sh unpacks the Gateway API CRDs
-  if [ ${#missing[@]} -gt 0 ]; then
-    step "installing ${missing[*]}"
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-    else
-      echo "missing ${missing[*]}: install them (apt-get install ${missing[*]})" >&2; exit 1
-    fi
-  fi
-  command -v kubectl >/dev/null || { echo "kubectl is required (https://kubernetes.io/docs/tasks/tools/)" >&2; exit 1; }
-  command -v go >/dev/null || { echo "go >= 1.26 is required to build the local control plane and its add-ons" >&2; exit 1; }
-}
+. e2e/preflight.sh
+t_start=$SECONDS
+if [ "$mode" = unit ]; then preflight unit; else preflight cluster; fi
+mkdir -p "$SNOOZE_BUILD_LOGS"
+
+if [ "$mode" != unit ]; then
+  step "control plane, add-ons and helm from Go modules, in the background (cached under $SNOOZE_CACHE)"
+  # Side by side with the Rust build below: the cores stay busy through each build's
+  # downloads and single-threaded link steps.
+  e2e/cluster/build.sh >"$SNOOZE_BUILD_LOGS/build-go.out" &
+  go_builds=$!
+  trap 'kill $go_builds 2>/dev/null || true' EXIT
+fi
 
 step "cargo build (workspace binaries and tests)"
 cargo build --workspace --bins --tests
@@ -43,10 +37,12 @@ cargo test --workspace
 
 [ "$mode" = unit ] && exit 0
 
-install_packages
-step "control plane and helm (cached under ~/.cache/snooze)"
-bin=$(e2e/cluster/build.sh | tail -n 1)
+step "waiting for the Go builds"
+wait "$go_builds" || { echo "test.sh: the Go builds failed (logs in $SNOOZE_BUILD_LOGS)" >&2; exit 1; }
+trap - EXIT
+bin=$(tail -n 1 "$SNOOZE_BUILD_LOGS/build-go.out")
 export PATH="$bin:$PATH"
+echo "everything built $((SECONDS - t_start)) s after the start"
 
 step "cluster up"
 t0=$SECONDS
