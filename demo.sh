@@ -14,7 +14,7 @@ t_start=$SECONDS
 preflight cluster
 mkdir -p "$SNOOZE_BUILD_LOGS"
 # The demo never queries Prometheus: neither built nor deployed.
-export SNOOZE_MONITORING=off
+export SNOOZE_FOR=demo
 # The pods run the release builds (what users run).
 export SNOOZE_PROFILE=release
 target_dir=${CARGO_TARGET_DIR:-$repo/target}

@@ -29,10 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::proxy::{HOP_BY_HOP, InFlight, Proxy, Route, SlotGuard};
+use crate::rules::MAX_HEADERS;
 use crate::table::ServiceEntry;
 
-/// Most header fields in a head (hyper's default too).
-const MAX_HEADERS: usize = 100;
 /// Largest response head taken from a pod.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Response body bytes that go out in the same write as the head; more are written apart.

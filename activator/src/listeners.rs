@@ -27,23 +27,19 @@ use crate::fast;
 use crate::proxy::{Parked, Proxy, Route, forwarded_for};
 use crate::rules::{self, FirstRequest};
 
-/// The HTTP/2 connection preface (RFC 9113 §3.4): a client speaking h2c with prior
-/// knowledge opens with it.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// Whether the connection opens with the HTTP/2 preface, read without consuming it (so
 /// hyper reads the request from the socket itself). None: closed first.
 async fn starts_with_h2_preface(stream: &TcpStream) -> io::Result<Option<bool>> {
-    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut buf = [0u8; rules::H2_PREFACE.len()];
     loop {
         let n = stream.peek(&mut buf).await?;
         if n == 0 {
             return Ok(None);
         }
-        if buf[..n] != H2_PREFACE[..n] {
+        if buf[..n] != rules::H2_PREFACE[..n] {
             return Ok(Some(false));
         }
-        if n == H2_PREFACE.len() {
+        if n == rules::H2_PREFACE.len() {
             return Ok(Some(true));
         }
         // A prefix of the preface so far ("P…"): wait for more (the caller bounds it).
@@ -236,12 +232,15 @@ impl Listeners {
                 .is_some_and(|r| !r.service.has_pod(&r.port_name))
         };
         // Nothing is woken or parked for a connection that sends nothing (a TCP probe).
-        // A sleeping service wakes only for a complete, valid request head (or the
-        // HTTP/2 preface and a HEADERS frame): junk, TLS hellos, malformed, oversized
-        // or Host-less heads are answered (400/431 by hyper or the proxy) or closed
-        // without a wake. For a cold service the head is judged at once (one peek that
-        // waits for the bytes); otherwise the first byte is waited for, and the head
-        // judged only if the service went to sleep meanwhile.
+        // A sleeping service wakes only for a complete, valid HTTP/1.x request head:
+        // junk, TLS hellos, malformed, oversized or Host-less heads are answered
+        // (400/431 by hyper or the proxy) or closed without a wake. For a cold service
+        // the head is judged at once (one peek that waits for the bytes); otherwise the
+        // first byte is waited for, and the head judged only if the service went to
+        // sleep meanwhile. An HTTP/2 connection is not parked: its clients (gRPC's
+        // among them) wait for the server's SETTINGS before sending a request, so
+        // hyper's HTTP/2 server takes it as soon as the preface is there, and its
+        // first request wakes the service inside the proxy (`Proxy::handle`).
         if !cold(&route) {
             match tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await {
                 Ok(Ok(n)) if n > 0 => {}
@@ -259,25 +258,22 @@ impl Listeners {
         };
         let since = Instant::now();
         let mut parked_since = None;
-        // Whether the connection speaks h2c, when the head is known.
-        let mut h2_known = None;
+        // Whether the connection speaks h2c, when the head was judged.
+        let h2_known = head.as_ref().map(|(v, _)| *v == FirstRequest::H2);
         let current = match (route.borrow().clone(), head) {
-            (Some(r), Some((verdict, bytes))) => {
-                h2_known = Some(bytes.starts_with(rules::H2_PREFACE));
-                match verdict {
-                    // A health check it answers itself (`answerWhileAsleep`) wakes
-                    // nothing either: the proxy answers it.
-                    FirstRequest::Complete
-                        if r.service.has_answers()
-                            && rules::method_and_path(&bytes)
-                                .is_some_and(|(m, p)| r.service.is_asleep_answer(m, p)) =>
-                    {
-                        None
-                    }
-                    FirstRequest::Complete => Some(r),
-                    _ => None,
+            (Some(r), Some((verdict, bytes))) => match verdict {
+                // A health check it answers itself (`answerWhileAsleep`) wakes
+                // nothing either: the proxy answers it.
+                FirstRequest::Complete
+                    if r.service.has_answers()
+                        && rules::method_and_path(&bytes)
+                            .is_some_and(|(m, p)| r.service.is_asleep_answer(m, p)) =>
+                {
+                    None
                 }
-            }
+                FirstRequest::Complete => Some(r),
+                _ => None,
+            },
             (other, _) => other,
         };
         if let Some(r) = current {
@@ -287,7 +283,8 @@ impl Listeners {
                 .await
             {
                 Parked::NotNeeded => {}
-                // (h2c is known from the judged head; otherwise peeked, only here.)
+                // (A parked connection is HTTP/1.x: its head was judged, or it opened
+                // while the service was awake; then it may still be h2c.)
                 Parked::Full(queued)
                     if !match h2_known {
                         Some(h2) => h2,
@@ -328,9 +325,12 @@ impl Listeners {
                 }
             }
         }
-        let h2 = match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
-            Ok(Ok(Some(h2))) => h2,
-            _ => return,
+        let h2 = match h2_known {
+            Some(h2) => h2,
+            None => match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
+                Ok(Ok(Some(h2))) => h2,
+                _ => return,
+            },
         };
         let forwarded_for = forwarded_for(remote.ip());
         // HTTP/1.1 takes the fast path while its requests qualify; what it read of a

@@ -59,10 +59,14 @@ pub fn answer(status: u16, body: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// Most header fields in a request head: hyper's limit (its default; a head with more
+/// gets 431 from it), so the wake gate and the fast path judge a head as hyper will.
+pub const MAX_HEADERS: usize = 100;
+
 /// The method and the path (without the query) of an HTTP/1.x request head, for
 /// matching `answerWhileAsleep`; an absolute-form target gives its path.
 pub fn method_and_path(head: &[u8]) -> Option<(&str, &str)> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     req.parse(head).ok()?;
     let (method, target) = (req.method?, req.path?);
@@ -88,9 +92,13 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// What the first bytes of a connection are, judged before a sleeping service is woken.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FirstRequest {
-    /// A complete, valid HTTP/1.x request head, or the HTTP/2 preface and a HEADERS
-    /// frame: worth a wake.
+    /// A complete, valid HTTP/1.x request head: worth a wake.
     Complete,
+    /// The HTTP/2 connection preface (h2c with prior knowledge). Nothing more is
+    /// waited for: HTTP/2 clients such as gRPC's wait for the server's SETTINGS before
+    /// they send a request, so hyper's HTTP/2 server takes the connection at once
+    /// (answering with SETTINGS) and its first request wakes the service.
+    H2,
     /// Not there yet (and still within the size bound).
     Partial,
     /// Not an HTTP request the activator would forward (junk, a TLS ClientHello, a
@@ -100,10 +108,13 @@ pub enum FirstRequest {
 
 /// Judges the bytes a client sent so far; `max` bounds a request head.
 pub fn first_request(buf: &[u8], max: usize) -> FirstRequest {
-    if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) || H2_PREFACE.starts_with(buf) {
-        return h2_first_request(buf, max);
+    if buf.starts_with(H2_PREFACE) {
+        return FirstRequest::H2;
     }
-    let mut headers = [httparse::EMPTY_HEADER; 128];
+    if H2_PREFACE.starts_with(buf) {
+        return FirstRequest::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(_)) => {
@@ -119,38 +130,6 @@ pub fn first_request(buf: &[u8], max: usize) -> FirstRequest {
         }
         Ok(httparse::Status::Partial) if buf.len() < max => FirstRequest::Partial,
         _ => FirstRequest::Invalid,
-    }
-}
-
-/// After the preface: frames up to the first HEADERS (type 1). Unknown frame types
-/// before it, or more than `max` bytes, are not a request.
-fn h2_first_request(buf: &[u8], max: usize) -> FirstRequest {
-    if buf.len() < H2_PREFACE.len() {
-        return FirstRequest::Partial;
-    }
-    let mut at = H2_PREFACE.len();
-    loop {
-        if at + 9 > buf.len() {
-            return if buf.len() < max {
-                FirstRequest::Partial
-            } else {
-                FirstRequest::Invalid
-            };
-        }
-        let len = (usize::from(buf[at]) << 16)
-            | (usize::from(buf[at + 1]) << 8)
-            | usize::from(buf[at + 2]);
-        match buf[at + 3] {
-            0x1 => return FirstRequest::Complete,
-            // DATA, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY,
-            // WINDOW_UPDATE, CONTINUATION may come first.
-            0x0 | 0x2..=0x9 => {}
-            _ => return FirstRequest::Invalid,
-        }
-        at += 9 + len;
-        if at > max {
-            return FirstRequest::Invalid;
-        }
     }
 }
 
@@ -240,7 +219,10 @@ mod tests {
         let cases: Vec<(&[u8], FirstRequest)> = vec![
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", Complete),
             (b"GET / HTTP/1.0\r\n\r\n", Complete),
-            (b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", Complete),
+            (
+                b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                Complete,
+            ),
             (b"GET / HTTP/1.1\r\nHost: a\r\n", Partial),
             (b"GET / HT", Partial),
             (b"G", Partial),
@@ -251,11 +233,15 @@ mod tests {
             (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", Invalid),
             (b"GET / HTTP/1.1\r\nHost: a\x00\r\n\r\n", Invalid),
             (b"PRI * HTTP/2.0\r\n", Partial),
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Partial),
-            // SETTINGS (empty), then HEADERS.
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x05\x01\x04\x00\x00\x00\x01", Complete),
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", Partial),
-            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x77\x00\x00\x00\x00\x00", Invalid),
+            (b"PRI", Partial),
+            // The preface alone is enough: the HTTP/2 server answers it with SETTINGS
+            // (a gRPC client sends nothing more before that).
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", H2),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+                H2,
+            ),
+            (b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", Invalid),
         ];
         for (bytes, want) in cases {
             assert_eq!(
@@ -269,5 +255,18 @@ mod tests {
         let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
         big.resize(max, b'a');
         assert_eq!(first_request(&big, max), Invalid);
+        // hyper answers a head with more than MAX_HEADERS fields with 431: it wakes
+        // nothing either (101 fields here, 100 pass).
+        let head = |fields: usize| {
+            let mut h = b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+            for i in 1..fields {
+                h.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+            }
+            h.extend_from_slice(b"\r\n");
+            h
+        };
+        assert_eq!(first_request(&head(MAX_HEADERS), 64 * 1024), Complete);
+        assert_eq!(first_request(&head(MAX_HEADERS + 1), 64 * 1024), Invalid);
+        assert_eq!(first_request(&head(128), 64 * 1024), Invalid);
     }
 }

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Builds the local cluster's control plane (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kube-proxy: one `go build`, one compile of
-# what they share), its add-ons (CoreDNS, Traefik, and Prometheus unless
-# SNOOZE_MONITORING=off) and helm from upstream Go modules into a cache outside the
-# repository, keyed by version. Builds only what is missing, the components side by
+# what they share), its add-ons (CoreDNS, Traefik, and unless SNOOZE_FOR=demo
+# Prometheus), helm, and for the tests a real gRPC client (grpc-go, e2e/grpcclient) from
+# upstream Go modules into a cache outside the repository, keyed by version. Builds only what is missing, the components side by
 # side (one's downloads overlap another's compile), each with one progress line and its
 # full output in $SNOOZE_CACHE/logs/build-<component>.log.
 #
 #   e2e/cluster/build.sh                        # prints the bin folder on its last line
-#   SNOOZE_MONITORING=off e2e/cluster/build.sh  # what the demo needs (no Prometheus)
+#   SNOOZE_FOR=demo e2e/cluster/build.sh        # what the demo needs (no Prometheus, no test tools)
 #   SNOOZE_CACHE=/some/dir e2e/cluster/build.sh
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -106,7 +106,15 @@ component traefik "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" \
   "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
 component helm "$helm_bin/helm" helm_build
 component gateway-api-crds "$gw/standard-crds.yaml" gateway_crds "$gw"
-if [ "${SNOOZE_MONITORING:-on}" != off ]; then
+grpc_client_build() {
+  mkdir -p "$1"
+  (cd "$here/../grpcclient" && go build -trimpath -ldflags "-s -w" -o "$1/snooze-grpc-client.tmp" .)
+  mv "$1/snooze-grpc-client.tmp" "$1/snooze-grpc-client"
+}
+# The gRPC client's version is its go.sum's.
+grpc_dir="$cache/tools/grpc-client-$(sha256sum "$here/../grpcclient/go.sum" "$here/../grpcclient/main.go" | sha256sum | cut -c1-12)"
+if [ "${SNOOZE_FOR:-test}" != demo ]; then
+  component grpc-client "$grpc_dir/snooze-grpc-client" grpc_client_build "$grpc_dir"
   component prometheus "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" \
     addon_build prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
 fi
@@ -129,7 +137,8 @@ ln -sf "$cache/tools/coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
 ln -sf "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" "$bin/traefik"
 ln -sf "$gw/standard-crds.yaml" "$bin/gateway-api-crds.yaml"
 ln -sf "$helm_bin/helm" "$bin/helm"
-if [ "${SNOOZE_MONITORING:-on}" != off ]; then
+if [ "${SNOOZE_FOR:-test}" != demo ]; then
   ln -sf "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" "$bin/prometheus"
+  ln -sf "$grpc_dir/snooze-grpc-client" "$bin/snooze-grpc-client"
 fi
 echo "$bin"

@@ -267,8 +267,8 @@ EOF
   "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
   "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
   # Prometheus, with Snooze's plain alert rules file (the chart's files/alerts.yaml);
-  # not for the demo (SNOOZE_MONITORING=off), which never queries it.
-  if [ "${SNOOZE_MONITORING:-on}" != off ]; then
+  # not for the demo (SNOOZE_FOR=demo), which never queries it.
+  if [ "${SNOOZE_FOR:-test}" != demo ]; then
     "$STATE/kubectl" apply -f "$here/addons/prometheus.yaml" >/dev/null
     "$STATE/kubectl" create configmap snooze-alerts -n monitoring \
       --from-file=alerts.yaml="$repo/charts/snooze/files/alerts.yaml" >/dev/null
@@ -277,7 +277,7 @@ EOF
   wait_for "kube-root-ca.crt" 60 "$STATE/kubectl" get configmap kube-root-ca.crt -n default
   wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
   wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
-  if [ "${SNOOZE_MONITORING:-on}" != off ]; then
+  if [ "${SNOOZE_FOR:-test}" != demo ]; then
     wait_for "prometheus" 90 "$STATE/kubectl" rollout status deployment/prometheus -n monitoring --timeout=1s
   fi
   log "up in $((SECONDS - t0))s"

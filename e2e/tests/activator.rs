@@ -411,6 +411,25 @@ async fn full_queue_gives_503_with_retry_after_at_once() {
     assert!(body.contains("too many requests waiting"), "{body}");
     // Counted for the SnoozeQueueOverflow alert: the refused one, not the held ones.
     assert_eq!(a.svc.metrics.queue_full.get(), 1);
+    // An h2c request refused the same way is counted once too.
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = h2
+        .request(
+            Request::get(a.url("/"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect("h2c request");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
+    assert_eq!(
+        a.svc.metrics.queue_full.get(),
+        2,
+        "one count per refused request"
+    );
     // The held ones are still served once a pod is there.
     let b = backend(&[]).await;
     a.set_backends(&[&b]);
@@ -1099,4 +1118,125 @@ async fn junk_never_wakes_a_sleeping_service_and_is_answered_at_once() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(a.svc.metrics.wakes.get(), 1);
+}
+
+/// A cold service answers an HTTP/2 client's preface with its SETTINGS at once: gRPC's
+/// clients (grpc-go, grpc-core, grpc-java) send no request before they have them.
+#[tokio::test]
+async fn a_cold_h2c_connection_gets_the_servers_settings_at_once() {
+    let a = activator_with(Settings::default(), ServerLimits::default(), true, 20_000).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut head))
+        .await
+        .expect("the server's SETTINGS within 1 s of the preface")
+        .unwrap();
+    assert_eq!(head[3], 0x4, "a SETTINGS frame first: {head:?}");
+    assert_eq!(head[4] & 0x1, 0, "not an ACK: {head:?}");
+    // The preface alone is no request: nothing is woken or held.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.svc.metrics.wakes.get(), 0);
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// The real gRPC client of the tests (grpc-go, default options), built from Go modules
+/// by e2e/cluster/build.sh, which links it into the bin folder that ./test.sh puts on
+/// the PATH.
+fn grpc_client(addr: &str, extra: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("snooze-grpc-client");
+    c.args(["-addr", addr, "-timeout", "20s"]).args(extra);
+    c.kill_on_drop(true);
+    c
+}
+
+async fn wait_for_wakes(a: &Activator, n: u64) {
+    let start = Instant::now();
+    while a.svc.metrics.wakes.get() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no wake within 5 s (wakes: {})",
+            a.svc.metrics.wakes.get()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs snooze-grpc-client on the PATH (e2e/cluster/build.sh); ./test.sh runs it"]
+async fn a_real_grpc_client_wakes_a_cold_service_unary_and_streaming() {
+    let a = activator_with(Settings::default(), ServerLimits::default(), true, 20_000).await;
+    let addr = format!("127.0.0.1:{}", a.port);
+    // Unary, cold: the call wakes the service and is held until a pod is ready.
+    let call = tokio::spawn(grpc_client(&addr, &["-msg", "cold unary"]).output());
+    wait_for_wakes(&a, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!call.is_finished(), "held while there is no pod");
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let out = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ends")
+        .unwrap()
+        .expect("run snooze-grpc-client (is it on the PATH?)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cold unary\n");
+    assert_eq!(a.svc.metrics.wakes.get(), 1, "one wake for one cold call");
+
+    // Asleep again; server streaming, cold.
+    a.svc.set_endpoints(vec![]);
+    drop(b);
+    let call = tokio::spawn(grpc_client(&addr, &["-msg", "cold stream", "-stream"]).output());
+    wait_for_wakes(&a, 2).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let out = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ends")
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "cold stream\ncold stream\ncold stream\n"
+    );
+    // Warm: the same client, answered at once.
+    let out = grpc_client(&addr, &["-msg", "warm"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "warm\n");
+    assert_eq!(a.svc.metrics.wakes.get(), 2);
+}
+
+/// hyper refuses a head of more than 100 fields with 431; the wake gate judges it the
+/// same way, so such a head wakes nothing.
+#[tokio::test]
+async fn a_head_with_more_fields_than_hyper_takes_wakes_nothing() {
+    let a = activator(Settings::default()).await;
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: web\r\n");
+    for i in 0..110 {
+        head.push_str(&format!("x-field-{i}: 1\r\n"));
+    }
+    head.push_str("\r\n");
+    let answer = raw(a.port, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(
+        a.svc.metrics.wakes.get(),
+        0,
+        "an oversized head woke the service"
+    );
 }

@@ -9,7 +9,8 @@
 //! - `/headers` answers the request's headers, one per line (`Host` included);
 //! - `/stream?chunks=N&interval_ms=M` streams N chunks, M ms apart;
 //! - `/ws` is a WebSocket echo;
-//! - `/snooze.test.Echo/Echo` is a unary gRPC echo (framed body back, `grpc-status` trailer);
+//! - `/snooze.test.Echo/Echo` is a unary gRPC echo (framed body back, `grpc-status` trailer),
+//!   `/snooze.test.Echo/Stream` its server-streaming twin (the message back three times);
 //! - `/api-check` lists pods in its namespace with its service-account token;
 //! - `/bytes?n=N` answers N bytes;
 //! - `/fetch?host=H&port=P&path=/x` makes one GET to `http://H:P/x` from the pod, the way
@@ -107,7 +108,8 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         }
         "/stream" => stream(&req),
         "/ws" => websocket(req),
-        "/snooze.test.Echo/Echo" => grpc_echo(req).await,
+        "/snooze.test.Echo/Echo" => grpc_echo(req, 1).await,
+        "/snooze.test.Echo/Stream" => grpc_echo(req, 3).await,
         "/api-check" => api_check().await,
         "/fetch" => fetch(&req).await,
         "/bytes" => {
@@ -203,17 +205,31 @@ fn websocket(mut req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-async fn grpc_echo(req: Request<Incoming>) -> Response<Body> {
+/// gRPC echo: the request's message back `times` times, 20 ms apart (1: unary `Echo`;
+/// 3: server-streaming `Stream`), then `grpc-status: 0`.
+async fn grpc_echo(req: Request<Incoming>, times: usize) -> Response<Body> {
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return full(StatusCode::BAD_REQUEST, format!("body error: {e}\n")),
     };
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
-    let frames = futures::stream::iter([
-        Ok::<_, std::io::Error>(Frame::data(body)),
-        Ok(Frame::trailers(trailers)),
-    ]);
+    let frames = futures::stream::unfold(0usize, move |i| {
+        let body = body.clone();
+        let trailers = trailers.clone();
+        async move {
+            if i > times {
+                return None;
+            }
+            if i == times {
+                return Some((Ok::<_, std::io::Error>(Frame::trailers(trailers)), i + 1));
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some((Ok(Frame::data(body)), i + 1))
+        }
+    });
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(frames)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
