@@ -161,6 +161,29 @@ where
     }
 }
 
+/// The body of a response to HEAD: none, ended from the start, with no size of its own
+/// (so no server adds a `Content-Length: 0` the pod did not send); holds the request's
+/// guards like [`Guarded`].
+struct NoContent {
+    _guards: (InFlight, Option<SlotGuard>, Option<Lease>),
+}
+
+impl hyper::body::Body for NoContent {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        true
+    }
+}
+
 /// Resolves when the peer closes or resets the connection. Pending request bytes do
 /// not count: each readiness event is consumed and the next one awaited.
 async fn peer_closed(stream: &tokio::net::TcpStream) {
@@ -502,6 +525,7 @@ impl Proxy {
         start: Instant,
     ) -> Response<Body> {
         let svc = &route.service;
+        let head = req.method() == http::Method::HEAD;
         let upgrade = is_upgrade(&req);
         let h2 = route.h2c || (req.version() == Version::HTTP_2 && !upgrade);
         rewrite_request(&mut req, forwarded_for, upgrade, h2);
@@ -676,9 +700,18 @@ impl Proxy {
         }
         strip_hop_by_hop(resp.headers_mut(), false);
         let (parts, body) = resp.into_parts();
+        let guards = (in_flight, Some(slot), lease);
+        if head {
+            // A response to HEAD has no content (RFC 9110 §9.3.2), whatever its
+            // Content-Length says and whatever a pod sends after it (hyper's HTTP/2
+            // server, for one, sends a handler's body): an empty body ends an h2c
+            // answer with its HEADERS frame.
+            drop(body);
+            return Response::from_parts(parts, BodyExt::boxed(NoContent { _guards: guards }));
+        }
         let body = Guarded {
             inner: body,
-            _guards: (in_flight, Some(slot), lease),
+            _guards: guards,
         };
         Response::from_parts(parts, BodyExt::boxed(body))
     }

@@ -1240,3 +1240,37 @@ async fn a_head_with_more_fields_than_hyper_takes_wakes_nothing() {
         "an oversized head woke the service"
     );
 }
+
+/// RFC 9110 §9.3.2: a response to HEAD has no content, whatever its Content-Length
+/// says; over h2c it ends with its HEADERS frame (a DATA frame would be a protocol error
+/// for the client).
+#[tokio::test]
+async fn head_over_h2c_gets_the_headers_and_no_body() {
+    let a = activator(Settings::default()).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for path in ["/", "/bytes?n=8192"] {
+        let req = Request::head(a.url(path))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = c.request(req).await.expect("HEAD over h2c");
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        let get = get(&a.url(path)).await;
+        assert_eq!(
+            resp.headers().get("content-length"),
+            get.1.get("content-length"),
+            "{path}: HEAD tells the length GET has"
+        );
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("no reset")
+            .to_bytes();
+        assert!(body.is_empty(), "{path}: {} bytes of body", body.len());
+    }
+}
