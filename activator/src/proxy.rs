@@ -482,6 +482,14 @@ impl Proxy {
         if let Some(s) = pick() {
             return Ok(s);
         }
+        // A request whose wait is already over (a connection parked until the timeout)
+        // gets its 504 now: no second place in the queue, no second wake.
+        let deadline = start + settings.timeout;
+        if Instant::now() >= deadline {
+            return Err(Refusal::Timeout {
+                waited: start.elapsed(),
+            });
+        }
         // Hold the request: a place in the service's queue and in the global bound.
         let _queued = match self.enter_queue(svc, settings.max_queued) {
             Ok(q) => q,
@@ -495,7 +503,7 @@ impl Proxy {
             }
         };
         let mut rx = svc.subscribe();
-        let deadline = tokio::time::Instant::from_std(start + settings.timeout);
+        let deadline = tokio::time::Instant::from_std(deadline);
         if svc.endpoints().is_empty() {
             self.stats.wake(svc);
             crate::probe::start(svc);

@@ -384,6 +384,10 @@ async fn no_pod_within_the_activation_timeout_gives_504() {
         body.contains("test/web") && body.contains("no ready pod after waiting 0.7s"),
         "{body}"
     );
+    // One wake for one cold request, also when its wait ran out while it was parked;
+    // and nothing left in the queue.
+    assert_eq!(a.svc.metrics.wakes.get(), 1, "wakes for one cold request");
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
