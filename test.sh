@@ -70,6 +70,8 @@ step "end-to-end: Snooze installed with helm"
 e2e snooze
 step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
 e2e paths
+step "end-to-end: tenancy (what one tenant must not do to another through Snooze)"
+e2e tenancy
 step "end-to-end: Prometheus scrapes Snooze; the dashboard's and alerts' queries, an alert firing"
 e2e monitoring
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"

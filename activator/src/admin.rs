@@ -10,17 +10,20 @@ use hyper::body::Frame;
 use snooze_runtime::admin::{Admin, BoxError};
 use tokio::sync::watch;
 
+use crate::auth::{StatsAuth, bearer};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::stats::StatsHub;
 
 /// The admin server: ready while `ready` is true; `/metrics` reads the pool's idle
-/// connections at scrape time.
+/// connections at scrape time; the stats stream is for the operator alone when `auth`
+/// is set (always in the chart).
 pub fn admin(
     metrics: Arc<Metrics>,
     pool: Arc<Pool>,
     stats: Arc<StatsHub>,
     ready: watch::Receiver<bool>,
+    auth: Option<Arc<StatsAuth>>,
 ) -> Arc<Admin> {
     Arc::new(Admin {
         ready,
@@ -32,16 +35,22 @@ pub fn admin(
             if req.uri().path() != snooze_crds::stats::STATS_PATH {
                 return None;
             }
-            let s = stats
-                .clone()
-                .stream()
-                .map(|b| Ok::<_, BoxError>(Frame::data(b)));
-            let mut r = Response::new(BodyExt::boxed(StreamBody::new(s)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-ndjson"),
-            );
-            Some(r)
+            let (stats, auth) = (stats.clone(), auth.clone());
+            let token = bearer(req.headers());
+            Some(Box::pin(async move {
+                if let Some(auth) = auth
+                    && let Err(refused) = auth.check(token).await
+                {
+                    return refused;
+                }
+                let s = stats.stream().map(|b| Ok::<_, BoxError>(Frame::data(b)));
+                let mut r = Response::new(BodyExt::boxed(StreamBody::new(s)));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-ndjson"),
+                );
+                r
+            }))
         })),
     })
 }

@@ -26,6 +26,18 @@ pub struct Args {
     /// Address of the admin server: /livez, /readyz, /metrics and the stats stream.
     #[arg(long, env = "SNOOZE_ADMIN_ADDRESS", default_value = "0.0.0.0:9090")]
     pub admin_address: SocketAddr,
+    /// The one user that may read the stats stream (the operator's ServiceAccount,
+    /// `system:serviceaccount:<namespace>:<name>`), checked with a TokenReview of its
+    /// Bearer token. Empty: the stream is open (the static-config mode of tests).
+    #[arg(long, env = "SNOOZE_STATS_READER", default_value = "")]
+    pub stats_reader: String,
+    /// The audience the operator's stats token must be made for.
+    #[arg(
+        long,
+        env = "SNOOZE_STATS_AUDIENCE",
+        default_value = "snooze-activator"
+    )]
+    pub stats_audience: String,
     /// This pod's name, reported to the operator.
     #[arg(long, env = "POD_NAME", default_value = "activator")]
     pub pod_name: String,

@@ -6,6 +6,7 @@
 //! by the endpoint event itself. See DESIGN.md.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod fast;
 pub mod listeners;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use snooze_activator::auth::StatsAuth;
 use snooze_activator::config::{self, Args};
 use snooze_activator::listeners::{Listeners, ServerLimits};
 use snooze_activator::metrics::Metrics;
@@ -12,7 +13,7 @@ use snooze_activator::stats::StatsHub;
 use snooze_activator::table::Table;
 use snooze_activator::{admin, watch};
 use snooze_runtime::supervisor::Supervisor;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -49,7 +50,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listeners = Listeners::new(proxy, args.listen_address, limits);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Supervisor::new();
-    let admin = admin::admin(metrics.clone(), pool.clone(), stats, ready_rx);
+    let client = match &args.static_config {
+        Some(_) => None,
+        None => Some(kube::Client::try_default().await?),
+    };
+    let auth = match (&client, args.stats_reader.as_str()) {
+        (Some(c), reader) if !reader.is_empty() => Some(Arc::new(StatsAuth::new(
+            c.clone(),
+            args.stats_audience.clone(),
+            reader.to_string(),
+        ))),
+        (Some(_), _) => {
+            warn!("--stats-reader is not set: any client may read the stats stream");
+            None
+        }
+        (None, _) => None,
+    };
+    let admin = admin::admin(metrics.clone(), pool.clone(), stats, ready_rx, auth);
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address).await?;
     tasks.spawn("admin server", admin.serve(admin_listener));
     info!(admin = %args.admin_address, listen = %args.listen_address, "activator starting");
@@ -60,8 +77,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("cannot listen on port {port}: {e}");
         }
         ready_tx.send_replace(true);
-    } else {
-        let client = kube::Client::try_default().await?;
+    } else if let Some(client) = client {
         let (ss_tx, mut ss_rx) = tokio::sync::watch::channel(false);
         let (eps_tx, mut eps_rx) = tokio::sync::watch::channel(false);
         let m = metrics.clone();

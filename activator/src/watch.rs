@@ -213,7 +213,11 @@ fn slice_endpoints(s: &EndpointSlice) -> SliceEndpoints {
         })
         .collect();
     let mut out = SliceEndpoints::default();
+    let ns = s.metadata.namespace.as_deref();
     for e in &s.endpoints {
+        if !is_own_pod(e, ns) {
+            continue;
+        }
         let c = e.conditions.as_ref();
         let list = if c.and_then(|c| c.ready) == Some(true) {
             &mut out.ready
@@ -231,6 +235,19 @@ fn slice_endpoints(s: &EndpointSlice) -> SliceEndpoints {
         }
     }
     out
+}
+
+/// Whether an endpoint is a Pod of the slice's own namespace, as the EndpointSlice
+/// controller writes them. Anyone who may write EndpointSlices can label one as that
+/// controller's: an endpoint without a Pod behind it (any address its author names:
+/// another tenant's pod, a node port) is never forwarded to nor probed (the pattern of
+/// CVE-2021-25740).
+fn is_own_pod(e: &k8s_openapi::api::discovery::v1::Endpoint, ns: Option<&str>) -> bool {
+    e.target_ref.as_ref().is_some_and(|r| {
+        r.kind.as_deref() == Some("Pod")
+            && r.name.as_deref().is_some_and(|n| !n.is_empty())
+            && (r.namespace.is_none() || r.namespace.as_deref() == ns)
+    })
 }
 
 /// The slices of every backend Service, indexed by the Service (the
@@ -437,9 +454,37 @@ mod tests {
                          "labels": {"kubernetes.io/service-name": svc}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": port}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true},
+                           "targetRef": {"kind": "Pod", "name": format!("{svc}-pod"), "namespace": "shop"}}],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn only_pods_of_the_slices_namespace_are_endpoints() {
+        let with_ref = |r: serde_json::Value| -> EndpointSlice {
+            let mut s = slice("web", "10.0.0.1", 8080);
+            s.endpoints[0].target_ref = serde_json::from_value(r).unwrap();
+            s
+        };
+        let cases = [
+            (
+                json!({"kind": "Pod", "name": "web-1", "namespace": "shop"}),
+                true,
+            ),
+            (json!({"kind": "Pod", "name": "web-1"}), true),
+            (json!(null), false),
+            (
+                json!({"kind": "Pod", "name": "db-0", "namespace": "other-team"}),
+                false,
+            ),
+            (json!({"kind": "Node", "name": "node-1"}), false),
+            (json!({"kind": "Pod", "name": ""}), false),
+        ];
+        for (r, kept) in cases {
+            let e = slice_endpoints(&with_ref(r.clone()));
+            assert_eq!(e.ready.len() == 1, kept, "{r}");
+        }
     }
 
     #[tokio::test]

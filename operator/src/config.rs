@@ -45,6 +45,15 @@ pub struct Args {
     /// Admin server address: /livez, /readyz, /metrics.
     #[arg(long, env = "SNOOZE_ADMIN_ADDRESS", default_value = "0.0.0.0:9091")]
     pub admin_address: SocketAddr,
+    /// A ServiceAccount token for the activators' stats stream (a projected token with
+    /// the activators' audience; read at every connection, as the kubelet rotates it).
+    /// Empty: none is sent.
+    #[arg(
+        long,
+        env = "SNOOZE_STATS_TOKEN_FILE",
+        default_value = "/var/run/secrets/snooze/stats/token"
+    )]
+    pub stats_token_file: String,
     /// Timeout of every API call.
     #[arg(long, env = "SNOOZE_API_TIMEOUT_SECONDS", default_value_t = 10)]
     pub api_timeout_seconds: u64,

@@ -491,7 +491,33 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     } else {
         None
     };
-    let problem = status::references_problem(&ss, conflict.as_deref(), backend.is_some());
+    let selects_pods = backend
+        .as_ref()
+        .and_then(|b| b.spec.as_ref())
+        .and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| !s.is_empty());
+    let problem =
+        status::references_problem(&ss, conflict.as_deref(), backend.is_some(), selects_pods);
+    // The managed objects as they are: a name held by objects this ScaledService did
+    // not create is a problem of its own (they are never taken over).
+    let svc_name = ss.managed_service_name();
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let (have_svc, have_slice) = if problem.is_none() {
+        (
+            timed(ctx, svcs.get_opt(&svc_name)).await?,
+            timed(ctx, slices.get_opt(&svc_name)).await?,
+        )
+    } else {
+        (None, None)
+    };
+    let problem = problem.or_else(|| {
+        status::name_taken(
+            &ss,
+            have_svc.as_ref().map(|s| &s.metadata),
+            have_slice.as_ref().map(|s| &s.metadata),
+        )
+    });
     let (target, problem) = match problem {
         Some(p) => (None, Some(p)),
         None => match scale_api(ctx, &ss).await? {
@@ -562,20 +588,16 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let serving = serving_activators(ctx, &activators, &ports);
     let want_svc = objects::managed_service(&ss, &ports);
     let want_slice = objects::managed_slice(&ss, &ports, &serving);
-    let svc_name = ss.managed_service_name();
-    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    // Forced: the fields are Snooze's alone on objects it created (checked above).
     let ssa = PatchParams::apply(MANAGER).force();
-    let have = timed(ctx, svcs.get_opt(&svc_name)).await?;
-    if have
+    if have_svc
         .as_ref()
         .is_none_or(|h| objects::service_differs(h, &want_svc))
     {
         timed(ctx, svcs.patch(&svc_name, &ssa, &Patch::Apply(&want_svc))).await?;
         ctx.metrics.api_writes.inc();
     }
-    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    let have = timed(ctx, slices.get_opt(&svc_name)).await?;
-    if have
+    if have_slice
         .as_ref()
         .is_none_or(|h| objects::slice_differs(h, &want_slice))
     {
@@ -1001,6 +1023,35 @@ async fn write_status(
     Ok(())
 }
 
+/// Deletes the object `name` only while it is the one read (its uid, a precondition of
+/// the API server). Gone already (404) or replaced meanwhile (409) is done; any other
+/// error is returned, so the finalizer retries instead of leaving an object behind.
+async fn delete_exactly<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    name: &str,
+    uid: Option<String>,
+) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let dp = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match timed(ctx, api.delete(name, &dp)).await {
+        Ok(_) => {
+            ctx.metrics.api_writes.inc();
+            Ok(())
+        }
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let ns = ss.namespace().unwrap_or_default();
     let name = ss.name_any();
@@ -1025,17 +1076,20 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
             Err(e) => return Err(e),
         }
     }
+    // Only what this ScaledService created goes with it: a Service or slice of that
+    // name that someone else made stays.
     let svc_name = ss.managed_service_name();
-    let dp = DeleteParams::default();
     let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    match timed(ctx, svcs.delete(&svc_name, &dp)).await {
-        Ok(_) | Err(Error::Kube(kube::Error::Api(_))) => {}
-        Err(e) => return Err(e),
-    }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    match timed(ctx, slices.delete(&svc_name, &dp)).await {
-        Ok(_) | Err(Error::Kube(kube::Error::Api(_))) => {}
-        Err(e) => return Err(e),
+    if let Some(have) = timed(ctx, svcs.get_opt(&svc_name)).await?
+        && status::owned_by(&have.metadata, &ss)
+    {
+        delete_exactly(ctx, &svcs, &svc_name, have.metadata.uid).await?;
+    }
+    if let Some(have) = timed(ctx, slices.get_opt(&svc_name)).await?
+        && status::owned_by(&have.metadata, &ss)
+    {
+        delete_exactly(ctx, &slices, &svc_name, have.metadata.uid).await?;
     }
     ctx.ports.lock().release(&ns, &name);
     let key = ServiceRef {

@@ -97,8 +97,10 @@ pub async fn lead(
         }
     });
     let (store, st) = (stats_store.clone(), stop.child_token());
+    let token_file = (!args.stats_token_file.is_empty())
+        .then(|| std::sync::Arc::new(std::path::PathBuf::from(&args.stats_token_file)));
     tasks.spawn("stats streams", async move {
-        stats::run(store, targets_rx, st).await;
+        stats::run(store, targets_rx, st, token_file).await;
         Ok(())
     });
     let (store, m) = (stats_store.clone(), metrics.clone());

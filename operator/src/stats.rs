@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -13,7 +14,7 @@ use parking_lot::Mutex;
 use snooze_crds::stats::{Report, STATS_PATH, ServiceRef, ServiceStats};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::decision::Load;
 
@@ -177,6 +178,7 @@ pub async fn run(
     store: Arc<StatsStore>,
     mut targets: watch::Receiver<Vec<SocketAddr>>,
     shutdown: CancellationToken,
+    token_file: Option<Arc<PathBuf>>,
 ) {
     let mut running: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     loop {
@@ -193,7 +195,12 @@ pub async fn run(
         for addr in want {
             running.entry(addr).or_insert_with(|| {
                 let token = shutdown.child_token();
-                tokio::spawn(follow(store.clone(), addr, token.clone()));
+                tokio::spawn(follow(
+                    store.clone(),
+                    addr,
+                    token.clone(),
+                    token_file.clone(),
+                ));
                 token
             });
         }
@@ -204,11 +211,16 @@ pub async fn run(
     }
 }
 
-async fn follow(store: Arc<StatsStore>, addr: SocketAddr, cancel: CancellationToken) {
+async fn follow(
+    store: Arc<StatsStore>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    token_file: Option<Arc<PathBuf>>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let r = tokio::select! {
-            r = stream_once(&store, addr) => r,
+            r = stream_once(&store, addr, token_file.as_deref()) => r,
             _ = cancel.cancelled() => return,
         };
         store.disconnected(addr);
@@ -224,16 +236,36 @@ async fn follow(store: Arc<StatsStore>, addr: SocketAddr, cancel: CancellationTo
     }
 }
 
-async fn stream_once(store: &StatsStore, addr: SocketAddr) -> anyhow::Result<()> {
+async fn stream_once(
+    store: &StatsStore,
+    addr: SocketAddr,
+    token_file: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    // Read at every connection: the kubelet rotates the projected token.
+    let token = match token_file {
+        Some(f) => match tokio::fs::read_to_string(f).await {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                debug!(file = %f.display(), "stats token: {e}; connecting without one");
+                None
+            }
+        },
+        None => None,
+    };
     let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await??;
     stream.set_nodelay(true)?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get(STATS_PATH)
-        .header(http::header::HOST, addr.to_string())
-        .body(Empty::<bytes::Bytes>::new())?;
+    let mut req = http::Request::get(STATS_PATH).header(http::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::<bytes::Bytes>::new())?;
     let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
+    if matches!(resp.status().as_u16(), 401 | 403) {
+        warn!(%addr, status = %resp.status(), "the activator refused the stats stream: is the projected token (--stats-token-file) mounted, and --stats-reader this ServiceAccount?");
+    }
     anyhow::ensure!(resp.status().is_success(), "status {}", resp.status());
     info!(%addr, "stats stream connected");
     let mut body = resp.into_body();

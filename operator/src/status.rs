@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use snooze_crds::{PortStatus, ScaledService};
 
 /// Why a ScaledService cannot be programmed; shown as `Ready=False` with a Warning
@@ -21,6 +22,7 @@ pub fn references_problem(
     ss: &ScaledService,
     conflict_owner: Option<&str>,
     service_found: bool,
+    service_selects_pods: bool,
 ) -> Option<Problem> {
     let ns = ss.metadata.namespace.as_deref().unwrap_or_default();
     let target = &ss.spec.scale_target_ref;
@@ -45,7 +47,54 @@ pub fn references_problem(
             message: format!("Service {} not found in namespace {ns}", ss.spec.service),
         });
     }
+    // The activator forwards only to the pods the EndpointSlice controller lists for a
+    // Service's selector: hand-written endpoints (a selector-less Service) could name
+    // any address, another tenant's pod included.
+    if !service_selects_pods {
+        return Some(Problem {
+            reason: "ServiceWithoutSelector",
+            message: format!(
+                "Service {} in namespace {ns} has no selector: Snooze forwards only to the pods a Service selects, never to hand-written endpoints",
+                ss.spec.service
+            ),
+        });
+    }
     None
+}
+
+/// Whether `meta` names this ScaledService (its uid) among its owners: only what the
+/// ScaledService created is its to change or delete.
+pub fn owned_by(meta: &ObjectMeta, ss: &ScaledService) -> bool {
+    let Some(uid) = ss.metadata.uid.as_deref() else {
+        return false;
+    };
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.kind == "ScaledService")
+}
+
+/// The managed Service's name (`<name>-snooze`) held by a Service or EndpointSlice
+/// this ScaledService did not create: it is left untouched (never taken over, never
+/// deleted with the ScaledService) and the ScaledService says so.
+pub fn name_taken(
+    ss: &ScaledService,
+    service: Option<&ObjectMeta>,
+    slice: Option<&ObjectMeta>,
+) -> Option<Problem> {
+    let name = ss.managed_service_name();
+    let ns = ss.metadata.namespace.as_deref().unwrap_or_default();
+    let kind = match (service, slice) {
+        (Some(m), _) if !owned_by(m, ss) => "Service",
+        (_, Some(m)) if !owned_by(m, ss) => "EndpointSlice",
+        _ => return None,
+    };
+    Some(Problem {
+        reason: "ManagedNameTaken",
+        message: format!(
+            "{kind} {name} in namespace {ns} exists and was not created by this ScaledService: Snooze leaves it untouched; delete or rename it, or rename the ScaledService"
+        ),
+    })
 }
 
 /// A condition's status, reason and message.
@@ -124,26 +173,38 @@ mod tests {
     #[test]
     fn references_are_checked_in_order() {
         let bad_schedule = json!([{"cron": "not a cron", "duration": "1h", "minReplicas": 1}]);
-        // (the ScaledService, conflicting owner, Service found, reason, text)
+        // (the ScaledService, conflicting owner, Service found, Service has a selector,
+        // reason, text)
         type Case<'a> = (
             ScaledService,
             Option<&'a str>,
+            bool,
             bool,
             Option<&'a str>,
             &'a str,
         );
         let cases: Vec<Case> = vec![
-            (ss(json!([])), None, true, None, ""),
+            (ss(json!([])), None, true, true, None, ""),
             (
                 ss(json!([])),
                 None,
+                false,
                 false,
                 Some("ServiceNotFound"),
                 "Service web-svc not found in namespace shop",
             ),
             (
                 ss(json!([])),
+                None,
+                true,
+                false,
+                Some("ServiceWithoutSelector"),
+                "Service web-svc in namespace shop has no selector",
+            ),
+            (
+                ss(json!([])),
                 Some("older"),
+                false,
                 false,
                 Some("Conflict"),
                 "Deployment web is already scaled by ScaledService older",
@@ -152,18 +213,69 @@ mod tests {
                 ss(bad_schedule.clone()),
                 None,
                 false,
+                false,
                 Some("InvalidSchedule"),
                 "",
             ),
-            (ss(bad_schedule), Some("older"), true, Some("Conflict"), ""),
+            (
+                ss(bad_schedule),
+                Some("older"),
+                true,
+                true,
+                Some("Conflict"),
+                "",
+            ),
         ];
-        for (ss, conflict, found, reason, text) in cases {
-            let p = references_problem(&ss, conflict, found);
+        for (ss, conflict, found, selects, reason, text) in cases {
+            let p = references_problem(&ss, conflict, found, selects);
             assert_eq!(p.as_ref().map(|p| p.reason), reason, "{p:?}");
             if let Some(p) = p {
                 assert!(p.message.contains(text), "{p:?} lacks {text:?}");
             }
         }
+    }
+
+    #[test]
+    fn only_what_it_created_is_its_own() {
+        let mut me = ss(json!([]));
+        me.metadata.uid = Some("uid-1".into());
+        let meta = |owner: Option<(&str, &str)>| -> ObjectMeta {
+            serde_json::from_value(json!({
+                "name": "web-snooze",
+                "ownerReferences": owner.map(|(kind, uid)| vec![json!({
+                    "apiVersion": "snooze.dev/v1alpha1", "kind": kind, "name": "web",
+                    "uid": uid, "controller": true,
+                })]),
+            }))
+            .unwrap()
+        };
+        let mine = meta(Some(("ScaledService", "uid-1")));
+        let users = meta(None);
+        let other = meta(Some(("ScaledService", "uid-2")));
+        let lookalike = meta(Some(("Deployment", "uid-1")));
+        assert!(owned_by(&mine, &me));
+        for m in [&users, &other, &lookalike] {
+            assert!(!owned_by(m, &me), "{m:?}");
+        }
+        assert_eq!(name_taken(&me, None, None), None);
+        assert_eq!(name_taken(&me, Some(&mine), Some(&mine)), None);
+        let p = name_taken(&me, Some(&users), None).expect("a Service of the user's");
+        assert_eq!(p.reason, "ManagedNameTaken");
+        assert!(
+            p.message
+                .starts_with("Service web-snooze in namespace shop exists"),
+            "{}",
+            p.message
+        );
+        let p = name_taken(&me, Some(&mine), Some(&other)).expect("another's slice");
+        assert!(
+            p.message.starts_with("EndpointSlice web-snooze"),
+            "{}",
+            p.message
+        );
+        // Without its own uid (not yet created), nothing is its own.
+        me.metadata.uid = None;
+        assert!(name_taken(&me, Some(&mine), None).is_some());
     }
 
     #[test]

@@ -1,0 +1,277 @@
+//! Snooze in a shared cluster (issue 26): what one tenant must not be able to do to
+//! another, or to itself, through Snooze, tried on the local cluster the way a user
+//! would. Run by ./test.sh.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Service};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use snooze_crds::ScaledService;
+use snooze_e2e::testing::*;
+
+const T: Duration = Duration::from_secs(90);
+
+async fn ready_reason(ssvcs: &Api<ScaledService>, name: &str) -> Result<(String, String), String> {
+    let ss = ssvcs.get(name).await.map_err(|e| e.to_string())?;
+    let c = ss
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .ok_or("no Ready condition yet")?;
+    Ok((format!("{} {}", c.status, c.reason), c.message))
+}
+
+/// A Service the user already had under the managed Service's name (`web-snooze`) is
+/// never taken over: not patched, not owned, not deleted with the ScaledService; the
+/// ScaledService says why it is not programmed (condition and Event), and scales
+/// nothing meanwhile.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_service_named_like_the_managed_one_is_never_taken_over() {
+    ensure_snooze().await;
+    in_namespace("takeover", |client, ns| async move {
+        app(&client, &ns, "web", 1, &[]).await;
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        // The user's own Service, to their own app, under the name Snooze would use.
+        let theirs = services
+            .create(&PostParams::default(), &testapp_service("web-snooze"))
+            .await
+            .unwrap();
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 3, "2s"))
+            .await
+            .unwrap();
+        let msg = wait_for("ManagedNameTaken", T, || async {
+            let (r, m) = ready_reason(&ssvcs, "web").await?;
+            (r == "False ManagedNameTaken")
+                .then_some(m.clone())
+                .ok_or(format!("{r}: {m}"))
+        })
+        .await;
+        assert!(
+            msg.contains("Service web-snooze") && msg.contains("not created by this ScaledService"),
+            "{msg}"
+        );
+        let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+        wait_for("a ManagedNameTaken event", T, || async {
+            let n = events
+                .list(&ListParams::default().fields("reason=ManagedNameTaken"))
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            (n > 0).then_some(()).ok_or("none".to_string())
+        })
+        .await;
+        // Well past its idle timeout: the Service is as the user made it, and the
+        // workload keeps its replica (nothing is programmed, nothing is scaled).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let now = services.get("web-snooze").await.unwrap();
+        assert_eq!(
+            now.metadata.resource_version,
+            theirs.metadata.resource_version
+        );
+        assert!(now.metadata.owner_references.is_none());
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 1);
+
+        // Deleting the ScaledService leaves the user's Service in place.
+        ssvcs.delete("web", &DeleteParams::default()).await.unwrap();
+        wait_for("ScaledService gone", T, || async {
+            ssvcs
+                .get_opt("web")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none()
+                .then_some(())
+                .ok_or("still there".to_string())
+        })
+        .await;
+        let after = services
+            .get_opt("web-snooze")
+            .await
+            .unwrap()
+            .expect("the user's Service stays");
+        assert_eq!(after.metadata.uid, theirs.metadata.uid);
+    })
+    .await;
+}
+
+/// A selector-less Service with a hand-written EndpointSlice, labelled as the
+/// EndpointSlice controller's (anyone who may write slices in their namespace can),
+/// naming another tenant's pod: Snooze routes nothing to it. The ScaledService says
+/// why, and no managed Service is made for it.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_forged_endpoint_slice_never_makes_snooze_a_proxy_to_another_tenant() {
+    ensure_snooze().await;
+    in_namespace("victim", |client, victim_ns| async move {
+        // Another team's pod.
+        app(&client, &victim_ns, "db", 1, &[]).await;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(client.clone(), &victim_ns);
+        let victim = wait_for("the victim's pod ready", T, || async {
+            let p = ready_pods(&pods, "app=db").await?;
+            p.into_iter().next().ok_or("none ready".to_string())
+        })
+        .await;
+        in_namespace("forger", move |client, ns| async move {
+            let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+            let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+            let pp = PostParams::default();
+            deploys
+                .create(&pp, &testapp_deployment("web", 0, &[]))
+                .await
+                .unwrap();
+            let svc: Service = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+            }))
+            .unwrap();
+            services.create(&pp, &svc).await.unwrap();
+            let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+                Api::namespaced(client.clone(), &ns);
+            let forged = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web-forged", "labels": {
+                    "kubernetes.io/service-name": "web",
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                }},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [
+                    {"addresses": [victim.1], "conditions": {"ready": true}},
+                    {"addresses": [victim.1], "conditions": {"ready": true},
+                     "targetRef": {"kind": "Pod", "name": victim.0, "namespace": victim_ns}},
+                ],
+            }))
+            .unwrap();
+            slices.create(&pp, &forged).await.unwrap();
+            let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+            ssvcs
+                .create(&pp, &scaled_service("web", 0, 1, "1h"))
+                .await
+                .unwrap();
+            let msg = wait_for("ServiceWithoutSelector", T, || async {
+                let (r, m) = ready_reason(&ssvcs, "web").await?;
+                (r == "False ServiceWithoutSelector")
+                    .then_some(m.clone())
+                    .ok_or(format!("{r}: {m}"))
+            })
+            .await;
+            assert!(msg.contains("has no selector"), "{msg}");
+            // Nothing routes through Snooze: no managed Service, no activator port.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(services.get_opt("web-snooze").await.unwrap().is_none());
+            let ss = ssvcs.get("web").await.unwrap();
+            assert!(
+                ss.status.map(|s| s.ports.is_empty()).unwrap_or(true),
+                "an activator port was assigned"
+            );
+        })
+        .await;
+    })
+    .await;
+}
+
+/// The status line of `GET path` on `addr`, with an `Authorization` header when given
+/// (only the head is read: an allowed stats stream never ends).
+async fn status_of(addr: &str, path: &str, bearer: Option<&str>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = bearer
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    head.lines().next().unwrap_or_default().to_string()
+}
+
+/// Only the operator reads the activators' stats stream (every tenant's services,
+/// counts and ports): no token is 401, another ServiceAccount's token made for the
+/// activators' audience is 403; the probes' paths stay open; and the operator's own
+/// streams are up.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn the_stats_stream_is_for_the_operator_alone() {
+    ensure_snooze().await;
+    in_namespace("snoop", |client, ns| async move {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        let activators = wait_for("ready activators", T, || async {
+            let p = ready_pods(&pods, "app.kubernetes.io/component=activator").await?;
+            (!p.is_empty()).then_some(p).ok_or("none".to_string())
+        })
+        .await;
+        let (ok, token) = kubectl(&[
+            "create",
+            "token",
+            "default",
+            "-n",
+            &ns,
+            "--audience",
+            "snooze-activator",
+        ])
+        .await;
+        assert!(ok, "{token}");
+        let token = token.trim().to_string();
+        for (_, ip) in &activators {
+            let addr = format!("{ip}:9090");
+            let anon = status_of(&addr, "/v1/stats", None).await;
+            assert!(
+                anon.starts_with("HTTP/1.1 401"),
+                "{addr} without a token: {anon}"
+            );
+            let other = status_of(&addr, "/v1/stats", Some(&token)).await;
+            assert!(
+                other.starts_with("HTTP/1.1 403"),
+                "{addr} with {ns}/default's token: {other}"
+            );
+            let junk = status_of(&addr, "/v1/stats", Some("not-a-token")).await;
+            assert!(junk.starts_with("HTTP/1.1 403"), "{addr} with junk: {junk}");
+            for open in ["/readyz", "/livez", "/metrics"] {
+                let st = status_of(&addr, open, None).await;
+                assert!(st.starts_with("HTTP/1.1 200"), "{addr}{open}: {st}");
+            }
+        }
+        // The operator leader streams from every activator.
+        let ops = ready_pods(&pods, "app.kubernetes.io/component=operator")
+            .await
+            .unwrap();
+        wait_for("the leader's stats streams", T, || async {
+            let mut best = 0.0f64;
+            for (_, ip) in &ops {
+                let (_, body) =
+                    http_get(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
+                for l in body
+                    .lines()
+                    .filter(|l| l.starts_with("snooze_operator_stats_streams"))
+                {
+                    if let Some(v) = l
+                        .split_whitespace()
+                        .last()
+                        .and_then(|v| v.parse::<f64>().ok())
+                    {
+                        best = best.max(v);
+                    }
+                }
+            }
+            (best as usize >= activators.len())
+                .then_some(())
+                .ok_or(format!(
+                    "{best} streams for {} activators",
+                    activators.len()
+                ))
+        })
+        .await;
+    })
+    .await;
+}
