@@ -3,9 +3,10 @@
 # kube-controller-manager, kube-scheduler, kube-proxy: one `go build`, one compile of
 # what they share), its add-ons (CoreDNS, Traefik, and unless SNOOZE_FOR=demo
 # Prometheus), helm, and for the tests a real gRPC client (grpc-go, e2e/grpcclient) from
-# upstream Go modules into a cache outside the repository, keyed by version. Builds only what is missing, the components side by
-# side (one's downloads overlap another's compile), each with one progress line and its
-# full output in $SNOOZE_CACHE/logs/build-<component>.log.
+# upstream Go modules into a cache outside the repository, keyed by version. Builds
+# only what is missing, one component after another (what they share is compiled once)
+# while the next ones' modules download, each with one progress line and its full
+# output in $SNOOZE_CACHE/logs/build-<component>.log.
 #
 #   e2e/cluster/build.sh                        # prints the bin folder on its last line
 #   SNOOZE_FOR=demo e2e/cluster/build.sh        # what the demo needs (no Prometheus, no test tools)
@@ -85,27 +86,30 @@ helm_build() {
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
-# Each missing component becomes one background job; cached ones say so.
-jobs_pids=() jobs_names=()
+# The missing components, built one after another: concurrent `go build`s do not share
+# their work (each compiles the packages they have in common, net/http and client-go
+# among them, before any of them is in the build cache), so side by side they cost
+# more CPU than in a row. Meanwhile the modules of the ones still waiting are
+# downloaded (network, not CPU), and the caller's cargo build keeps the other core busy.
+# Cached components say so.
+pending=()
 component() { # name, "cached" test file, command...
   local name=$1 have=$2; shift 2
   if [ -e "$have" ]; then
     printf '  %-34s cached\n' "$name" >&2
     return
   fi
-  printf '  %-34s building (log: %s)\n' "$name" "$SNOOZE_BUILD_LOGS/build-$name.log" >&2
-  step_run "$name" "$SNOOZE_BUILD_LOGS/build-$name.log" "$@" &
-  jobs_pids+=($!) jobs_names+=("$name")
+  pending+=("$name")
+  eval "run_$name() { $(printf '%q ' "$@"); }"
 }
 gw="$cache/tools/gateway-api-$GATEWAY_API_VERSION"
-component control-plane "$bin/kube-proxy" control_plane
-component coredns "$cache/tools/coredns-$COREDNS_VERSION/coredns" \
-  addon_build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
+component control_plane "$bin/kube-proxy" control_plane
 component traefik "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" \
   addon_build traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
   "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
+component coredns "$cache/tools/coredns-$COREDNS_VERSION/coredns" \
+  addon_build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
 component helm "$helm_bin/helm" helm_build
-component gateway-api-crds "$gw/standard-crds.yaml" gateway_crds "$gw"
 grpc_client_build() {
   mkdir -p "$1"
   (cd "$here/../grpcclient" && go build -trimpath -ldflags "-s -w" -o "$1/snooze-grpc-client.tmp" .)
@@ -114,24 +118,42 @@ grpc_client_build() {
 # The gRPC client's version is its go.sum's.
 grpc_dir="$cache/tools/grpc-client-$(sha256sum "$here/../grpcclient/go.sum" "$here/../grpcclient/main.go" | sha256sum | cut -c1-12)"
 if [ "${SNOOZE_FOR:-test}" != demo ]; then
-  component grpc-client "$grpc_dir/snooze-grpc-client" grpc_client_build "$grpc_dir"
+  component grpc_client "$grpc_dir/snooze-grpc-client" grpc_client_build "$grpc_dir"
   component prometheus "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" \
     addon_build prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
 fi
 
-if [ ${#jobs_pids[@]} -gt 0 ]; then
-  t0=$SECONDS
-  # A line a minute while anything builds, so a long first build is never silent.
-  ( while sleep 60; do printf '  … Go builds running for %d min\n' $(((SECONDS - t0) / 60)) >&2; done ) &
-  ticker=$!
-  failed=0
-  for i in "${!jobs_pids[@]}"; do
-    wait "${jobs_pids[$i]}" || failed=1
-  done
-  kill "$ticker" 2>/dev/null || true
-  wait "$ticker" 2>/dev/null || true
-  [ $failed = 0 ] || { echo "build.sh: a component failed to build (logs above)" >&2; exit 1; }
+failed=0
+if [ ! -s "$gw/standard-crds.yaml" ]; then
+  step_run gateway-api-crds "$SNOOZE_BUILD_LOGS/build-gateway-api-crds.log" gateway_crds "$gw" || failed=1
+else
+  printf '  %-34s cached\n' gateway-api-crds >&2
 fi
+if [ ${#pending[@]} -gt 0 ]; then
+  # Downloads ahead of the compiles (best effort: a build downloads what is missing).
+  (
+    for d in "$here" "$here/addons/traefik" "$here/addons/coredns" "$here/../grpcclient"; do
+      (cd "$d" && go mod download) >>"$SNOOZE_BUILD_LOGS/build-downloads.log" 2>&1 || true
+    done
+  ) &
+  prefetch=$!
+  t0=$SECONDS
+  : >"$SNOOZE_BUILD_LOGS/building"
+  # A line a minute while anything builds, so a long first build is never silent.
+  ( while sleep 60; do
+      printf '  … Go builds: %d min so far, now %s\n' $(((SECONDS - t0) / 60)) \
+        "$(cat "$SNOOZE_BUILD_LOGS/building" 2>/dev/null)" >&2
+    done ) &
+  ticker=$!
+  for name in "${pending[@]}"; do
+    echo "${name//_/-}" >"$SNOOZE_BUILD_LOGS/building"
+    printf '  %-34s building (log: %s)\n' "${name//_/-}" "$SNOOZE_BUILD_LOGS/build-${name//_/-}.log" >&2
+    step_run "${name//_/-}" "$SNOOZE_BUILD_LOGS/build-${name//_/-}.log" "run_$name" || { failed=1; break; }
+  done
+  kill "$ticker" "$prefetch" 2>/dev/null || true
+  wait "$ticker" "$prefetch" 2>/dev/null || true
+fi
+[ $failed = 0 ] || { echo "build.sh: a component failed to build (its log is named above)" >&2; exit 1; }
 
 ln -sf "$cache/tools/coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
 ln -sf "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" "$bin/traefik"
