@@ -13,7 +13,8 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 t_start=$SECONDS
 preflight cluster
 mkdir -p "$SNOOZE_BUILD_LOGS"
-# The demo never queries Prometheus: neither built nor deployed.
+# Only what the demo uses is built and deployed (e2e/preflight.sh: wants): the control
+# plane, kube-proxy and helm; CoreDNS and Traefik with SNOOZE_DEMO_INGRESS=traefik.
 export SNOOZE_FOR=demo
 # The pods run the release builds (what users run).
 export SNOOZE_PROFILE=release
@@ -47,9 +48,11 @@ ip netns exec "$SNOOZE_NETNS" helm upgrade --install snooze charts/snooze -n sno
   --create-namespace --wait --timeout 180s --set logFormat=text
 k get pods -n snooze-system
 
-say "kubectl apply -f examples/app.yaml (idleTimeout shortened to 10s for the demo) and examples/ingress.yaml"
+say "kubectl apply -f examples/app.yaml (idleTimeout shortened to 10s for the demo)"
 k apply -f examples/app.yaml
-k apply -f examples/ingress.yaml   # the cluster's ingress controller: Traefik
+if [ "${SNOOZE_DEMO_INGRESS:-}" = traefik ]; then
+  k apply -f examples/ingress.yaml   # the cluster's ingress controller: Traefik
+fi
 k patch scaledservice web -n shop --type merge -p '{"spec":{"idleTimeout":"10s"}}'
 
 say "waiting for it to fall asleep"
@@ -61,10 +64,24 @@ done
 k get scaledservice web -n shop
 k get deploy,pods -n shop
 
-say "one request through the ingress controller (Traefik, its NodePort on the node's address)"
-echo "curl -H 'Host: shop.example.com' http://10.240.0.1:30080/"
-ip netns exec "$SNOOZE_NETNS" curl -sS -m 90 -H 'Host: shop.example.com' \
-  -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "http://10.240.0.1:30080/"
+if [ "${SNOOZE_DEMO_INGRESS:-}" = traefik ]; then
+  say "one request through the ingress controller (Traefik, its NodePort on the node's address)"
+  echo "curl -H 'Host: shop.example.com' http://10.240.0.1:30080/"
+  url=http://10.240.0.1:30080/
+  host=(-H 'Host: shop.example.com')
+  try="curl -H 'Host: shop.example.com' $url"
+else
+  # The managed Service's ClusterIP, through kube-proxy: where an ingress or an
+  # in-cluster client sends it (SNOOZE_DEMO_INGRESS=traefik goes through Traefik).
+  ip=$(k get service web-snooze -n shop -o jsonpath='{.spec.clusterIP}')
+  say "one request to the managed Service web-snooze ($ip, through kube-proxy), as your ingress sends it"
+  echo "curl http://$ip/"
+  url=http://$ip/
+  host=()
+  try="curl $url"
+fi
+ip netns exec "$SNOOZE_NETNS" curl -sS -m 90 "${host[@]}" \
+  -w '\nHTTP %{http_code}: first byte after %{time_starttransfer}s, total %{time_total}s\n' "$url"
 echo "from ./demo.sh to the woken request: $((SECONDS - t_start)) s"
 say "the cold start, split: 3 more cold starts of a test app (release builds; readiness probe every 10 s, the Kubernetes default)"
 ip netns exec "$SNOOZE_NETNS" env KUBECONFIG="$KUBECONFIG" \
@@ -80,6 +97,6 @@ cat <<MSG
 The cluster keeps running. Try:
   $SNOOZE_CLUSTER_DIR/kubectl get scaledservices -A
   $SNOOZE_CLUSTER_DIR/kubectl describe scaledservice web -n shop
-  ip netns exec $SNOOZE_NETNS curl -H 'Host: shop.example.com' http://10.240.0.1:30080/
+  ip netns exec $SNOOZE_NETNS $try
 Tear it down with: e2e/cluster/cluster.sh down
 MSG

@@ -14,6 +14,18 @@ export SNOOZE_CACHE SNOOZE_BUILD_LOGS
 RUST_MIN=1.89 # the workspace's rust-version
 GO_MIN=1.26   # the local cluster's Go modules
 
+# Which add-ons of the local cluster a command needs, in one place for build.sh and
+# cluster.sh: the tests need all; the demo (SNOOZE_FOR=demo) only the control plane and
+# helm, plus CoreDNS and Traefik when it goes through the ingress
+# (SNOOZE_DEMO_INGRESS=traefik).
+wants() { # ingress | dns | monitoring | test-tools
+  if [ "${SNOOZE_FOR:-test}" != demo ]; then return 0; fi
+  case $1 in
+    ingress | dns) [ "${SNOOZE_DEMO_INGRESS:-}" = traefik ] ;;
+    *) return 1 ;;
+  esac
+}
+
 # version_ge A B: true when dotted version A >= B
 version_ge() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = "$2" ]; }
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds the local cluster's control plane (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kube-proxy: one `go build`, one compile of
-# what they share), its add-ons (CoreDNS, Traefik, and unless SNOOZE_FOR=demo
-# Prometheus), helm, and for the tests a real gRPC client (grpc-go, e2e/grpcclient) from
+# what they share), helm, its add-ons (CoreDNS, Traefik, Prometheus: those the command
+# wants, see preflight.sh), and for the tests a real gRPC client (grpc-go, e2e/grpcclient) from
 # upstream Go modules into a cache outside the repository, keyed by version. Builds
 # only what is missing, one component after another (what they share is compiled once)
 # while the next ones' modules download, each with one progress line and its full
 # output in $SNOOZE_CACHE/logs/build-<component>.log.
 #
 #   e2e/cluster/build.sh                        # prints the bin folder on its last line
-#   SNOOZE_FOR=demo e2e/cluster/build.sh        # what the demo needs (no Prometheus, no test tools)
+#   SNOOZE_FOR=demo e2e/cluster/build.sh        # what the demo needs: control plane and helm
+#   SNOOZE_FOR=demo SNOOZE_DEMO_INGRESS=traefik e2e/cluster/build.sh   # and CoreDNS, Traefik
 #   SNOOZE_CACHE=/some/dir e2e/cluster/build.sh
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -104,12 +105,16 @@ component() { # name, "cached" test file, command...
 }
 gw="$cache/tools/gateway-api-$GATEWAY_API_VERSION"
 component control_plane "$bin/kube-proxy" control_plane
-component traefik "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" \
-  addon_build traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
-  "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
-component coredns "$cache/tools/coredns-$COREDNS_VERSION/coredns" \
-  addon_build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
 component helm "$helm_bin/helm" helm_build
+if wants ingress; then
+  component traefik "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" \
+    addon_build traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
+    "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
+fi
+if wants dns; then
+  component coredns "$cache/tools/coredns-$COREDNS_VERSION/coredns" \
+    addon_build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
+fi
 grpc_client_build() {
   mkdir -p "$1"
   (cd "$here/../grpcclient" && go build -trimpath -ldflags "-s -w" -o "$1/snooze-grpc-client.tmp" .)
@@ -117,14 +122,18 @@ grpc_client_build() {
 }
 # The gRPC client's version is its go.sum's.
 grpc_dir="$cache/tools/grpc-client-$(sha256sum "$here/../grpcclient/go.sum" "$here/../grpcclient/main.go" | sha256sum | cut -c1-12)"
-if [ "${SNOOZE_FOR:-test}" != demo ]; then
+if wants test-tools; then
   component grpc_client "$grpc_dir/snooze-grpc-client" grpc_client_build "$grpc_dir"
+fi
+if wants monitoring; then
   component prometheus "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" \
     addon_build prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
 fi
 
 failed=0
-if [ ! -s "$gw/standard-crds.yaml" ]; then
+if ! wants ingress; then
+  :
+elif [ ! -s "$gw/standard-crds.yaml" ]; then
   step_run gateway-api-crds "$SNOOZE_BUILD_LOGS/build-gateway-api-crds.log" gateway_crds "$gw" || failed=1
 else
   printf '  %-34s cached\n' gateway-api-crds >&2
@@ -155,12 +164,18 @@ if [ ${#pending[@]} -gt 0 ]; then
 fi
 [ $failed = 0 ] || { echo "build.sh: a component failed to build (its log is named above)" >&2; exit 1; }
 
-ln -sf "$cache/tools/coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
-ln -sf "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" "$bin/traefik"
-ln -sf "$gw/standard-crds.yaml" "$bin/gateway-api-crds.yaml"
 ln -sf "$helm_bin/helm" "$bin/helm"
-if [ "${SNOOZE_FOR:-test}" != demo ]; then
+if wants dns; then
+  ln -sf "$cache/tools/coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
+fi
+if wants ingress; then
+  ln -sf "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" "$bin/traefik"
+  ln -sf "$gw/standard-crds.yaml" "$bin/gateway-api-crds.yaml"
+fi
+if wants monitoring; then
   ln -sf "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" "$bin/prometheus"
+fi
+if wants test-tools; then
   ln -sf "$grpc_dir/snooze-grpc-client" "$bin/snooze-grpc-client"
 fi
 echo "$bin"

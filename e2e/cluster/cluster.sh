@@ -16,6 +16,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
+# shellcheck source=../preflight.sh
+. "$here/../preflight.sh"   # wants: which add-ons this command needs
 
 NETNS=${SNOOZE_NETNS:-snooze}
 STATE=${SNOOZE_CLUSTER_DIR:-/tmp/snooze-cluster}
@@ -261,23 +263,31 @@ EOF
     --conntrack-max-per-core=0 --metrics-bind-address=127.0.0.1:10249 \
     --healthz-bind-address=127.0.0.1:10256 --v=1
   wait_for kube-proxy 60 in_ns curl -fsS http://127.0.0.1:10256/healthz
-  "$STATE/kubectl" apply -f "$here/addons/coredns.yaml" >/dev/null
+  if wants dns; then
+    "$STATE/kubectl" apply -f "$here/addons/coredns.yaml" >/dev/null
+  fi
   # The Gateway API CRDs, then the ingress controller (Ingress and Gateway API).
-  "$STATE/kubectl" apply --server-side -f "$bin/gateway-api-crds.yaml" >/dev/null
-  "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
-  "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
+  if wants ingress; then
+    "$STATE/kubectl" apply --server-side -f "$bin/gateway-api-crds.yaml" >/dev/null
+    "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+    "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
+  fi
   # Prometheus, with Snooze's plain alert rules file (the chart's files/alerts.yaml);
-  # not for the demo (SNOOZE_FOR=demo), which never queries it.
-  if [ "${SNOOZE_FOR:-test}" != demo ]; then
+  # not for the demo, which never queries it (preflight.sh: wants).
+  if wants monitoring; then
     "$STATE/kubectl" apply -f "$here/addons/prometheus.yaml" >/dev/null
     "$STATE/kubectl" create configmap snooze-alerts -n monitoring \
       --from-file=alerts.yaml="$repo/charts/snooze/files/alerts.yaml" >/dev/null
   fi
   wait_for "default service account" 60 "$STATE/kubectl" get serviceaccount default -n default
   wait_for "kube-root-ca.crt" 60 "$STATE/kubectl" get configmap kube-root-ca.crt -n default
-  wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
-  wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
-  if [ "${SNOOZE_FOR:-test}" != demo ]; then
+  if wants dns; then
+    wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
+  fi
+  if wants ingress; then
+    wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
+  fi
+  if wants monitoring; then
     wait_for "prometheus" 90 "$STATE/kubectl" rollout status deployment/prometheus -n monitoring --timeout=1s
   fi
   log "up in $((SECONDS - t0))s"
