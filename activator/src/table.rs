@@ -368,6 +368,11 @@ impl Table {
         }
     }
 
+    /// Backend Services whose endpoints the table holds.
+    pub fn backends_with_endpoints(&self) -> usize {
+        self.endpoints.read().len()
+    }
+
     pub fn get(&self, key: &ServiceRef) -> Option<Arc<ServiceEntry>> {
         self.services.read().get(key).cloned()
     }
@@ -443,14 +448,19 @@ impl Table {
         ready: PodPorts,
         candidates: PodPorts,
     ) -> Vec<SocketAddr> {
-        let (old_ready, old_candidates) = self
-            .endpoints
-            .write()
-            .insert(
-                (namespace.to_string(), backend.to_string()),
-                (ready.clone(), candidates.clone()),
-            )
-            .unwrap_or_default();
+        // A backend with no endpoint left (its slices deleted, or its Service) is
+        // forgotten: the table holds the Services that have endpoints, not every one
+        // ever seen.
+        let key = (namespace.to_string(), backend.to_string());
+        let (old_ready, old_candidates) = {
+            let mut eps = self.endpoints.write();
+            if ready.is_empty() && candidates.is_empty() {
+                eps.remove(&key)
+            } else {
+                eps.insert(key, (ready.clone(), candidates.clone()))
+            }
+        }
+        .unwrap_or_default();
         let addrs = |a: &PodPorts, b: &PodPorts| -> Vec<SocketAddr> {
             a.iter()
                 .chain(b)

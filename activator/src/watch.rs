@@ -461,6 +461,36 @@ mod tests {
     }
 
     #[test]
+    fn backend_services_that_go_are_forgotten() {
+        let table = Table::new(Arc::new(Metrics::new()), 100);
+        let pool = Pool::new(std::time::Duration::from_secs(1), 8);
+        let mut index = SliceIndex::default();
+        let before = table.backends_with_endpoints();
+        for i in 0..1000 {
+            let s = slice(
+                &format!("svc-{i}"),
+                &format!("10.1.{}.{}", i / 250, i % 250),
+                80,
+            );
+            for b in index.apply(&s) {
+                update_backend(&table, &pool, &index, &b);
+            }
+        }
+        assert_eq!(table.backends_with_endpoints(), before + 1000);
+        for i in 0..1000 {
+            for b in index.delete("shop", &format!("svc-{i}-1")) {
+                update_backend(&table, &pool, &index, &b);
+            }
+        }
+        assert_eq!(
+            table.backends_with_endpoints(),
+            before,
+            "deleted Services are forgotten"
+        );
+        assert!(index.by_backend.is_empty() && index.backend_of.is_empty());
+    }
+
+    #[test]
     fn only_pods_of_the_slices_namespace_are_endpoints() {
         let with_ref = |r: serde_json::Value| -> EndpointSlice {
             let mut s = slice("web", "10.0.0.1", 8080);
