@@ -212,8 +212,8 @@ impl Listeners {
         }
     }
 
-    /// One client connection: wait for its first bytes, park it while its service has
-    /// no pod (see [`Proxy::park`]), then serve it with hyper as HTTP/1.1 or, when it
+    /// One client connection: wait for its first bytes, park an HTTP/1.x one while its
+    /// service has no pod (see [`Proxy::park`]), then serve it with hyper as HTTP/1.1 or, when it
     /// opens with the HTTP/2 preface, h2c.
     async fn connection(
         self: Arc<Self>,

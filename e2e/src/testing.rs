@@ -244,6 +244,24 @@ pub async fn http_get_as(
         .map_err(|_| format!("GET {url} timed out after {timeout:?}"))?
 }
 
+/// Waits until the ScaledService `name` is gone (its finalizer done).
+pub async fn wait_scaled_service_gone(
+    ssvcs: &Api<snooze_crds::ScaledService>,
+    name: &str,
+    timeout: Duration,
+) {
+    wait_for("ScaledService gone", timeout, || async {
+        ssvcs
+            .get_opt(name)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none()
+            .then_some(())
+            .ok_or("still there".to_string())
+    })
+    .await
+}
+
 /// Namespace and release name the e2e tests install Snooze with.
 pub const SNOOZE_NAMESPACE: &str = "snooze-system";
 pub const SNOOZE_RELEASE: &str = "snooze";

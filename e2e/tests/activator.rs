@@ -147,6 +147,13 @@ fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<B
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// hyper's client speaking h2c with prior knowledge.
+fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 async fn get(url: &str) -> (StatusCode, http::HeaderMap, String) {
     get_with(url, &[]).await
 }
@@ -416,9 +423,7 @@ async fn full_queue_gives_503_with_retry_after_at_once() {
     // Counted for the SnoozeQueueOverflow alert: the refused one, not the held ones.
     assert_eq!(a.svc.metrics.queue_full.get(), 1);
     // An h2c request refused the same way is counted once too.
-    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let h2 = h2c_client();
     let resp = h2
         .request(
             Request::get(a.url("/"))
@@ -611,9 +616,7 @@ async fn h2c_and_grpc_round_trip_with_trailers() {
     let a = activator_with(Settings::default(), ServerLimits::default(), true, 20_000).await;
     let b = backend(&[]).await;
     a.set_backends(&[&b]);
-    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let c = h2c_client();
     // A gRPC frame: uncompressed flag, length, payload.
     let payload = b"snooze";
     let mut frame = vec![0u8];
@@ -1253,9 +1256,7 @@ async fn head_over_h2c_gets_the_headers_and_no_body() {
     let a = activator(Settings::default()).await;
     let b = backend(&[]).await;
     a.set_backends(&[&b]);
-    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let c = h2c_client();
     for path in ["/", "/bytes?n=8192"] {
         let req = Request::head(a.url(path))
             .body(Full::new(Bytes::new()))

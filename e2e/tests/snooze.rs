@@ -557,16 +557,7 @@ async fn deleting_restores_replicas_and_removes_the_managed_service() {
         );
         assert!(services.get_opt("web-snooze").await.unwrap().is_some());
         ssvcs.delete("web", &DeleteParams::default()).await.unwrap();
-        wait_for("ScaledService gone", T, || async {
-            ssvcs
-                .get_opt("web")
-                .await
-                .map_err(|e| e.to_string())?
-                .is_none()
-                .then_some(())
-                .ok_or("still there".to_string())
-        })
-        .await;
+        wait_scaled_service_gone(&ssvcs, "web", T).await;
         assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
         assert!(services.get_opt("web-snooze").await.unwrap().is_none());
         assert!(slices.get_opt("web-snooze").await.unwrap().is_none());
@@ -1019,18 +1010,7 @@ async fn deleting_gives_back_zero_or_three_and_a_hand_over_starts_nothing() {
         let pp = PostParams::default();
         let gone = |name: &'static str| {
             let ssvcs = ssvcs.clone();
-            async move {
-                wait_for("ScaledService gone", T, || async {
-                    ssvcs
-                        .get_opt(name)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .is_none()
-                        .then_some(())
-                        .ok_or("still there".to_string())
-                })
-                .await
-            }
+            async move { wait_scaled_service_gone(&ssvcs, name, T).await }
         };
         // A Deployment created with `created` replicas, taken over until Snooze has set
         // `set`, then its ScaledService deleted: the replicas given back.

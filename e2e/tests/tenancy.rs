@@ -79,16 +79,7 @@ async fn a_service_named_like_the_managed_one_is_never_taken_over() {
 
         // Deleting the ScaledService leaves the user's Service in place.
         ssvcs.delete("web", &DeleteParams::default()).await.unwrap();
-        wait_for("ScaledService gone", T, || async {
-            ssvcs
-                .get_opt("web")
-                .await
-                .map_err(|e| e.to_string())?
-                .is_none()
-                .then_some(())
-                .ok_or("still there".to_string())
-        })
-        .await;
+        wait_scaled_service_gone(&ssvcs, "web", T).await;
         let after = services
             .get_opt("web-snooze")
             .await
