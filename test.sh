@@ -44,7 +44,7 @@ bin=$(tail -n 1 "$SNOOZE_BUILD_LOGS/build-go.out")
 export PATH="$bin:$PATH"
 echo "everything built $((SECONDS - t_start)) s after the start"
 
-step "the activator's data path with a real gRPC client (grpc-go, built above; no cluster)"
+step "the activator's data path with a real gRPC client (grpc-go) and h2spec, built above; no cluster"
 cargo test --offline -p snooze-e2e --test activator -- --ignored
 
 step "cluster up"

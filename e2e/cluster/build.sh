@@ -2,7 +2,8 @@
 # Builds the local cluster's control plane (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kube-proxy: one `go build`, one compile of
 # what they share), helm, its add-ons (CoreDNS, Traefik, Prometheus: those the command
-# wants, see preflight.sh), and for the tests a real gRPC client (grpc-go, e2e/grpcclient) from
+# wants, see preflight.sh), and for the tests a real gRPC client (grpc-go, e2e/grpcclient) and the HTTP/2
+# conformance suite h2spec (e2e/h2spec) from
 # upstream Go modules into a cache outside the repository, keyed by version. Builds
 # only what is missing, one component after another (what they share is compiled once)
 # while the next ones' modules download, each with one progress line and its full
@@ -125,6 +126,16 @@ grpc_dir="$cache/tools/grpc-client-$(sha256sum "$here/../grpcclient/go.sum" "$he
 if wants test-tools; then
   component grpc_client "$grpc_dir/snooze-grpc-client" grpc_client_build "$grpc_dir"
 fi
+h2spec_build() {
+  mkdir -p "$1"
+  (cd "$here/../h2spec" && go build -trimpath -ldflags "-s -w" -o "$1/snooze-h2spec.tmp" github.com/summerwind/h2spec/cmd/h2spec)
+  mv "$1/snooze-h2spec.tmp" "$1/snooze-h2spec"
+}
+# h2spec's version is its go.sum's.
+h2spec_dir="$cache/tools/h2spec-$(sha256sum "$here/../h2spec/go.sum" | cut -c1-12)"
+if wants test-tools; then
+  component h2spec "$h2spec_dir/snooze-h2spec" h2spec_build "$h2spec_dir"
+fi
 if wants monitoring; then
   component prometheus "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" \
     addon_build prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
@@ -141,7 +152,7 @@ fi
 if [ ${#pending[@]} -gt 0 ]; then
   # Downloads ahead of the compiles (best effort: a build downloads what is missing).
   (
-    for d in "$here" "$here/addons/traefik" "$here/addons/coredns" "$here/../grpcclient"; do
+    for d in "$here" "$here/addons/traefik" "$here/addons/coredns" "$here/../grpcclient" "$here/../h2spec"; do
       (cd "$d" && go mod download) >>"$SNOOZE_BUILD_LOGS/build-downloads.log" 2>&1 || true
     done
   ) &
@@ -177,5 +188,6 @@ if wants monitoring; then
 fi
 if wants test-tools; then
   ln -sf "$grpc_dir/snooze-grpc-client" "$bin/snooze-grpc-client"
+  ln -sf "$h2spec_dir/snooze-h2spec" "$bin/snooze-h2spec"
 fi
 echo "$bin"
