@@ -26,6 +26,8 @@ pub struct Pool {
     /// Idle plain connections of the HTTP/1.1 fast path (`crate::fast`).
     raw: Mutex<HashMap<SocketAddr, Vec<TcpStream>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    /// One HTTP/2 handshake in progress per pod; the others wait for its connection.
+    h2_dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Connection attempts in progress per pod are bounded: when a pod appears with
     /// thousands of held requests, they reuse the connections the first ones opened
     /// instead of flooding the pod's accept queue.
@@ -61,6 +63,7 @@ impl Pool {
             h1: Mutex::new(HashMap::new()),
             raw: Mutex::new(HashMap::new()),
             h2: Mutex::new(HashMap::new()),
+            h2_dialing: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
             connect_timeout,
             max_idle_per_pod,
@@ -146,10 +149,28 @@ impl Pool {
         fresh: bool,
     ) -> io::Result<(Conn, Unproven)> {
         if h2 {
-            if let Some(s) = self.h2.lock().get(&addr)
-                && s.is_ready()
-            {
-                return Ok((Conn::H2(s.clone()), Unproven::default()));
+            let shared = || {
+                self.h2
+                    .lock()
+                    .get(&addr)
+                    .filter(|s| s.is_ready())
+                    .map(|s| Conn::H2(s.clone()))
+            };
+            if let Some(c) = shared() {
+                return Ok((c, Unproven::default()));
+            }
+            // One dial at a time per pod: requests released together wait for the
+            // first one's handshake and share its connection instead of each opening
+            // one (the SYN flood the HTTP/1 bound prevents).
+            let dialing = self
+                .h2_dialing
+                .lock()
+                .entry(addr)
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone();
+            let _dialing = dialing.lock().await;
+            if let Some(c) = shared() {
+                return Ok((c, Unproven::default()));
             }
             let io = TokioIo::new(self.connect(addr).await?);
             let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -235,6 +256,7 @@ impl Pool {
         self.h1.lock().remove(addr);
         self.raw.lock().remove(addr);
         self.h2.lock().remove(addr);
+        self.h2_dialing.lock().remove(addr);
         self.connecting.lock().remove(addr);
     }
 }

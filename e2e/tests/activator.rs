@@ -1350,3 +1350,56 @@ async fn h2spec_passes_through_the_activator_asleep_and_awake() {
         );
     }
 }
+
+/// A TCP relay to `to` that counts the connections it accepts.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// Requests held for a cold h2c service and released together share one new HTTP/2
+/// connection to the pod instead of each dialing one.
+#[tokio::test]
+async fn held_requests_released_together_share_one_h2_connection_to_the_pod() {
+    let a = activator_with(Settings::default(), ServerLimits::default(), true, 20_000).await;
+    let b = backend(&[]).await;
+    let (relay, dials) = counting_relay(b.addr).await;
+    let n = 64;
+    let mut calls = Vec::new();
+    for _ in 0..n {
+        // A client per request: one connection each to the activator.
+        let url = a.url("/");
+        calls.push(tokio::spawn(async move {
+            let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+            h2c_client().request(req).await.map(|r| r.status())
+        }));
+    }
+    let start = Instant::now();
+    while a.svc.queued.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(start.elapsed() < Duration::from_secs(5), "requests held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.svc
+        .set_endpoints(vec![(relay.ip(), vec![("http".to_string(), relay.port())])]);
+    for c in calls {
+        assert_eq!(c.await.unwrap().expect("answered"), StatusCode::OK);
+    }
+    assert_eq!(
+        dials.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "connections opened to the pod for {n} released requests"
+    );
+}
