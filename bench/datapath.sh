@@ -140,7 +140,7 @@ echo "activator RSS: idle $((ACT_RSS_IDLE/1024)) MB, after the load $((ACT_RSS_L
 echo "pod appears → answer, one held request, 50 cold starts (in-process activator): $RELEASE1"
 echo "pod appears → answers, $(( HELD < 2000 ? HELD : 2000 )) held requests, 3 cold starts: $RELEASE"
 # The slowest answer within 300 ms of the first in every round (a SYN retransmit shows
-# as ~1 s: see MAX_CONNECTING_PER_POD in activator/src/pool.rs).
+# as ~1 s: see MAX_CONNECTING_PER_POD in activator/src/dispatch/pool.rs).
 python3 -c 'import json,sys; s=json.loads(sys.argv[1])["slowest_after_first_ms_per_round"]; ok=sum(x<=300 for x in s); print(f"held-request release: slowest within 300 ms of the first in {ok} of {len(s)} rounds {s}")' "$RELEASE"
 # A burst of first requests at a cold service whose queue holds half of them: the
 # refused half gets its 503 at once.

@@ -11,8 +11,8 @@ use snooze_runtime::admin::{Admin, BoxError};
 use tokio::sync::watch;
 
 use crate::auth::{StatsAuth, bearer};
+use crate::dispatch::pool::Pool;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
 use crate::stats::StatsHub;
 
 /// The admin server: ready while `ready` is true; `/metrics` reads the pool's idle

@@ -11,7 +11,7 @@ use clap::Parser;
 use snooze_crds::stats::ServiceRef;
 use snooze_runtime::duration;
 
-use crate::proxy::Route;
+use crate::dispatch::Route;
 use crate::table::{Settings, Table};
 
 #[derive(Parser, Debug)]

@@ -5,15 +5,19 @@
 //! a bounded queue while the operator is told to wake the workload, and are released
 //! by the endpoint event itself. See DESIGN.md.
 
+// A connection's path, one stage after the other (DESIGN.md, "One request through
+// the activator"): accept → classify → admit → dispatch → answer.
+pub mod accept;
+pub mod admit;
+pub mod answer;
+pub mod classify;
+pub mod dispatch;
+
 pub mod admin;
 pub mod auth;
 pub mod config;
-pub mod fast;
-pub mod listeners;
 pub mod metrics;
-pub mod pool;
 pub mod probe;
-pub mod proxy;
 pub mod rules;
 pub mod stats;
 pub mod table;

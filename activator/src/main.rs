@@ -3,12 +3,13 @@
 use std::sync::Arc;
 
 use clap::Parser;
+use snooze_activator::accept::{Listeners, ServerLimits};
+use snooze_activator::admit::Admission;
 use snooze_activator::auth::StatsAuth;
 use snooze_activator::config::{self, Args};
-use snooze_activator::listeners::{Listeners, ServerLimits};
+use snooze_activator::dispatch::Proxy;
+use snooze_activator::dispatch::pool::Pool;
 use snooze_activator::metrics::Metrics;
-use snooze_activator::pool::Pool;
-use snooze_activator::proxy::Proxy;
 use snooze_activator::stats::StatsHub;
 use snooze_activator::table::Table;
 use snooze_activator::{admin, watch};
@@ -37,9 +38,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stats = StatsHub::new(table.clone(), args.pod_name.clone(), args.stats_interval);
     let pool = Pool::new(args.connect_timeout, 256);
     let proxy = Arc::new(Proxy {
-        table: table.clone(),
+        admit: Admission {
+            table: table.clone(),
+            stats: stats.clone(),
+        },
         pool: pool.clone(),
-        stats: stats.clone(),
         response_timeout: args.response_timeout,
     });
     let limits = ServerLimits {

@@ -15,10 +15,10 @@ use snooze_crds::stats::ServiceRef;
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::listeners::Listeners;
+use crate::accept::Listeners;
+use crate::dispatch::Route;
+use crate::dispatch::pool::Pool;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
-use crate::proxy::Route;
 use crate::table::{PodPorts, Settings, Table};
 
 pub const H2C_APP_PROTOCOL: &str = "kubernetes.io/h2c";

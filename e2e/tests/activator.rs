@@ -15,10 +15,11 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
-use snooze_activator::listeners::{Listeners, ServerLimits};
+use snooze_activator::accept::{Listeners, ServerLimits};
+use snooze_activator::admit::Admission;
+use snooze_activator::dispatch::pool::Pool;
+use snooze_activator::dispatch::{Proxy, Route};
 use snooze_activator::metrics::Metrics;
-use snooze_activator::pool::Pool;
-use snooze_activator::proxy::{Proxy, Route};
 use snooze_activator::stats::StatsHub;
 use snooze_activator::table::{ServiceEntry, Settings, Table};
 use snooze_crds::stats::{Report, ServiceRef};
@@ -107,9 +108,11 @@ async fn activator_with(
     let table = Arc::new(Table::new(metrics, max_total));
     let stats = StatsHub::new(table.clone(), "test".into(), Duration::from_secs(1));
     let proxy = Arc::new(Proxy {
-        table: table.clone(),
+        admit: Admission {
+            table: table.clone(),
+            stats: stats.clone(),
+        },
         pool: Pool::new(Duration::from_secs(1), 64),
-        stats: stats.clone(),
         response_timeout: Duration::from_secs(30),
     });
     let listeners = Listeners::new(proxy, "127.0.0.1".parse().unwrap(), limits);

@@ -13,10 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use snooze_activator::listeners::{Listeners, ServerLimits};
+use snooze_activator::accept::{Listeners, ServerLimits};
+use snooze_activator::admit::Admission;
+use snooze_activator::dispatch::pool::Pool;
+use snooze_activator::dispatch::{Proxy, Route};
 use snooze_activator::metrics::Metrics;
-use snooze_activator::pool::Pool;
-use snooze_activator::proxy::{Proxy, Route};
 use snooze_activator::stats::StatsHub;
 use snooze_activator::table::{Settings, Table};
 use snooze_crds::stats::ServiceRef;
@@ -105,9 +106,11 @@ async fn activator(pod: SocketAddr, fast_path: bool) -> (u16, Arc<Listeners>) {
     let table = Arc::new(Table::new(Arc::new(Metrics::new()), 20_000));
     let stats = StatsHub::new(table.clone(), "diff".into(), Duration::from_secs(1));
     let proxy = Arc::new(Proxy {
-        table: table.clone(),
+        admit: Admission {
+            table: table.clone(),
+            stats,
+        },
         pool: Pool::new(Duration::from_secs(1), 64),
-        stats,
         response_timeout: Duration::from_secs(10),
     });
     let limits = ServerLimits {

@@ -246,17 +246,20 @@ async fn one_service_activator(
 ) -> anyhow::Result<(
     u16,
     Arc<snooze_activator::table::ServiceEntry>,
-    Arc<snooze_activator::listeners::Listeners>,
+    Arc<snooze_activator::accept::Listeners>,
 )> {
     use snooze_activator::{
-        listeners::*, metrics::Metrics, pool::Pool, proxy::*, stats::StatsHub, table::*,
+        accept::*, admit::Admission, dispatch::pool::Pool, dispatch::*, metrics::Metrics,
+        stats::StatsHub, table::*,
     };
     let table = Arc::new(Table::new(Arc::new(Metrics::new()), 1_000_000));
     let stats = StatsHub::new(table.clone(), "bench".into(), Duration::from_secs(1));
     let proxy = Arc::new(Proxy {
-        table: table.clone(),
+        admit: Admission {
+            table: table.clone(),
+            stats,
+        },
         pool: Pool::new(Duration::from_secs(2), 256),
-        stats,
         response_timeout: Duration::from_secs(60),
     });
     let listeners = Listeners::new(proxy, "127.0.0.1".parse()?, ServerLimits::default());

@@ -1,134 +1,33 @@
-//! One request through the activator: find a pod (holding the request in the bounded
-//! queue while there is none), forward it with streamed bodies, and answer every
-//! request it accepted — with the pod's response or a clear error.
+//! Dispatch, the hyper path: every request the fast path does not take — HTTP/2
+//! streams, upgrades, requests that must wait for a pod, bodies not read in full, and
+//! what hyper itself must answer (malformed heads: 400, 431). Each request is judged
+//! (the client's errors, health checks answered while asleep), admitted
+//! (`admit::Admission::acquire`: a pod slot, waiting in the queue while there is none),
+//! forwarded over the pool with streamed bodies, and answered — with the pod's response
+//! or an `answer::Answer` — and counted once (`answer::record`).
+//!
+//! Must not: queue, wake or count a request itself (that is `admit`), or build an
+//! answer's text (that is `answer`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::pool::{Conn, Lease, Pool};
-use crate::stats::StatsHub;
-use crate::table::{ServiceEntry, Slot, Table};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type Body = BoxBody<Bytes, BoxError>;
-
-/// Where a listener's requests go: one port of one ScaledService.
-pub struct Route {
-    pub service: Arc<ServiceEntry>,
-    /// Name of the backend Service port ("" when unnamed); selects the pod port.
-    pub port_name: String,
-    /// The backend speaks HTTP/2 without TLS (`appProtocol: kubernetes.io/h2c`).
-    pub h2c: bool,
-}
-
-pub struct Proxy {
-    pub table: Arc<Table>,
-    pub pool: Arc<Pool>,
-    pub stats: Arc<StatsHub>,
-    /// Longest wait for a pod's response headers.
-    pub response_timeout: Duration,
-}
-
-/// What became of a connection parked before its first request was read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parked {
-    /// The service has a pod for this port: nothing to wait for.
-    NotNeeded,
-    /// The queue is full: the request gets its 503 at once (see
-    /// [`Proxy::queue_full_answer`]); the service's held count.
-    Full(u64),
-    /// A pod became ready while the connection waited.
-    Released,
-    /// The activation timeout passed (the request gets its 504).
-    TimedOut,
-    /// The client went away while waiting.
-    Closed,
-}
-
-/// A queue was full: the service's count of held requests, and whether it was the
-/// global bound that refused.
-struct QueueFull {
-    queued: u64,
-    global: bool,
-}
-
-enum Refusal {
-    QueueFull { queued: u64 },
-    Timeout { waited: Duration },
-}
-
-/// A request being served: counted for its service (received, last request, in
-/// flight) until dropped. An `answerWhileAsleep` request is not activity: it shows in
-/// the metrics only.
-pub(crate) struct InFlight {
-    service: Arc<ServiceEntry>,
-    pub(crate) counted: bool,
-}
-
-impl InFlight {
-    pub(crate) fn start(service: Arc<ServiceEntry>, counted: bool) -> Self {
-        if counted {
-            service.requests.fetch_add(1, Ordering::Relaxed);
-            service.last_request_ms.store(now_ms(), Ordering::Relaxed);
-            service.in_flight.fetch_add(1, Ordering::Relaxed);
-        }
-        service.metrics.in_flight.inc();
-        Self { service, counted }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.service.metrics.in_flight.dec();
-        if !self.counted {
-            return;
-        }
-        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // A request's end is activity: idle time runs from the last moment anything
-        // was open (an SSE stream that ends starts the idle clock then, not at its
-        // start).
-        self.service
-            .last_request_ms
-            .fetch_max(now_ms(), Ordering::Relaxed);
-    }
-}
-
-/// A reserved pod slot, given back when dropped.
-pub(crate) struct SlotGuard {
-    pub(crate) service: Arc<ServiceEntry>,
-    pub(crate) slot: Slot,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.service.release(&self.slot.endpoint);
-    }
-}
-
-struct Queued<'a> {
-    service: &'a ServiceEntry,
-    table: &'a Table,
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.service.queued.fetch_sub(1, Ordering::AcqRel);
-        self.table.queued_total.fetch_sub(1, Ordering::AcqRel);
-        self.service.metrics.queued.dec();
-    }
-}
+use super::pool::{Conn, Lease};
+use super::{Proxy, Route};
+use crate::admit::{InFlight, SlotGuard, Ticket};
+use crate::answer::{self, Answer, Body, BoxError};
 
 /// A response body that holds the request's guards until the body is finished, so
 /// in-flight counts and pod slots cover streamed responses.
@@ -182,39 +81,6 @@ impl hyper::body::Body for NoContent {
     fn is_end_stream(&self) -> bool {
         true
     }
-}
-
-/// Resolves when the peer closes or resets the connection. Pending request bytes do
-/// not count: each readiness event is consumed and the next one awaited.
-async fn peer_closed(stream: &tokio::net::TcpStream) {
-    loop {
-        match stream.ready(tokio::io::Interest::READABLE).await {
-            Ok(r) if r.is_read_closed() => return,
-            Err(_) => return,
-            Ok(_) => {
-                let _ = stream.try_io(tokio::io::Interest::READABLE, || {
-                    Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
-                });
-            }
-        }
-    }
-}
-
-pub fn text(status: StatusCode, msg: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|e| match e {}).boxed());
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
@@ -302,30 +168,42 @@ impl Proxy {
     /// Handles one request that arrived on a listener; `route` is `None` when the port
     /// has no service any more.
     ///
-    /// `parked_since`: when the connection's first request started waiting, if it was
-    /// parked before being read (its wait counts against the activation timeout).
+    /// `ticket`: the admission of the connection's first request when the connection
+    /// was parked before being read (its wait counts against the activation timeout,
+    /// and its place in the queue is the request's).
     pub async fn handle(
         self: Arc<Self>,
         route: Option<Arc<Route>>,
         listen_port: u16,
         req: Request<Incoming>,
         forwarded_for: &HeaderValue,
-        parked_since: Option<Instant>,
+        ticket: Option<Ticket>,
     ) -> Response<Body> {
         let Some(route) = route else {
             // The service was removed while this connection stayed open: answer, and
             // close the connection so the client connects afresh.
-            let mut resp = text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("snooze: no service is configured on port {listen_port}\n"),
-            );
-            resp.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            return Answer::NoService { port: listen_port }.response("");
         };
         let svc = route.service.clone();
-        let start = parked_since.unwrap_or_else(Instant::now);
-        // The client's errors are answered here, never forwarded and never a wake.
+        let mut ticket = ticket.unwrap_or_else(|| Ticket::new(Instant::now()));
+        let start = ticket.since;
+        let resp = match self.judge(&route, &req) {
+            Err(answer) => answer.response(&svc.display),
+            Ok(counted) => {
+                let in_flight = InFlight::start(svc.clone(), counted);
+                self.serve(&route, in_flight, req, forwarded_for, &mut ticket)
+                    .await
+            }
+        };
+        answer::record(&svc, resp.status().as_u16(), start);
+        resp
+    }
+
+    /// The answers a request gets without a pod: a client's error (never forwarded and
+    /// never a wake), or an `answerWhileAsleep` health check while no pod is ready
+    /// (forwarded otherwise; never activity). Ok: whether it counts as activity.
+    fn judge(&self, route: &Route, req: &Request<Incoming>) -> Result<bool, Answer> {
+        let svc = &route.service;
         if let Some(minor) = match req.version() {
             Version::HTTP_10 => Some(0),
             Version::HTTP_11 => Some(1),
@@ -333,195 +211,21 @@ impl Proxy {
         } && let Err(why) =
             crate::rules::host_fields(minor, req.headers().get_all(header::HOST).iter().count())
         {
-            let mut resp = text(
-                StatusCode::BAD_REQUEST,
-                format!("snooze: bad request: {why}\n"),
-            );
-            // Like hyper after a malformed head: the connection ends with this answer.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            svc.metrics.response(resp.status().as_u16());
-            return resp;
+            return Err(Answer::BadRequest(why));
         }
-        // Health checks (`answerWhileAsleep`): answered here while no pod is ready,
-        // forwarded otherwise; never activity.
         let (method, path) = (req.method().as_str(), req.uri().path());
         let quiet = svc.is_asleep_answer(method, path);
         if quiet
             && !svc.has_pod(&route.port_name)
             && let Some(a) = svc.asleep_answer(method, path)
         {
-            let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::OK);
-            let resp = text(status, a.body.unwrap_or_default());
             svc.metrics.asleep_answers.inc();
-            svc.metrics.response(resp.status().as_u16());
-            return resp;
-        }
-        let in_flight = InFlight::start(svc.clone(), !quiet);
-        let resp = self
-            .serve(&route, in_flight, req, forwarded_for, start)
-            .await;
-        svc.metrics.response(resp.status().as_u16());
-        svc.metrics.latency.observe(start.elapsed().as_secs_f64());
-        resp
-    }
-
-    /// A new connection for a service with no pod for its port: wait, without reading
-    /// the request, until a pod is ready, the activation timeout passes, or the client
-    /// goes away. The request stays in the kernel's socket buffer meanwhile, so a
-    /// parked connection costs the activator a socket and a small task, not HTTP
-    /// buffers. It takes a place in the service's queue and in the global bound and
-    /// sends the wake signal at once, like a request held inside the proxy.
-    ///
-    /// After `Released` or `TimedOut` the stream's read readiness may have been
-    /// consumed: register it afresh before reading from it.
-    pub async fn park(
-        &self,
-        svc: &Arc<ServiceEntry>,
-        port_name: &str,
-        stream: &tokio::net::TcpStream,
-        since: Instant,
-    ) -> Parked {
-        let has_pod =
-            |eps: &crate::table::EndpointSet| eps.iter().any(|e| e.port(port_name).is_some());
-        let mut rx = svc.subscribe();
-        if has_pod(&rx.borrow_and_update()) {
-            return Parked::NotNeeded;
-        }
-        let settings = svc.settings();
-        // A full queue is counted (and answered) when the request is served.
-        let _queued = match self.enter_queue(svc, settings.max_queued) {
-            Ok(q) => q,
-            Err(full) => {
-                if full.global {
-                    self.table.metrics.shed_global.inc();
-                }
-                return Parked::Full(full.queued);
-            }
-        };
-        self.stats.wake(svc);
-        crate::probe::start(svc);
-        let deadline = tokio::time::Instant::from_std(since + settings.timeout);
-        let mut closed = std::pin::pin!(peer_closed(stream));
-        loop {
-            tokio::select! {
-                r = rx.changed() => {
-                    if r.is_err() || has_pod(&rx.borrow_and_update()) {
-                        svc.metrics.cold_wait.observe(since.elapsed().as_secs_f64());
-                        return Parked::Released;
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => return Parked::TimedOut,
-                _ = &mut closed => return Parked::Closed,
-            }
-        }
-    }
-
-    /// Takes a place in the service's queue and in the global bound, held until the
-    /// returned guard drops; refused (and given back) when either is full.
-    fn enter_queue<'a>(
-        &'a self,
-        svc: &'a ServiceEntry,
-        max_queued: u64,
-    ) -> Result<Queued<'a>, QueueFull> {
-        let q = svc.queued.fetch_add(1, Ordering::AcqRel);
-        let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
-        let place = Queued {
-            service: svc,
-            table: &self.table,
-        };
-        svc.metrics.queued.inc();
-        if q >= max_queued || g >= self.table.max_queued_total {
-            svc.metrics.queue_full.inc();
-        }
-        if q >= max_queued {
-            return Err(QueueFull {
-                queued: q,
-                global: false,
+            return Err(Answer::Asleep {
+                status: a.status,
+                body: a.body.unwrap_or_default(),
             });
         }
-        if g >= self.table.max_queued_total {
-            return Err(QueueFull {
-                queued: q,
-                global: true,
-            });
-        }
-        Ok(place)
-    }
-
-    /// The whole answer to a new connection's first request that found the queue full:
-    /// 503 with `Retry-After` and `Connection: close`, written by the listener without
-    /// handing the connection to hyper (a burst's refusals are answered in
-    /// milliseconds). Counted like any request.
-    pub fn queue_full_answer(&self, svc: &ServiceEntry, queued: u64) -> Vec<u8> {
-        svc.requests.fetch_add(1, Ordering::Relaxed);
-        svc.last_request_ms.store(now_ms(), Ordering::Relaxed);
-        svc.metrics.response(503);
-        let body = queue_full_text(svc, queued);
-        crate::rules::answer(503, &body, &[("retry-after", "1"), ("connection", "close")])
-    }
-
-    async fn acquire(
-        &self,
-        svc: &Arc<ServiceEntry>,
-        port_name: &str,
-        start: Instant,
-        exclude: &[SocketAddr],
-    ) -> Result<Slot, Refusal> {
-        let settings = svc.settings();
-        // Pods that refused this request are passed over while another can take it; when
-        // none can, they are tried again (the attempts are bounded by the caller).
-        let pick = || {
-            svc.pick(port_name, settings.pod_concurrency, exclude)
-                .or_else(|| {
-                    (!exclude.is_empty())
-                        .then(|| svc.pick(port_name, settings.pod_concurrency, &[]))
-                        .flatten()
-                })
-        };
-        if let Some(s) = pick() {
-            return Ok(s);
-        }
-        // A request whose wait is already over (a connection parked until the timeout)
-        // gets its 504 now: no second place in the queue, no second wake.
-        let deadline = start + settings.timeout;
-        if Instant::now() >= deadline {
-            return Err(Refusal::Timeout {
-                waited: start.elapsed(),
-            });
-        }
-        // Hold the request: a place in the service's queue and in the global bound.
-        let _queued = match self.enter_queue(svc, settings.max_queued) {
-            Ok(q) => q,
-            Err(full) => {
-                if full.global {
-                    self.table.metrics.shed_global.inc();
-                }
-                return Err(Refusal::QueueFull {
-                    queued: full.queued,
-                });
-            }
-        };
-        let mut rx = svc.subscribe();
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if svc.endpoints().is_empty() {
-            self.stats.wake(svc);
-            crate::probe::start(svc);
-        }
-        loop {
-            if let Some(s) = pick() {
-                svc.metrics.cold_wait.observe(start.elapsed().as_secs_f64());
-                return Ok(s);
-            }
-            if tokio::time::timeout_at(deadline, svc.changed(&mut rx))
-                .await
-                .is_err()
-            {
-                return Err(Refusal::Timeout {
-                    waited: start.elapsed(),
-                });
-            }
-        }
+        Ok(!quiet)
     }
 
     async fn serve(
@@ -530,7 +234,7 @@ impl Proxy {
         in_flight: InFlight,
         mut req: Request<Incoming>,
         forwarded_for: &HeaderValue,
-        start: Instant,
+        ticket: &mut Ticket,
     ) -> Response<Body> {
         let svc = &route.service;
         let head = req.method() == http::Method::HEAD;
@@ -548,38 +252,18 @@ impl Proxy {
         }
         let mut req = Some(req);
         let mut lease: Option<Lease> = None;
-        let mut unproven: crate::pool::Unproven;
+        let mut unproven: super::pool::Unproven;
         let (slot, mut resp) = 'attempt: loop {
             let (slot, conn) = loop {
-                let slot = match self.acquire(svc, &route.port_name, start, &tried).await {
+                let guard = match self
+                    .admit
+                    .acquire(svc, &route.port_name, ticket, &tried)
+                    .await
+                {
                     Ok(s) => s,
-                    Err(Refusal::QueueFull { queued }) => {
-                        let mut r = text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            queue_full_text(svc, queued),
-                        );
-                        r.headers_mut()
-                            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                        return r;
-                    }
-                    Err(Refusal::Timeout { waited }) => {
-                        svc.timeouts.fetch_add(1, Ordering::Relaxed);
-                        svc.metrics.activation_timeouts.inc();
-                        return text(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            format!(
-                                "snooze: {} had no ready pod after waiting {:.1}s\n",
-                                svc.display,
-                                waited.as_secs_f64()
-                            ),
-                        );
-                    }
+                    Err(answer) => return answer.response(&svc.display),
                 };
-                let guard = SlotGuard {
-                    service: svc.clone(),
-                    slot,
-                };
-                let addr = SocketAddr::new(guard.slot.endpoint.ip, guard.slot.port);
+                let addr = guard.addr();
                 match self.pool.checkout(addr, h2, upgrade).await {
                     Ok((c, u)) => {
                         unproven = u;
@@ -590,25 +274,25 @@ impl Proxy {
                         self.pool.forget(&addr);
                         tried.push(addr);
                         if tried.len() >= 3 {
-                            return text(
-                                StatusCode::BAD_GATEWAY,
-                                format!(
-                                    "snooze: {}: could not connect to a pod ({addr}: {e})\n",
-                                    svc.display
-                                ),
-                            );
+                            return Answer::ConnectFailed {
+                                addr,
+                                why: e.to_string(),
+                            }
+                            .response(&svc.display);
                         }
                         drop(guard);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
             };
-            let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
+            let addr = slot.addr();
+            // (Always there: a retry puts back the request it took.)
             let Some(mut this) = req.take() else {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "snooze: request lost\n".into(),
-                );
+                return Answer::PodFailed {
+                    addr,
+                    why: "the request was lost on a retry".into(),
+                }
+                .response(&svc.display);
             };
             // An HTTP/1.0 request may come without Host; it goes on as HTTP/1.1, which
             // needs one: the pod's address, as a client calling it directly would send.
@@ -657,32 +341,24 @@ impl Proxy {
                             .map(|c| c.to_string())
                             .unwrap_or_else(|| e.to_string());
                         debug!(service = %svc.display, %addr, "request body: {why}");
-                        return text(
-                            StatusCode::BAD_REQUEST,
-                            format!("snooze: {}: bad request body: {why}\n", svc.display),
-                        );
+                        return Answer::BadBody(why).response(&svc.display);
                     }
                     debug!(service = %svc.display, %addr, "upstream error: {e}");
-                    return text(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "snooze: {}: pod {addr} failed before answering: {e}\n",
-                            svc.display
-                        ),
-                    );
+                    return Answer::PodFailed {
+                        addr,
+                        why: e.to_string(),
+                    }
+                    .response(&svc.display);
                 }
                 Err(_) => {
                     if let Some(l) = lease.take() {
                         l.discard();
                     }
-                    return text(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        format!(
-                            "snooze: {}: pod {addr} did not answer within {}s\n",
-                            svc.display,
-                            self.response_timeout.as_secs()
-                        ),
-                    );
+                    return Answer::PodTimeout {
+                        addr,
+                        after: self.response_timeout,
+                    }
+                    .response(&svc.display);
                 }
             }
         };
@@ -723,14 +399,6 @@ impl Proxy {
         };
         Response::from_parts(parts, BodyExt::boxed(body))
     }
-}
-
-/// The body of a 503 for a full queue, the same on every path.
-fn queue_full_text(svc: &ServiceEntry, queued: u64) -> String {
-    format!(
-        "snooze: {} has too many requests waiting ({queued}); retry later\n",
-        svc.display
-    )
 }
 
 /// Prepares a request for the pod: hop-by-hop headers out, `X-Forwarded-*` in, `Host`

@@ -1,6 +1,11 @@
-//! One listener per (ScaledService, Service port), on the activator port the operator
-//! assigned. The port a connection arrives on says which service it is for; the Host
-//! header is never used for routing.
+//! Accept: one listener per (ScaledService, Service port), on the activator port the
+//! operator assigned, and the connection's way through the stages after it (classify,
+//! admit, dispatch), each entered once. The port a connection arrives on says which
+//! service it is for; the Host header is never used for routing. Owns the listeners,
+//! the connections' tasks and the drain.
+//!
+//! Must not: parse a request, queue or wake (that is `classify` and `admit`), or build
+//! an answer (that is `answer`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,29 +28,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::fast;
-use crate::proxy::{Parked, Proxy, Route, forwarded_for};
-use crate::rules::{self, FirstRequest};
-
-/// Whether the connection opens with the HTTP/2 preface, read without consuming it (so
-/// hyper reads the request from the socket itself). None: closed first.
-async fn starts_with_h2_preface(stream: &TcpStream) -> io::Result<Option<bool>> {
-    let mut buf = [0u8; rules::H2_PREFACE.len()];
-    loop {
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if buf[..n] != rules::H2_PREFACE[..n] {
-            return Ok(Some(false));
-        }
-        if n == rules::H2_PREFACE.len() {
-            return Ok(Some(true));
-        }
-        // A prefix of the preface so far ("P…"): wait for more (the caller bounds it).
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
+use crate::admit::{InFlight, Parked};
+use crate::answer;
+use crate::classify::{Class, FirstRequest, classify};
+use crate::dispatch::hyper_path::forwarded_for;
+use crate::dispatch::{Proxy, Route, fast};
+use crate::rules;
 
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
@@ -169,7 +157,7 @@ impl Listeners {
                 }
             }
         }
-        self.proxy.stats.set_listening(self.ports());
+        self.proxy.admit.stats.set_listening(self.ports());
         failed
     }
 
@@ -212,9 +200,10 @@ impl Listeners {
         }
     }
 
-    /// One client connection: wait for its first bytes, park an HTTP/1.x one while its
-    /// service has no pod (see [`Proxy::park`]), then serve it with hyper as HTTP/1.1 or, when it
-    /// opens with the HTTP/2 preface, h2c.
+    /// One client connection, through the stages in order: classify its first bytes,
+    /// park an HTTP/1.x one whose first request would wake its sleeping service (admit),
+    /// then dispatch its requests — the fast path while they qualify, hyper for the
+    /// rest and for h2c.
     async fn connection(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -224,95 +213,67 @@ impl Listeners {
         builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
     ) {
         let limit = self.limits.header_read_timeout;
-        let max = self.limits.max_header_bytes;
-        let cold = |route: &watch::Receiver<Option<Arc<Route>>>| {
+        // Classify. Nothing is woken or parked for a connection that sends nothing (a
+        // TCP probe), and a sleeping service wakes only for a complete, valid HTTP/1.x
+        // request head: junk, TLS hellos, malformed, oversized or Host-less heads are
+        // answered (400/431 by hyper or the proxy) or closed without a wake. An HTTP/2
+        // connection is not parked: its clients (gRPC's among them) wait for the
+        // server's SETTINGS before sending a request, so hyper's HTTP/2 server takes it
+        // as soon as the preface is there, and its first request is admitted like any.
+        let asleep = || {
             route
                 .borrow()
                 .as_ref()
                 .is_some_and(|r| !r.service.has_pod(&r.port_name))
         };
-        // Nothing is woken or parked for a connection that sends nothing (a TCP probe).
-        // A sleeping service wakes only for a complete, valid HTTP/1.x request head:
-        // junk, TLS hellos, malformed, oversized or Host-less heads are answered
-        // (400/431 by hyper or the proxy) or closed without a wake. For a cold service
-        // the head is judged at once (one peek that waits for the bytes); otherwise the
-        // first byte is waited for, and the head judged only if the service went to
-        // sleep meanwhile. An HTTP/2 connection is not parked: its clients (gRPC's
-        // among them) wait for the server's SETTINGS before sending a request, so
-        // hyper's HTTP/2 server takes it as soon as the preface is there, and its
-        // first request wakes the service inside the proxy (`Proxy::handle`).
-        if !cold(&route) {
-            match tokio::time::timeout(limit, stream.peek(&mut [0u8; 1])).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-        }
-        let head = if cold(&route) {
-            match tokio::time::timeout(limit, first_request(&stream, max)).await {
-                Ok(Some(judged)) => Some(judged),
-                // Closed, or no complete head within the header read timeout.
-                Ok(None) | Err(_) => return,
-            }
-        } else {
-            None
+        let class = match tokio::time::timeout(
+            limit,
+            classify(&stream, self.limits.max_header_bytes, asleep),
+        )
+        .await
+        {
+            Ok(Some(c)) => c,
+            // Closed, or no bytes (or no complete head, asleep) within the timeout.
+            Ok(None) | Err(_) => return,
         };
-        let since = Instant::now();
-        let mut parked_since = None;
-        // Whether the connection speaks h2c, when the head was judged.
-        let h2_known = head.as_ref().map(|(v, _)| *v == FirstRequest::H2);
-        let current = match (route.borrow().clone(), head) {
-            (Some(r), Some((verdict, bytes))) => match verdict {
-                // A health check it answers itself (`answerWhileAsleep`) wakes
-                // nothing either: the proxy answers it.
-                FirstRequest::Complete
-                    if r.service.has_answers()
-                        && rules::method_and_path(&bytes)
-                            .is_some_and(|(m, p)| r.service.is_asleep_answer(m, p)) =>
-                {
-                    None
-                }
-                FirstRequest::Complete => Some(r),
-                _ => None,
-            },
-            (other, _) => other,
+        // Admit: a first request that would wake the service waits here, unread.
+        let mut ticket = None;
+        let wakes = match (&class, route.borrow().clone()) {
+            (
+                Class::H1 {
+                    judged: Some((FirstRequest::Complete, head)),
+                },
+                Some(r),
+            ) => {
+                // A health check it answers itself (`answerWhileAsleep`) wakes nothing.
+                let quiet = r.service.has_answers()
+                    && rules::method_and_path(head)
+                        .is_some_and(|(m, p)| r.service.is_asleep_answer(m, p));
+                (!quiet).then_some(r)
+            }
+            _ => None,
         };
-        if let Some(r) = current {
+        if let Some(r) = wakes {
+            let since = Instant::now();
             match self
                 .proxy
+                .admit
                 .park(&r.service, &r.port_name, &stream, since)
                 .await
             {
                 Parked::NotNeeded => {}
-                // (A parked connection is HTTP/1.x: its head was judged, or it opened
-                // while the service was awake; then it may still be h2c.)
-                Parked::Full(queued)
-                    if !match h2_known {
-                        Some(h2) => h2,
-                        None => starts_h2(&stream).await,
-                    } =>
-                {
-                    let answer = self.proxy.queue_full_answer(&r.service, queued);
-                    let _ = stream.write_all(&answer).await;
-                    let _ = stream.shutdown().await;
-                    // Read what the client sent (bounded), so closing does not reset
-                    // the connection before it has read the answer.
-                    let mut sink = [0u8; 4096];
-                    let drain = async {
-                        let mut left = 64 * 1024;
-                        while left > 0 {
-                            match stream.read(&mut sink).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => left -= n.min(left),
-                            }
-                        }
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                Parked::Full(answer) => {
+                    // The refused request is counted like any, and answered at once
+                    // without hyper (a burst's refusals take milliseconds).
+                    drop(InFlight::start(r.service.clone(), true));
+                    answer::record(&r.service, answer.status(), since);
+                    let bytes = answer.raw(&r.service.display, true);
+                    refuse(&mut stream, &bytes).await;
                     return;
                 }
-                Parked::Full(_) => {}
                 Parked::Closed => return,
-                Parked::Released | Parked::TimedOut => {
-                    parked_since = Some(since);
+                Parked::Waited(t) => {
+                    ticket = Some(t);
                     // Waiting consumed the read readiness of the bytes already there;
                     // a fresh registration reports them again.
                     stream = match stream.into_std().and_then(TcpStream::from_std) {
@@ -325,16 +286,10 @@ impl Listeners {
                 }
             }
         }
-        let h2 = match h2_known {
-            Some(h2) => h2,
-            None => match tokio::time::timeout(limit, starts_with_h2_preface(&stream)).await {
-                Ok(Ok(Some(h2))) => h2,
-                _ => return,
-            },
-        };
+        // Dispatch. HTTP/1.1 takes the fast path while its requests qualify; what it
+        // read of a request it passes on goes to hyper first.
+        let h2 = class == Class::H2;
         let forwarded_for = forwarded_for(remote.ip());
-        // HTTP/1.1 takes the fast path while its requests qualify; what it read of a
-        // request it passes on goes to hyper first.
         let mut read = Bytes::new();
         if !h2 && self.limits.fast_path && !self.stop_accepting.is_cancelled() {
             let inbound = fast::Inbound {
@@ -344,7 +299,7 @@ impl Listeners {
                 header_read_timeout: limit,
                 max_header_bytes: self.limits.max_header_bytes,
                 stop: &self.stop_accepting,
-                parked_since: &mut parked_since,
+                ticket: &mut ticket,
             };
             match fast::serve(inbound, stream).await {
                 fast::Outcome::Done => return,
@@ -352,16 +307,16 @@ impl Listeners {
             }
         }
         let proxy = self.proxy.clone();
-        let parked_since = std::sync::Mutex::new(parked_since);
+        let ticket = std::sync::Mutex::new(ticket);
         let svc = hyper::service::service_fn(move |req| {
             let current = route.borrow().clone();
             let proxy = proxy.clone();
-            let since = parked_since.lock().ok().and_then(|mut p| p.take());
+            let ticket = ticket.lock().ok().and_then(|mut t| t.take());
             let forwarded_for = forwarded_for.clone();
             async move {
                 Ok::<_, Infallible>(
                     proxy
-                        .handle(current, port, req, &forwarded_for, since)
+                        .handle(current, port, req, &forwarded_for, ticket)
                         .await,
                 )
             }
@@ -480,36 +435,20 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Peeks at a new connection until its first request can be judged (the bytes stay in
-/// the socket for whoever serves it), with the bytes peeked; `None` when the client
-/// closed first.
-async fn first_request(stream: &TcpStream, max: usize) -> Option<(FirstRequest, Vec<u8>)> {
-    let mut buf = vec![0u8; 4096.min(max)];
-    let mut pause = Duration::from_millis(1);
-    loop {
-        let n = stream.peek(&mut buf).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        match rules::first_request(&buf[..n], max) {
-            FirstRequest::Partial if n == buf.len() && n < max => {
-                buf.resize((2 * n).min(max), 0);
-            }
-            FirstRequest::Partial => {
-                // Peeking leaves the socket readable: wait a little for more.
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            verdict => {
-                buf.truncate(n);
-                return Some((verdict, buf));
+/// Writes a refusal and closes: the client's request is read (bounded) first, so
+/// closing does not reset the connection before the client has read the answer.
+async fn refuse(stream: &mut TcpStream, answer: &[u8]) {
+    let _ = stream.write_all(answer).await;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
             }
         }
-    }
-}
-
-/// Whether the connection opens with the HTTP/2 preface (peeked).
-async fn starts_h2(stream: &TcpStream) -> bool {
-    let mut buf = [0u8; 24];
-    matches!(stream.peek(&mut buf).await, Ok(n) if n >= 3 && buf[..n.min(24)].starts_with(&rules::H2_PREFACE[..n.min(24)]))
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }

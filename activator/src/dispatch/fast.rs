@@ -15,10 +15,9 @@
 //! per proxied request, two tasks and the channels between them; nginx spends half the
 //! CPU per request (docs/benchmarks.md).
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -28,7 +27,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::proxy::{HOP_BY_HOP, InFlight, Proxy, Route, SlotGuard};
+use super::hyper_path::HOP_BY_HOP;
+use super::{Proxy, Route};
+use crate::admit::{InFlight, Ticket};
+use crate::answer::{self, Answer};
 use crate::rules::MAX_HEADERS;
 use crate::table::ServiceEntry;
 
@@ -58,8 +60,9 @@ pub struct Inbound<'a> {
     pub max_header_bytes: usize,
     /// Cancelled when the activator drains: finish the request in progress, then close.
     pub stop: &'a CancellationToken,
-    /// When the first request started waiting, if the connection was parked.
-    pub parked_since: &'a mut Option<Instant>,
+    /// The first request's admission, if the connection was parked (see
+    /// `admit::Ticket`).
+    pub ticket: &'a mut Option<Ticket>,
 }
 
 /// A request head the fast path takes.
@@ -503,16 +506,18 @@ impl Framing {
     }
 }
 
-/// Counts an error answer of the activator's own and writes it out.
-fn failed(svc: &ServiceEntry, start: Instant, status: u16, msg: &str, close: bool) -> Vec<u8> {
-    svc.metrics.response(status);
-    svc.metrics.latency.observe(start.elapsed().as_secs_f64());
-    let extra: &[(&str, &str)] = if close {
-        &[("connection", "close")]
-    } else {
-        &[]
-    };
-    crate::rules::answer(status, msg, extra)
+/// Why a request got no response head from its pod.
+enum Fail {
+    /// A reused connection closed before any byte of an answer; the request may be
+    /// sent again.
+    Stale,
+    Answer(Answer),
+}
+
+/// Counts an answer of the activator's own and renders it.
+fn failed(svc: &ServiceEntry, start: Instant, answer: Answer, close: bool) -> Vec<u8> {
+    answer::record(svc, answer.status(), start);
+    answer.raw(&svc.display, close)
 }
 
 /// Resolves when the client closed its connection; never when it only sent more
@@ -619,15 +624,10 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             return Outcome::Fallback(client, buf.freeze());
         }
         let svc = &route.service;
-        let limit = svc.settings().pod_concurrency;
-        let Some(slot) = svc.pick(&route.port_name, limit, &[]) else {
+        let Some(slot) = c.proxy.admit.try_pick(svc, &route.port_name) else {
             return Outcome::Fallback(client, buf.freeze());
         };
-        let slot = SlotGuard {
-            service: svc.clone(),
-            slot,
-        };
-        let addr = SocketAddr::new(slot.slot.endpoint.ip, slot.slot.port);
+        let addr = slot.addr();
         let checkout = if fresh_connection {
             c.proxy
                 .pool
@@ -652,101 +652,86 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
         fresh_connection = false;
 
         // Counted from here on, and answered whatever happens.
-        let start = c.parked_since.take().unwrap_or_else(Instant::now);
+        // (A parked connection's ticket ends here: its request has its pod.)
+        let start = c.ticket.take().map_or_else(Instant::now, |t| t.since);
         let counted = !(svc.has_answers() && asleep_answer(svc, &buf[..req.head_len]));
         let in_flight = InFlight::start(svc.clone(), counted);
         out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
         // The request stays in `buf` until an answer has begun (see `may_resend`).
         let consumed = req.head_len + req.body_len;
         let mut close_client = req.close;
-        macro_rules! resend_if_stale {
-            () => {
-                if may_resend {
-                    debug!(service = %svc.display, %addr, "reused connection closed before answering; sending again");
-                    if in_flight.counted {
-                        svc.requests.fetch_sub(1, Ordering::Relaxed);
+        let before_answer = |why: String| Fail::Answer(Answer::PodFailed { addr, why });
+
+        // The request out, then the response head, within the response timeout;
+        // informational heads pass.
+        let resp = if let Err(e) = up.write_all(&out).await {
+            Err(if may_resend {
+                Fail::Stale
+            } else {
+                before_answer(e.to_string())
+            })
+        } else {
+            response_deadline.set(tokio::time::Instant::now() + c.proxy.response_timeout);
+            ubuf.clear();
+            let mut began = false;
+            loop {
+                let (parsed, close) = parse_response(&ubuf, req.is_head, close_client, &mut out);
+                match parsed {
+                    ParsedResponse::Complete(r) => {
+                        close_client = close;
+                        break Ok(r);
                     }
-                    *c.parked_since = Some(start);
-                    drop((in_flight, slot));
-                    fresh_connection = true;
-                    continue;
-                }
-            };
-        }
-
-        let before_answer = |e: &dyn std::fmt::Display| {
-            format!(
-                "snooze: {}: pod {addr} failed before answering: {e}\n",
-                svc.display
-            )
-        };
-
-        if let Err(e) = up.write_all(&out).await {
-            resend_if_stale!();
-            buf.advance(consumed);
-            let r = failed(svc, start, 502, &before_answer(&e), close_client);
-            if client.write_all(&r).await.is_err() || close_client {
-                return Outcome::Done;
-            }
-            continue;
-        }
-
-        // The response head, within the response timeout; informational heads pass.
-        response_deadline.set(tokio::time::Instant::now() + c.proxy.response_timeout);
-        ubuf.clear();
-        let mut began = false;
-        let resp = loop {
-            let (parsed, close) = parse_response(&ubuf, req.is_head, close_client, &mut out);
-            match parsed {
-                ParsedResponse::Complete(r) => {
-                    close_client = close;
-                    break Ok(r);
-                }
-                ParsedResponse::Informational(n) => {
-                    if client.write_all(&ubuf[..n]).await.is_err() {
-                        return Outcome::Done;
+                    ParsedResponse::Informational(n) => {
+                        if client.write_all(&ubuf[..n]).await.is_err() {
+                            return Outcome::Done;
+                        }
+                        ubuf.advance(n);
+                        continue;
                     }
-                    ubuf.advance(n);
-                    continue;
+                    ParsedResponse::Partial if ubuf.len() < MAX_RESPONSE_HEAD => {}
+                    ParsedResponse::Partial => {
+                        break Err(before_answer("response head too large".into()));
+                    }
+                    ParsedResponse::Invalid(why) => break Err(before_answer(why.to_string())),
                 }
-                ParsedResponse::Partial if ubuf.len() < MAX_RESPONSE_HEAD => {}
-                ParsedResponse::Partial => {
-                    break Err((502, before_answer(&"response head too large")));
+                room(&mut ubuf, READ_CHUNK);
+                tokio::select! {
+                    biased;
+                    r = up.read_buf(&mut ubuf) => match r {
+                        Ok(0) | Err(_) if !began && may_resend => break Err(Fail::Stale),
+                        Ok(0) => break Err(before_answer("connection closed before message completed".into())),
+                        Err(e) => break Err(before_answer(e.to_string())),
+                        Ok(_) => began = true,
+                    },
+                    _ = response_deadline.reached() => break Err(Fail::Answer(Answer::PodTimeout {
+                        addr,
+                        after: c.proxy.response_timeout,
+                    })),
+                    // The client went away: so does the request.
+                    _ = client_gone(&client) => return Outcome::Done,
                 }
-                ParsedResponse::Invalid(why) => break Err((502, before_answer(&why))),
-            }
-            room(&mut ubuf, READ_CHUNK);
-            tokio::select! {
-                biased;
-                r = up.read_buf(&mut ubuf) => match r {
-                    Ok(0) | Err(_) if !began && may_resend => break Err((0, String::new())),
-                    Ok(0) => break Err((502, before_answer(&"connection closed before message completed"))),
-                    Err(e) => break Err((502, before_answer(&e))),
-                    Ok(_) => began = true,
-                },
-                _ = response_deadline.reached() => break Err((504, format!(
-                    "snooze: {}: pod {addr} did not answer within {}s\n",
-                    svc.display,
-                    c.proxy.response_timeout.as_secs()
-                ))),
-                // The client went away: so does the request.
-                _ = client_gone(&client) => return Outcome::Done,
             }
         };
         drop(std::mem::take(&mut unproven));
         let resp = match resp {
             Ok(r) => {
                 buf.advance(consumed);
-                c.proxy.table.metrics.fast_path_requests.inc();
+                c.proxy.admit.table.metrics.fast_path_requests.inc();
                 r
             }
-            Err((0, _)) => {
-                resend_if_stale!();
-                unreachable!("status 0 only when the request may be sent again")
+            // A reused connection that proved closed before any byte of an answer: the
+            // request goes again, once, on a new connection (counted once).
+            Err(Fail::Stale) => {
+                debug!(service = %svc.display, %addr, "reused connection closed before answering; sending again");
+                in_flight.retried();
+                *c.ticket = Some(Ticket::new(start));
+                drop(slot);
+                fresh_connection = true;
+                continue;
             }
-            Err((status, msg)) => {
+            Err(Fail::Answer(answer)) => {
                 buf.advance(consumed);
-                let r = failed(svc, start, status, &msg, close_client);
+                let r = failed(svc, start, answer, close_client);
                 if client.write_all(&r).await.is_err() || close_client {
                     return Outcome::Done;
                 }
@@ -767,8 +752,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             Ok(t) => t,
             Err(_) => return Outcome::Done,
         };
-        svc.metrics.response(resp.status);
-        svc.metrics.latency.observe(start.elapsed().as_secs_f64());
+        answer::record(svc, resp.status, start);
         let ok = if take <= COALESCE {
             out.extend_from_slice(&ubuf[..take]);
             client.write_all(&out).await.is_ok()

@@ -1,0 +1,32 @@
+//! Dispatch: a classified, admitted connection's requests forwarded to pods, by one of
+//! two paths chosen once per request — the HTTP/1.1 fast path ([`fast`]) while a
+//! request qualifies, hyper ([`hyper_path`]) for the rest — both through one pool of
+//! connections to pods ([`pool`]) that bounds the dials to a pod, HTTP/1 and HTTP/2
+//! alike.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::admit::Admission;
+use crate::table::ServiceEntry;
+
+pub mod fast;
+pub mod hyper_path;
+pub mod pool;
+
+/// Where a listener's requests go: one port of one ScaledService.
+pub struct Route {
+    pub service: Arc<ServiceEntry>,
+    /// Name of the backend Service port ("" when unnamed); selects the pod port.
+    pub port_name: String,
+    /// The backend speaks HTTP/2 without TLS (`appProtocol: kubernetes.io/h2c`).
+    pub h2c: bool,
+}
+
+/// What the data paths share: admission, the pool, the pods' response timeout.
+pub struct Proxy {
+    pub admit: Admission,
+    pub pool: Arc<pool::Pool>,
+    /// Longest wait for a pod's response headers.
+    pub response_timeout: Duration,
+}
