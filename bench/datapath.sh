@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data-path benchmark, one command: the same load against (a) the backend directly,
-# (b) nginx as a reverse proxy with 1 worker, (c) the activator with 1 worker thread,
-# in alternating rounds; then the activator's RSS idle and with held requests, and the
+# (b) nginx as a reverse proxy with 1 worker, (c) HAProxy with 1 thread (keep-alive
+# both sides, `http-reuse always`), (d) the activator with 1 worker thread, and (e)
+# with BENCH_BASELINE an older build of the activator, in alternating rounds; then the activator's RSS idle and with held requests, and the
 # time from a pod appearing to the held requests' answers. Prints a table and ratios.
 #
 #   bench/datapath.sh                                  # defaults below
@@ -9,6 +10,9 @@
 #   BENCH_HELD=10000 bench/datapath.sh
 #   BENCH_SERVICES=1000 bench/datapath.sh    # 1,000 more services configured
 #   BENCH_KEEP=1 bench/datapath.sh           # keep results.jsonl and the logs in /tmp/bench-work
+#   BENCH_PATH='/bytes?n=8192' bench/datapath.sh   # 8 KiB responses (27 B at /)
+#   BENCH_BASELINE=/dir bench/datapath.sh    # also snooze-activator and snooze-bench
+#                                            # from /dir (an older release build): before/after
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -25,6 +29,13 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+  [ "$(id -u)" = 0 ] || { echo "HAProxy is needed: apt-get install haproxy" >&2; exit 1; }
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+fi
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+BASE=${BENCH_BASELINE:-}
+[ -z "$BASE" ] || [ -x "$BASE/snooze-activator" ] || { echo "BENCH_BASELINE: no snooze-activator in $BASE" >&2; exit 1; }
 cargo build -q --release -p snooze-activator -p snooze-e2e --bins
 T=${CARGO_TARGET_DIR:-$repo/target}/release
 work=$(mktemp -d)
@@ -36,6 +47,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACK=$(free_port); NGX=$(free_port); ACT=$(free_port); ADMIN=$(free_port); COLD=$(free_port)
+HAP=$(free_port); OLD=$(free_port); OLD_ADMIN=$(free_port); OLD_COLD=$(free_port)
 wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 POD_NAME=backend "$T/snooze-testapp" --listen 127.0.0.1:$BACK 2>/dev/null & BACK_PID=$!; pids+=($BACK_PID)
@@ -64,6 +76,24 @@ http {
 }
 CONF
 "$NGINX" -p "$work" -c "$work/nginx.conf" & NGX_PID=$!; pids+=($NGX_PID)
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 65536
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:$HAP
+  default_backend backend
+backend backend
+  server s1 127.0.0.1:$BACK maxconn 0
+CONF
+"$HAPROXY" -db -f "$work/haproxy.cfg" 2>"$work/haproxy.log" & HAP_PID=$!; pids+=($HAP_PID)
 python3 - "$work/activator.json" "$ACT" "$COLD" "$BACK" "$EXTRA" <<'PY'
 import json, sys
 path, act, cold, back, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -77,7 +107,13 @@ json.dump({"services": services}, open(path, "w"))
 PY
 "$T/snooze-activator" --static-config "$work/activator.json" --listen-address 127.0.0.1 \
   --admin-address 127.0.0.1:$ADMIN --worker-threads 1 --max-queued-total 100000 2>"$work/activator.log" & ACT_PID=$!; pids+=($ACT_PID)
-wait_port $BACK; wait_port $NGX; wait_port $ACT
+if [ -n "$BASE" ]; then
+  sed "s/\"port\": $ACT,/\"port\": $OLD,/; s/\"port\": $COLD,/\"port\": $OLD_COLD,/" "$work/activator.json" > "$work/activator-old.json"
+  "$BASE/snooze-activator" --static-config "$work/activator-old.json" --listen-address 127.0.0.1 \
+    --admin-address 127.0.0.1:$OLD_ADMIN --worker-threads 1 --max-queued-total 100000 2>"$work/activator-old.log" & OLD_PID=$!; pids+=($OLD_PID)
+  wait_port $OLD
+fi
+wait_port $BACK; wait_port $NGX; wait_port $ACT; wait_port $HAP
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -94,13 +130,16 @@ print(json.dumps(d))' "$out" "$c0" "$c1" "$(getconf CLK_TCK)"
 }
 
 echo "machine: $(nproc) cores, $(uname -r); connections=$CONNS duration=$DURATION rounds=$ROUNDS path=$PATH_Q services=$((EXTRA + 2))"
-load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $ACT warmup >/dev/null
+load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $HAP warmup >/dev/null; load $ACT warmup >/dev/null
+[ -z "$BASE" ] || load $OLD warmup >/dev/null
 : > "$work/results.jsonl"
 NGX_WORKER=$(pgrep -P "$NGX_PID" | head -n 1)
 for r in $(seq 1 "$ROUNDS"); do
   measure $BACK direct "$BACK_PID" >> "$work/results.jsonl"
   measure $NGX nginx "$NGX_WORKER" >> "$work/results.jsonl"
+  measure $HAP haproxy "$HAP_PID" >> "$work/results.jsonl"
   measure $ACT activator "$ACT_PID" >> "$work/results.jsonl"
+  [ -z "$BASE" ] || measure $OLD activator-before "$OLD_PID" >> "$work/results.jsonl"
 done
 ACT_RSS_LOADED=$(rss_kb $ACT_PID)
 
@@ -129,11 +168,16 @@ by = {}
 for r in rows: by.setdefault(r["label"], []).append(r)
 med = {k: {m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req")} | {"errors": sum(x["errors"] for x in v)} for k, v in by.items()}
 print(f"{'target':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7} {'CPU µs/req':>11}   (median of rounds; CPU of the serving process)")
-for k in ("direct", "nginx", "activator"):
+for k in ("direct", "nginx", "haproxy", "activator", "activator-before"):
+    if k not in med: continue
     m = med[k]; print(f"{k:<10} {m['rps']:>10.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['p999_ms']:>9.3f} {m['errors']:>7} {m['cpu_us_per_req']:>11.1f}")
 d, n, a = med["direct"], med["nginx"], med["activator"]
 print(f"throughput: activator/nginx = {a['rps']/n['rps']:.2f}, activator/direct = {a['rps']/d['rps']:.2f}, nginx/direct = {n['rps']/d['rps']:.2f}")
-print(f"CPU per request: activator/nginx = {a['cpu_us_per_req']/n['cpu_us_per_req']:.2f}")
+h = med["haproxy"]
+print(f"CPU per request: activator/nginx = {a['cpu_us_per_req']/n['cpu_us_per_req']:.2f}, activator/haproxy = {a['cpu_us_per_req']/h['cpu_us_per_req']:.2f}")
+if "activator-before" in med:
+    b = med["activator-before"]
+    print(f"before/after: CPU per request after/before = {a['cpu_us_per_req']/b['cpu_us_per_req']:.3f}, throughput after/before = {a['rps']/b['rps']:.3f}")
 print(f"added p99 over direct: activator {a['p99_ms']-d['p99_ms']:.3f} ms, nginx {n['p99_ms']-d['p99_ms']:.3f} ms")
 PY
 echo "activator RSS: idle $((ACT_RSS_IDLE/1024)) MB, after the load $((ACT_RSS_LOADED/1024)) MB, with $HELD requests held $((ACT_RSS_HELD/1024)) MB (queued gauge: ${QUEUED:-?})"
@@ -146,3 +190,6 @@ python3 -c 'import json,sys; s=json.loads(sys.argv[1])["slowest_after_first_ms_p
 # refused half gets its 503 at once.
 BURST=$("$T/snooze-bench" burst --requests "$(( HELD < 2000 ? HELD : 2000 ))" --max-queued "$(( (HELD < 2000 ? HELD : 2000) / 2 ))")
 echo "burst of first requests at a cold service, half refused: $BURST"
+if [ -n "$BASE" ] && [ -x "$BASE/snooze-bench" ]; then
+  echo "the same burst, before: $("$BASE/snooze-bench" burst --requests "$(( HELD < 2000 ? HELD : 2000 ))" --max-queued "$(( (HELD < 2000 ? HELD : 2000) / 2 ))")"
+fi

@@ -46,6 +46,13 @@ pub struct ServerLimits {
     /// Let the HTTP/1.1 fast path take the requests it can (off: hyper serves all;
     /// the differential tests compare the two).
     pub fast_path: bool,
+    /// Most client connections open at once on all listeners; at the limit the
+    /// listeners stop accepting until one closes (new clients wait in the kernel's
+    /// accept queue: backpressure, never a file-descriptor exhaustion).
+    pub max_connections: usize,
+    /// A write to a client that reads nothing for this long cuts the connection (like
+    /// nginx's `send_timeout`).
+    pub send_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -55,6 +62,8 @@ impl Default for ServerLimits {
             max_header_bytes: 64 * 1024,
             max_h2_streams: 1000,
             fast_path: true,
+            max_connections: 50_000,
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -71,6 +80,8 @@ pub struct Listeners {
     open: Mutex<HashMap<u16, Handle>>,
     /// Every client connection's task (parked or served).
     tasks: TaskTracker,
+    /// One permit per open client connection (`ServerLimits::max_connections`).
+    connections: Arc<tokio::sync::Semaphore>,
     /// Cancelled when the activator stops accepting (shutdown); open connections
     /// then finish their requests and close.
     pub stop_accepting: CancellationToken,
@@ -79,6 +90,7 @@ pub struct Listeners {
 impl Listeners {
     pub fn new(proxy: Arc<Proxy>, bind: IpAddr, limits: ServerLimits) -> Arc<Self> {
         Arc::new(Self {
+            connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
             proxy,
             bind,
             limits,
@@ -176,7 +188,16 @@ impl Listeners {
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(self.limits.max_h2_streams);
         let builders = Arc::new((h1, h2));
+        let metrics = self.proxy.admit.table.metrics.clone();
         loop {
+            // A place for the next connection first: at the cap, nothing is accepted.
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = self.connections.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (stream, remote) = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = listener.accept() => match r {
@@ -190,13 +211,16 @@ impl Listeners {
                 },
             };
             let _ = stream.set_nodelay(true);
-            self.tasks.spawn(self.clone().connection(
-                stream,
-                remote,
-                port,
-                route.clone(),
-                builders.clone(),
-            ));
+            let conn =
+                self.clone()
+                    .connection(stream, remote, port, route.clone(), builders.clone());
+            let metrics = metrics.clone();
+            metrics.client_connections.inc();
+            self.tasks.spawn(async move {
+                conn.await;
+                metrics.client_connections.dec();
+                drop(permit);
+            });
         }
     }
 
@@ -298,6 +322,7 @@ impl Listeners {
                 forwarded_for: forwarded_for.as_bytes(),
                 header_read_timeout: limit,
                 max_header_bytes: self.limits.max_header_bytes,
+                send_timeout: self.limits.send_timeout,
                 stop: &self.stop_accepting,
                 ticket: &mut ticket,
             };
@@ -321,7 +346,13 @@ impl Listeners {
                 )
             }
         });
-        let io = TokioIo::new(Rewind { read, stream });
+        let io = TokioIo::new(Rewind {
+            read,
+            stream,
+            send_timeout: self.limits.send_timeout,
+            stalled: None,
+            send_timeouts: self.proxy.admit.table.metrics.send_timeouts.clone(),
+        });
         let r = if h2 {
             let conn = builders.1.serve_connection(io, svc);
             self.serve(conn, |c| c.graceful_shutdown()).await
@@ -370,6 +401,34 @@ impl Listeners {
 struct Rewind {
     read: Bytes,
     stream: TcpStream,
+    /// A write waiting on a client that reads nothing fails after this long.
+    send_timeout: Duration,
+    /// Since when writes have been waiting (the timer of the send timeout).
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    send_timeouts: prometheus_client::metrics::counter::Counter,
+}
+
+impl Rewind {
+    /// Passes a write's outcome on; a write still pending after the send timeout is an
+    /// error, which ends the connection (and its requests).
+    fn deadline<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.send_timeout;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.send_timeouts.inc();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within the send timeout",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 impl AsyncRead for Rewind {
@@ -394,7 +453,8 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.deadline(cx, r)
     }
 
     fn poll_write_vectored(
@@ -402,7 +462,8 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.deadline(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -410,7 +471,8 @@ impl AsyncWrite for Rewind {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let r = Pin::new(&mut self.stream).poll_flush(cx);
+        self.deadline(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -178,7 +178,11 @@ impl Admission {
         if t.place.is_some() {
             return Ok(());
         }
-        let max = svc.settings().max_queued;
+        // The service's own bound, under the ceiling every service shares.
+        let max = svc
+            .settings()
+            .max_queued
+            .min(self.table.max_queued_per_service);
         let q = svc.queued.fetch_add(1, Ordering::AcqRel);
         let g = self.table.queued_total.fetch_add(1, Ordering::AcqRel);
         let place = Place {

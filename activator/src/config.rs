@@ -49,12 +49,25 @@ pub struct Args {
     /// Most requests held across all services at once.
     #[arg(long, env = "SNOOZE_MAX_QUEUED_TOTAL", default_value_t = 20_000)]
     pub max_queued_total: u64,
+    /// Most requests one service may hold on this activator, whatever its
+    /// `maxQueuedRequests` share says (0: a quarter of --max-queued-total), so one
+    /// service's flood leaves room for the others.
+    #[arg(long, env = "SNOOZE_MAX_QUEUED_PER_SERVICE", default_value_t = 0)]
+    pub max_queued_per_service: u64,
     /// Clients must send their request headers within this time (e.g. 10s).
     #[arg(long, env = "SNOOZE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
     /// Largest request head in bytes; larger ones get 431.
     #[arg(long, env = "SNOOZE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
+    /// Most client connections open at once on the data path; at the limit new ones
+    /// wait in the kernel's accept queue. 0: from the open-file limit, leaving room
+    /// for a connection to a pod per client connection and for the admin server.
+    #[arg(long, env = "SNOOZE_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+    /// A write to a client that reads nothing for this long cuts its connection.
+    #[arg(long, env = "SNOOZE_SEND_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub send_timeout: Duration,
     /// Longest wait for a pod's response headers.
     #[arg(long, env = "SNOOZE_RESPONSE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub response_timeout: Duration,
@@ -145,4 +158,27 @@ pub fn load_static(
         );
     }
     Ok(routes)
+}
+
+/// The data path's connection cap when none is set: half the open-file limit (a client
+/// connection and a connection to a pod each) less 2,048 kept for the admin server,
+/// watches and pools; 50,000 when the limit cannot be read.
+pub fn default_max_connections(open_files: Option<u64>) -> usize {
+    match open_files {
+        Some(n) => usize::try_from(n.saturating_sub(2048) / 2)
+            .unwrap_or(usize::MAX)
+            .max(64),
+        None => 50_000,
+    }
+}
+
+/// The soft open-file limit of this process (`/proc/self/limits`).
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

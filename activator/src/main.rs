@@ -34,7 +34,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = snooze_runtime::shutdown::on_signal()?;
     let metrics = Arc::new(Metrics::new());
-    let table = Arc::new(Table::new(metrics.clone(), args.max_queued_total));
+    let mut table = Table::new(metrics.clone(), args.max_queued_total);
+    if args.max_queued_per_service > 0 {
+        table.max_queued_per_service = args.max_queued_per_service;
+    }
+    let table = Arc::new(table);
     let stats = StatsHub::new(table.clone(), args.pod_name.clone(), args.stats_interval);
     let pool = Pool::new(args.connect_timeout, 256);
     let proxy = Arc::new(Proxy {
@@ -48,8 +52,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = ServerLimits {
         header_read_timeout: args.header_read_timeout,
         max_header_bytes: args.max_header_bytes,
+        max_connections: match args.max_connections {
+            0 => config::default_max_connections(config::open_file_limit()),
+            n => n,
+        },
+        send_timeout: args.send_timeout,
         ..Default::default()
     };
+    tracing::info!(
+        max_connections = limits.max_connections,
+        open_files = ?config::open_file_limit(),
+        "client connections capped"
+    );
     let listeners = Listeners::new(proxy, args.listen_address, limits);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Supervisor::new();

@@ -48,6 +48,10 @@ pub struct Metrics {
     pub pooled_connections: Gauge,
     /// Requests forwarded by the HTTP/1.1 fast path (the rest go through hyper).
     pub fast_path_requests: Counter,
+    /// Client connections open on the data path (under `--max-connections`).
+    pub client_connections: Gauge,
+    /// Client connections cut because the client stopped reading (`--send-timeout`).
+    pub send_timeouts: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +90,18 @@ impl Metrics {
         }
         let pooled_connections = Gauge::default();
         let fast_path_requests = Counter::default();
+        let client_connections = Gauge::default();
+        let send_timeouts = Counter::default();
+        registry.register(
+            "client_connections",
+            "Client connections open on the data path (bounded by --max-connections)",
+            client_connections.clone(),
+        );
+        registry.register(
+            "send_timeouts",
+            "Client connections cut because the client read nothing for --send-timeout",
+            send_timeouts.clone(),
+        );
         let resident_memory = Gauge::default();
         registry.register(
             "resident_memory_bytes",
@@ -173,6 +189,8 @@ impl Metrics {
             resident_memory,
             pooled_connections,
             fast_path_requests,
+            client_connections,
+            send_timeouts,
         }
     }
 

@@ -354,6 +354,10 @@ pub struct Table {
     /// Requests waiting across all services, and the bound on them.
     pub queued_total: AtomicU64,
     pub max_queued_total: u64,
+    /// Most requests one service may hold, whatever its own bound says: a quarter of
+    /// the activator-wide bound unless set, so one service's flood leaves room for
+    /// every other cold service.
+    pub max_queued_per_service: u64,
 }
 
 impl Table {
@@ -365,6 +369,7 @@ impl Table {
             metrics,
             queued_total: AtomicU64::new(0),
             max_queued_total,
+            max_queued_per_service: (max_queued_total / 4).max(1),
         }
     }
 

@@ -450,21 +450,66 @@ async fn full_queue_gives_503_with_retry_after_at_once() {
     }
 }
 
+impl Activator {
+    /// More services on this activator, each on a port of its own (the first
+    /// service keeps its port).
+    async fn add_services(&self, names: &[&str]) -> Vec<(Arc<ServiceEntry>, u16)> {
+        let added: Vec<(Arc<ServiceEntry>, u16)> = names
+            .iter()
+            .map(|n| {
+                let key = ServiceRef {
+                    namespace: "other".into(),
+                    name: (*n).into(),
+                };
+                (self.table.upsert(key, n, Settings::default()), free_port())
+            })
+            .collect();
+        let mut desired: std::collections::HashMap<u16, Arc<Route>> =
+            [(self.port, route(&self.svc, false))].into();
+        for (svc, port) in &added {
+            desired.insert(*port, route(svc, false));
+        }
+        let failed = self.listeners.sync(&desired).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        added
+    }
+}
+
+/// The activator-wide bound holds whatever the services: four services fill it at
+/// their ceiling (a quarter each), and a fifth one's cold request gets 503 at once.
 #[tokio::test]
 async fn global_queue_bound_protects_the_activator() {
-    let a = activator_with(Settings::default(), ServerLimits::default(), false, 3).await;
+    let a = activator_with(Settings::default(), ServerLimits::default(), false, 4).await;
+    let others = a.add_services(&["b", "c", "d", "e"]).await;
     let mut held = Vec::new();
-    for _ in 0..3 {
-        let url = a.url("/");
+    for port in std::iter::once(a.port).chain(others[..3].iter().map(|(_, p)| *p)) {
+        let url = format!("http://127.0.0.1:{port}/");
         held.push(tokio::spawn(async move { get(&url).await.0 }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(get(&a.url("/")).await.0, 503);
+    let start = Instant::now();
+    while a
+        .table
+        .queued_total
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 4
+    {
+        assert!(start.elapsed() < Duration::from_secs(5), "held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (fifth, port) = &others[3];
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/")).await.0, 503);
+    assert_eq!(a.table.metrics.shed_global.get(), 1);
     let b = backend(&[]).await;
-    a.set_backends(&[&b]);
+    let eps = vec![(b.addr.ip(), vec![("http".to_string(), b.addr.port())])];
+    a.svc.set_endpoints(eps.clone());
+    for (svc, _) in &others {
+        svc.set_endpoints(eps.clone());
+    }
     for h in held {
         assert_eq!(h.await.unwrap(), 200);
     }
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/")).await.0, 200);
+    assert_eq!(fifth.metrics.queue_full.get(), 1);
     assert_eq!(
         a.table
             .queued_total
@@ -1405,4 +1450,155 @@ async fn held_requests_released_together_share_one_h2_connection_to_the_pod() {
         1,
         "connections opened to the pod for {n} released requests"
     );
+}
+
+// ---- fair sharing (issue 26): one service or client cannot starve the others ------
+
+/// One service floods the activator with cold requests far over the activator-wide
+/// bound: it holds at most its ceiling (a quarter of that bound), the rest get 503 at
+/// once, and another service's cold request is still held and answered 200.
+#[tokio::test]
+async fn a_flood_on_one_service_leaves_room_for_another_cold_service() {
+    let settings = Settings {
+        max_queued: 1000,
+        timeout: Duration::from_secs(20),
+        ..Settings::default()
+    };
+    let a = activator_with(settings, ServerLimits::default(), false, 100).await;
+    assert_eq!(a.table.max_queued_per_service, 25);
+    let (other, other_port) = a.add_services(&["api"]).await.remove(0);
+    // The flood: 110 connections, each with a request.
+    let mut flood = Vec::new();
+    for _ in 0..110 {
+        let port = a.port;
+        flood.push(tokio::spawn(async move {
+            let answer = raw(
+                port,
+                b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            answer.lines().next().unwrap_or_default().to_string()
+        }));
+    }
+    let start = Instant::now();
+    let refused = || a.svc.metrics.queue_full.get();
+    while refused() < 85 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "refused so far: {}",
+            refused()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 25);
+    // The other service's cold request is held, not refused.
+    let call = tokio::spawn(async move { get(&format!("http://127.0.0.1:{other_port}/")).await.0 });
+    let start = Instant::now();
+    while other.queued.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "not held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let b = backend(&[]).await;
+    other.set_endpoints(vec![(
+        b.addr.ip(),
+        vec![("http".to_string(), b.addr.port())],
+    )]);
+    assert_eq!(call.await.unwrap(), StatusCode::OK);
+    a.set_backends(&[&b]);
+    let mut lines = std::collections::BTreeMap::new();
+    for f in flood {
+        *lines.entry(f.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        lines.get("HTTP/1.1 503 Service Unavailable"),
+        Some(&85),
+        "{lines:?}"
+    );
+    assert_eq!(lines.get("HTTP/1.1 200 OK"), Some(&25), "{lines:?}");
+}
+
+/// A client that sends a request and never reads the response is cut after the send
+/// timeout, on the fast path and on hyper's: its request ends (nothing stays in
+/// flight, so its service may sleep) and the cut is counted.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_after_the_send_timeout() {
+    for fast_path in [true, false] {
+        let limits = ServerLimits {
+            send_timeout: Duration::from_millis(500),
+            fast_path,
+            ..ServerLimits::default()
+        };
+        let a = activator_with(Settings::default(), limits, false, 20_000).await;
+        let b = backend(&[]).await;
+        a.set_backends(&[&b]);
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+            .await
+            .unwrap();
+        c.write_all(b"GET /bytes?n=33554432 HTTP/1.1\r\nHost: web\r\n\r\n")
+            .await
+            .unwrap();
+        // Never read: the socket buffers fill, the activator's writes wait.
+        let in_flight = || a.svc.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let start = Instant::now();
+        while in_flight() == 0 && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(in_flight(), 1, "fast path {fast_path}: the request started");
+        while in_flight() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "fast path {fast_path}: still in flight after {:?}",
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            a.table.metrics.send_timeouts.get() >= 1,
+            "fast path {fast_path}"
+        );
+        drop(c);
+    }
+}
+
+/// At the connection cap the listeners stop accepting: a new client waits (in the
+/// kernel's accept queue) until a connection closes, then is served.
+#[tokio::test]
+async fn at_the_connection_cap_a_new_client_waits_for_a_free_place() {
+    let limits = ServerLimits {
+        max_connections: 3,
+        ..ServerLimits::default()
+    };
+    let a = activator_with(Settings::default(), limits, false, 20_000).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+                .await
+                .unwrap(),
+        );
+    }
+    let start = Instant::now();
+    while a.table.metrics.client_connections.get() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let port = a.port;
+    let call = tokio::spawn(async move {
+        raw(
+            port,
+            b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!call.is_finished(), "served over the cap");
+    assert_eq!(a.table.metrics.client_connections.get(), 3);
+    drop(idle.pop());
+    let answer = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("served once a place was free")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

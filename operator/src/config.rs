@@ -42,6 +42,11 @@ pub struct Args {
     pub port_range_start: u16,
     #[arg(long, env = "SNOOZE_PORT_RANGE_END", default_value_t = 29999)]
     pub port_range_end: u16,
+    /// The activators' ceiling on one service's held requests (the chart's
+    /// `activator.maxQueuedPerService`): each activator's share of
+    /// `maxQueuedRequests` is clamped to it in `status.maxQueuedPerActivator`.
+    #[arg(long, env = "SNOOZE_MAX_QUEUED_PER_SERVICE", default_value_t = 5000)]
+    pub max_queued_per_service: u32,
     /// Admin server address: /livez, /readyz, /metrics.
     #[arg(long, env = "SNOOZE_ADMIN_ADDRESS", default_value = "0.0.0.0:9091")]
     pub admin_address: SocketAddr,

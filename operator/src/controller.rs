@@ -55,6 +55,9 @@ pub struct Context {
     /// The routes of a namespace as last listed, shared by its ScaledServices for
     /// `ROUTES_FRESH` (`check_routes`).
     pub routes: Mutex<HashMap<String, ListedRoutes>>,
+    /// The activators' ceiling on one service's held requests (`queue_share` is
+    /// clamped to it).
+    pub max_queued_per_service: u32,
 }
 
 /// A namespace's routes and when they were listed.
@@ -693,10 +696,10 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     };
     status.activation_probe = probe;
     status.activation_probe_source = Some(source);
-    status.max_queued_per_activator = Some(decision::queue_share(
-        ss.spec.activation.max_queued_requests,
-        serving.len(),
-    ));
+    status.max_queued_per_activator = Some(
+        decision::queue_share(ss.spec.activation.max_queued_requests, serving.len())
+            .min(i32::try_from(ctx.max_queued_per_service).unwrap_or(i32::MAX)),
+    );
     if let Some(last) = load.last_request
         && status::show_last_request(old.last_request_time.as_ref().map(to_system), last)
     {

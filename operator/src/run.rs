@@ -178,6 +178,7 @@ pub async fn lead(
         api_timeout: Duration::from_secs(args.api_timeout_seconds),
         services: Mutex::new(HashMap::new()),
         routes: Mutex::new(HashMap::new()),
+        max_queued_per_service: args.max_queued_per_service,
     });
 
     // The autoscaler: once a second, follow the load (writes only on change).

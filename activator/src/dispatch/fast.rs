@@ -58,6 +58,8 @@ pub struct Inbound<'a> {
     pub forwarded_for: &'a [u8],
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Longest a write to the client may wait for it to read (a stalled reader is cut).
+    pub send_timeout: Duration,
     /// Cancelled when the activator drains: finish the request in progress, then close.
     pub stop: &'a CancellationToken,
     /// The first request's admission, if the connection was parked (see
@@ -520,6 +522,19 @@ fn failed(svc: &ServiceEntry, start: Instant, answer: Answer, close: bool) -> Ve
     answer.raw(&svc.display, close)
 }
 
+/// Writes to the client within the send timeout; false when the write failed or the
+/// client read nothing for that long (counted: the connection is then cut, and with it
+/// the request, so a stalled reader holds neither a pod slot nor its service awake).
+async fn send(client: &mut TcpStream, bytes: &[u8], c: &Inbound<'_>) -> bool {
+    match tokio::time::timeout(c.send_timeout, client.write_all(bytes)).await {
+        Ok(r) => r.is_ok(),
+        Err(_) => {
+            c.proxy.admit.table.metrics.send_timeouts.inc();
+            false
+        }
+    }
+}
+
 /// Resolves when the client closed its connection; never when it only sent more
 /// (its readiness is left as it is, for the next request's read).
 async fn client_gone(s: &TcpStream) {
@@ -682,7 +697,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
                         break Ok(r);
                     }
                     ParsedResponse::Informational(n) => {
-                        if client.write_all(&ubuf[..n]).await.is_err() {
+                        if !send(&mut client, &ubuf[..n], &c).await {
                             return Outcome::Done;
                         }
                         ubuf.advance(n);
@@ -732,7 +747,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             Err(Fail::Answer(answer)) => {
                 buf.advance(consumed);
                 let r = failed(svc, start, answer, close_client);
-                if client.write_all(&r).await.is_err() || close_client {
+                if !send(&mut client, &r, &c).await || close_client {
                     return Outcome::Done;
                 }
                 continue;
@@ -755,9 +770,9 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
         answer::record(svc, resp.status, start);
         let ok = if take <= COALESCE {
             out.extend_from_slice(&ubuf[..take]);
-            client.write_all(&out).await.is_ok()
+            send(&mut client, &out, &c).await
         } else {
-            client.write_all(&out).await.is_ok() && client.write_all(&ubuf[..take]).await.is_ok()
+            send(&mut client, &out, &c).await && send(&mut client, &ubuf[..take], &c).await
         };
         if !ok {
             return Outcome::Done;
@@ -784,7 +799,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
                 Ok(t) => t,
                 Err(_) => return Outcome::Done,
             };
-            if client.write_all(&ubuf[..take]).await.is_err() {
+            if !send(&mut client, &ubuf[..take], &c).await {
                 return Outcome::Done;
             }
             extra = ubuf.len() > take;
