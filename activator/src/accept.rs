@@ -32,7 +32,7 @@ use crate::admit::{InFlight, Parked};
 use crate::answer;
 use crate::classify::{Class, FirstRequest, classify};
 use crate::dispatch::hyper_path::forwarded_for;
-use crate::dispatch::{Proxy, Route, fast};
+use crate::dispatch::{Peer, Proxy, Route, fast};
 use crate::rules;
 
 #[derive(Clone, Debug)]
@@ -53,6 +53,10 @@ pub struct ServerLimits {
     /// A write to a client that reads nothing for this long cuts the connection (like
     /// nginx's `send_timeout`).
     pub send_timeout: Duration,
+    /// Clients whose `X-Forwarded-For`/`-Proto` are trusted (an ingress controller's
+    /// pods): extended and kept. Anyone else's are replaced with what the activator
+    /// sees, so a client cannot make a pod believe it comes from elsewhere.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerLimits {
@@ -64,6 +68,7 @@ impl Default for ServerLimits {
             fast_path: true,
             max_connections: 50_000,
             send_timeout: Duration::from_secs(60),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -313,13 +318,21 @@ impl Listeners {
         // Dispatch. HTTP/1.1 takes the fast path while its requests qualify; what it
         // read of a request it passes on goes to hyper first.
         let h2 = class == Class::H2;
-        let forwarded_for = forwarded_for(remote.ip());
+        let client = remote.ip().to_canonical();
+        let peer = Arc::new(Peer {
+            forwarded_for: forwarded_for(client),
+            trusted: self
+                .limits
+                .trusted_proxies
+                .iter()
+                .any(|n| n.contains(&client)),
+        });
         let mut read = Bytes::new();
         if !h2 && self.limits.fast_path && !self.stop_accepting.is_cancelled() {
             let inbound = fast::Inbound {
                 proxy: &self.proxy,
                 route: &route,
-                forwarded_for: forwarded_for.as_bytes(),
+                peer: &peer,
                 header_read_timeout: limit,
                 max_header_bytes: self.limits.max_header_bytes,
                 send_timeout: self.limits.send_timeout,
@@ -337,14 +350,8 @@ impl Listeners {
             let current = route.borrow().clone();
             let proxy = proxy.clone();
             let ticket = ticket.lock().ok().and_then(|mut t| t.take());
-            let forwarded_for = forwarded_for.clone();
-            async move {
-                Ok::<_, Infallible>(
-                    proxy
-                        .handle(current, port, req, &forwarded_for, ticket)
-                        .await,
-                )
-            }
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(current, port, req, &peer, ticket).await) }
         });
         let io = TokioIo::new(Rewind {
             read,

@@ -68,6 +68,11 @@ pub struct Args {
     /// A write to a client that reads nothing for this long cuts its connection.
     #[arg(long, env = "SNOOZE_SEND_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub send_timeout: Duration,
+    /// Clients whose X-Forwarded-For and X-Forwarded-Proto are trusted, as CIDRs
+    /// (e.g. the ingress controller's pods: 10.42.0.0/16,fd00::/64); anyone else's are
+    /// replaced with the address the activator sees and `http`.
+    #[arg(long, env = "SNOOZE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Longest wait for a pod's response headers.
     #[arg(long, env = "SNOOZE_RESPONSE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub response_timeout: Duration,

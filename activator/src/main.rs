@@ -57,6 +57,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             n => n,
         },
         send_timeout: args.send_timeout,
+        trusted_proxies: args.trusted_proxies.clone(),
         ..Default::default()
     };
     tracing::info!(

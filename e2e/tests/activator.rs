@@ -820,28 +820,51 @@ async fn host_header_is_kept_and_forwarded_headers_added() {
     assert!(!text.contains("x-drop-me"), "{text}");
 
     // A request that already went through a proxy, with hop-by-hop headers but no
-    // `Connection`: the chain grows, `TE` other than `trailers` and `Keep-Alive` go.
-    let (_, _, text) = get_with(
-        &a.url("/headers"),
-        &[
-            ("x-forwarded-for", "10.1.2.3"),
-            ("x-forwarded-proto", "https"),
-            ("te", "gzip"),
-            ("keep-alive", "timeout=5"),
-        ],
-    )
-    .await;
-    assert!(
-        text.contains("x-forwarded-for: 10.1.2.3, 127.0.0.1"),
-        "{text}"
-    );
-    assert!(text.contains("x-forwarded-proto: https"), "{text}");
-    assert!(
-        !text
-            .lines()
-            .any(|l| l.starts_with("te:") || l.starts_with("keep-alive:")),
-        "{text}"
-    );
+    // `Connection`, on both paths: from a client that is not a trusted proxy, the
+    // forwarded fields are replaced (a client cannot pass for another address); from a
+    // trusted proxy (`--trusted-proxies`) the chain grows and `-Proto` is kept.
+    // `TE` other than `trailers` and `Keep-Alive` go either way.
+    for (trusted, fast_path) in [(false, true), (false, false), (true, true), (true, false)] {
+        let limits = ServerLimits {
+            fast_path,
+            trusted_proxies: if trusted {
+                vec!["127.0.0.0/8".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            ..ServerLimits::default()
+        };
+        let a = activator_with(Settings::default(), limits, false, 20_000).await;
+        a.set_backends(&[&b]);
+        let (_, _, text) = get_with(
+            &a.url("/headers"),
+            &[
+                ("x-forwarded-for", "10.1.2.3"),
+                ("x-forwarded-proto", "https"),
+                ("te", "gzip"),
+                ("keep-alive", "timeout=5"),
+            ],
+        )
+        .await;
+        let (xff, proto) = if trusted {
+            (
+                "x-forwarded-for: 10.1.2.3, 127.0.0.1",
+                "x-forwarded-proto: https",
+            )
+        } else {
+            ("x-forwarded-for: 127.0.0.1", "x-forwarded-proto: http")
+        };
+        let what = format!("trusted {trusted}, fast path {fast_path}: {text}");
+        assert!(text.lines().any(|l| l == xff), "{what}");
+        assert!(text.lines().any(|l| l == proto), "{what}");
+        assert_eq!(text.matches("x-forwarded-for").count(), 1, "{what}");
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("te:") || l.starts_with("keep-alive:")),
+            "{what}"
+        );
+    }
 }
 
 async fn raw(port: u16, request: &[u8]) -> String {

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::hyper_path::HOP_BY_HOP;
-use super::{Proxy, Route};
+use super::{Peer, Proxy, Route};
 use crate::admit::{InFlight, Ticket};
 use crate::answer::{self, Answer};
 use crate::rules::MAX_HEADERS;
@@ -54,8 +54,8 @@ pub enum Outcome {
 pub struct Inbound<'a> {
     pub proxy: &'a Proxy,
     pub route: &'a watch::Receiver<Option<Arc<Route>>>,
-    /// The client's address as text, for `X-Forwarded-For`.
-    pub forwarded_for: &'a [u8],
+    /// The client, for `X-Forwarded-For` and `-Proto`.
+    pub peer: &'a Peer,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     /// Longest a write to the client may wait for it to read (a stalled reader is cut).
@@ -135,7 +135,8 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Parses a request head; when the fast path takes it, writes the head the pod gets to
 /// `out`: hop-by-hop fields removed (RFC 9110 §7.6.1), `X-Forwarded-For` extended or
 /// added, `X-Forwarded-Proto` added when absent, `Host` and everything else unchanged.
-fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedRequest {
+fn parse_request(buf: &[u8], peer: (&[u8], bool), out: &mut Vec<u8>) -> ParsedRequest {
+    let (forwarded_for, trusted) = peer;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -184,13 +185,21 @@ fn parse_request(buf: &[u8], forwarded_for: &[u8], out: &mut Vec<u8>) -> ParsedR
                 return ParsedRequest::Other;
             }
             xff = true;
-            header(
-                out,
-                name.as_bytes(),
-                &crate::rules::forwarded_for(Some(value), forwarded_for),
-            );
+            // Extended when a trusted proxy sent it; otherwise replaced (below).
+            if trusted {
+                header(
+                    out,
+                    name.as_bytes(),
+                    &crate::rules::forwarded_for(Some(value), forwarded_for),
+                );
+            } else {
+                header(out, b"x-forwarded-for", forwarded_for);
+            }
             continue;
         } else if is(name, "x-forwarded-proto") {
+            if !trusted {
+                continue;
+            }
             proto = true;
         }
         header(out, name.as_bytes(), value);
@@ -609,7 +618,11 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
         head_deadline.set(tokio::time::Instant::now() + c.header_read_timeout);
         let req = loop {
             if !buf.is_empty() {
-                match parse_request(&buf, c.forwarded_for, &mut out) {
+                match parse_request(
+                    &buf,
+                    (c.peer.forwarded_for.as_bytes(), c.peer.trusted),
+                    &mut out,
+                ) {
                     ParsedRequest::Complete(r) if buf.len() >= r.head_len + r.body_len => break r,
                     ParsedRequest::Partial if buf.len() < c.max_header_bytes => {}
                     _ => return Outcome::Fallback(client, buf.freeze()),
@@ -821,8 +834,20 @@ mod tests {
 
     fn request(raw: &str) -> (ParsedRequest, String) {
         let mut out = Vec::new();
-        let p = parse_request(raw.as_bytes(), b"10.0.0.9", &mut out);
+        let p = parse_request(raw.as_bytes(), (b"10.0.0.9", true), &mut out);
         (p, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn forwarded_fields_of_an_untrusted_client_are_replaced() {
+        let mut out = Vec::new();
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n\r\n";
+        let p = parse_request(raw.as_bytes(), (b"10.0.0.9", false), &mut out);
+        assert!(matches!(p, ParsedRequest::Complete(_)));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nHost: a\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use super::pool::{Conn, Lease};
-use super::{Proxy, Route};
+use super::{Peer, Proxy, Route};
 use crate::admit::{InFlight, SlotGuard, Ticket};
 use crate::answer::{self, Answer, Body, BoxError};
 
@@ -176,7 +176,7 @@ impl Proxy {
         route: Option<Arc<Route>>,
         listen_port: u16,
         req: Request<Incoming>,
-        forwarded_for: &HeaderValue,
+        peer: &Peer,
         ticket: Option<Ticket>,
     ) -> Response<Body> {
         let Some(route) = route else {
@@ -191,8 +191,7 @@ impl Proxy {
             Err(answer) => answer.response(&svc.display),
             Ok(counted) => {
                 let in_flight = InFlight::start(svc.clone(), counted);
-                self.serve(&route, in_flight, req, forwarded_for, &mut ticket)
-                    .await
+                self.serve(&route, in_flight, req, peer, &mut ticket).await
             }
         };
         answer::record(&svc, resp.status().as_u16(), start);
@@ -233,14 +232,14 @@ impl Proxy {
         route: &Route,
         in_flight: InFlight,
         mut req: Request<Incoming>,
-        forwarded_for: &HeaderValue,
+        peer: &Peer,
         ticket: &mut Ticket,
     ) -> Response<Body> {
         let svc = &route.service;
         let head = req.method() == http::Method::HEAD;
         let upgrade = is_upgrade(&req);
         let h2 = route.h2c || (req.version() == Version::HTTP_2 && !upgrade);
-        rewrite_request(&mut req, forwarded_for, upgrade, h2);
+        rewrite_request(&mut req, peer, upgrade, h2);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         // Pick a pod and connect. A pod that refuses the connection is passed over for
@@ -403,12 +402,7 @@ impl Proxy {
 
 /// Prepares a request for the pod: hop-by-hop headers out, `X-Forwarded-*` in, `Host`
 /// kept, and the request line in the form the upstream protocol wants.
-fn rewrite_request(
-    req: &mut Request<Incoming>,
-    forwarded_for: &HeaderValue,
-    upgrade: bool,
-    h2: bool,
-) {
+fn rewrite_request(req: &mut Request<Incoming>, peer: &Peer, upgrade: bool, h2: bool) {
     // The authority is copied only when it has to move (into the h2 `:authority`, or
     // into a Host header an h2 client did not send).
     // An absolute-form target's authority replaces Host (RFC 9112 §3.2.2); otherwise
@@ -426,18 +420,19 @@ fn rewrite_request(
     };
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
+    let forwarded_for = &peer.forwarded_for;
     let xff = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(prev) => HeaderValue::from_bytes(&crate::rules::forwarded_for(
+        Some(prev) if peer.trusted => HeaderValue::from_bytes(&crate::rules::forwarded_for(
             Some(prev),
             forwarded_for.as_bytes(),
         ))
         .ok(),
-        None => Some(forwarded_for.clone()),
+        _ => Some(forwarded_for.clone()),
     };
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if !peer.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
     }
     if h2 {

@@ -23,6 +23,15 @@ pub struct Route {
     pub h2c: bool,
 }
 
+/// The client of a connection, as the pod is told of it.
+pub struct Peer {
+    /// The client's address as an `X-Forwarded-For` value.
+    pub forwarded_for: http::HeaderValue,
+    /// The client is a trusted proxy (`--trusted-proxies`): the `X-Forwarded-For` it
+    /// sends is extended and its `X-Forwarded-Proto` kept; anyone else's are replaced.
+    pub trusted: bool,
+}
+
 /// What the data paths share: admission, the pool, the pods' response timeout.
 pub struct Proxy {
     pub admit: Admission,
