@@ -79,7 +79,7 @@ CONF
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 65536
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s
