@@ -305,6 +305,13 @@ pub async fn ensure_snooze() {
                     "180s",
                     "--set",
                     "logFormat=text",
+                    // Low, so that tenancy.rs can reach it (no other test uses more
+                    // than 6 ports in a namespace).
+                    "--set",
+                    "operator.maxPortsPerNamespace=10",
+                    // NodePort for paths.rs; LoadBalancer stays refused (tenancy.rs).
+                    "--set",
+                    "admissionPolicy.allowedServiceTypes={ClusterIP,NodePort}",
                 ],
             )
             .await;

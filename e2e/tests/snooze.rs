@@ -1601,3 +1601,54 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
     assert!(ok, "helm test failed:\n{out}");
     assert!(out.contains("Phase:          Succeeded"), "{out}");
 }
+
+/// The one writer of replicas (issue 28): two deciders at once. Decider A (an idle
+/// step down, one replica at a time) read 3 replicas; decider B (the load wants 5)
+/// writes first. A's write, decided on 3, is refused by its precondition, and A decides
+/// again on the 5 that are there: 4. Without the precondition A would write 2 and B's
+/// scale-up would be lost.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_replica_decision_made_on_a_stale_read_is_made_again_not_written() {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    use snooze_operator::replicas::{self, Applied};
+    in_namespace("writer", |client, ns| async move {
+        app(&client, &ns, "web", 3, &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        let t = Duration::from_secs(10);
+        let seen = replicas::read(&api, "web", t).await.unwrap();
+        assert_eq!(seen.replicas, 3);
+        let (b, _) = replicas::apply(&api, "web", None, t, |_| Some((5, "load")))
+            .await
+            .unwrap();
+        assert_eq!(
+            b,
+            Applied::Changed {
+                from: 3,
+                to: 5,
+                why: "load"
+            }
+        );
+        let mut shown = Vec::new();
+        let (a, conflicts) = replicas::apply(&api, "web", Some(seen), t, |now| {
+            shown.push(now);
+            Some((now - 1, "idle"))
+        })
+        .await
+        .unwrap();
+        assert_eq!(shown, vec![3, 5], "decided on the stale read, then again");
+        assert_eq!(conflicts, 1);
+        assert_eq!(
+            a,
+            Applied::Changed {
+                from: 5,
+                to: 4,
+                why: "idle"
+            }
+        );
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 4);
+    })
+    .await;
+}

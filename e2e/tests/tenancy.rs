@@ -266,3 +266,163 @@ async fn the_stats_stream_is_for_the_operator_alone() {
     })
     .await;
 }
+
+/// One namespace cannot take the whole activator port range: over its limit (10 in
+/// the tests' install, `operator.maxPortsPerNamespace`) a ScaledService is refused with
+/// a reason, the ports it was being given go back, and the namespace's other
+/// ScaledServices are programmed as before.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_namespace_cannot_take_more_activator_ports_than_its_limit() {
+    ensure_snooze().await;
+    in_namespace("portlimit", |client, ns| async move {
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        // A Service with 11 TCP ports, one more than the namespace may hold.
+        app(&client, &ns, "big", 0, &[]).await;
+        let ports: Vec<serde_json::Value> = (0..11)
+            .map(|i| serde_json::json!({"name": format!("p{i}"), "port": 8000 + i, "targetPort": "http"}))
+            .collect();
+        services
+            .patch(
+                "big",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"spec": {"ports": ports}})),
+            )
+            .await
+            .unwrap();
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("big", 0, 1, "5m"))
+            .await
+            .unwrap();
+        let msg = wait_for("NamespacePortLimit", T, || async {
+            let (r, m) = ready_reason(&ssvcs, "big").await?;
+            (r == "False NamespacePortLimit")
+                .then_some(m.clone())
+                .ok_or(format!("{r}: {m}"))
+        })
+        .await;
+        assert!(msg.contains(&format!("namespace {ns} holds 10 activator ports")), "{msg}");
+        assert!(
+            services.get_opt("big-snooze").await.unwrap().is_none(),
+            "no managed Service for a refused ScaledService"
+        );
+        // The ports it was being given went back: a small one is programmed.
+        app(&client, &ns, "small", 0, &[]).await;
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("small", 0, 1, "5m"))
+            .await
+            .unwrap();
+        wait_for("small Ready=True", T, || async {
+            let (r, m) = ready_reason(&ssvcs, "small").await?;
+            r.starts_with("True").then_some(()).ok_or(format!("{r}: {m}"))
+        })
+        .await;
+    })
+    .await;
+}
+
+/// `client` acting as `user` (impersonated): what a namespace's team member can do.
+async fn as_user(user: &str) -> kube::Client {
+    let mut config = kube::Config::infer().await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(user.to_string());
+    kube::Client::try_from(config).expect("client")
+}
+
+/// A Role of `rules` in `ns` bound to `user`.
+async fn grant(client: &kube::Client, ns: &str, user: &str, role: &str, rules: serde_json::Value) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+    let r: Role =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": role}, "rules": rules}))
+            .unwrap();
+    roles.create(&PostParams::default(), &r).await.unwrap();
+    let b: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .unwrap();
+    bindings.create(&PostParams::default(), &b).await.unwrap();
+}
+
+/// A ScaledService whose author may not scale the workload, or make the Service type
+/// asked for, is refused at apply time with a message that says which right is
+/// missing (the chart's ValidatingAdmissionPolicy); with the rights, it is admitted.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn authors_cannot_do_through_snooze_what_they_may_not_do_themselves() {
+    ensure_snooze().await;
+    in_namespace("authors", |client, ns| async move {
+        app(&client, &ns, "web", 0, &[]).await;
+        // Alice may manage ScaledServices and read Deployments in her namespace, no more.
+        grant(
+            &client,
+            &ns,
+            "alice",
+            "ssvc-author",
+            serde_json::json!([
+                {"apiGroups": ["snooze.dev"], "resources": ["scaledservices"], "verbs": ["*"]},
+                {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"]},
+            ]),
+        )
+        .await;
+        let alice = as_user("alice").await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(alice.clone(), &ns);
+        let refused = |r: Result<ScaledService, kube::Error>| match r {
+            Err(kube::Error::Api(e)) => format!("{} {}", e.code, e.message),
+            Ok(_) => "admitted".to_string(),
+            Err(e) => format!("other error: {e}"),
+        };
+        let mut ss = scaled_service("web", 0, 1, "5m");
+        let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
+        assert!(
+            msg.starts_with("403") && msg.contains("you may not update the scale of Deployment web"),
+            "{msg}"
+        );
+        // With the right to scale it: NodePort needs the right to create Services.
+        grant(
+            &client,
+            &ns,
+            "alice",
+            "scaler",
+            serde_json::json!([{"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "update", "patch"]}]),
+        )
+        .await;
+        ss.spec.service_type = snooze_crds::ServiceType::NodePort;
+        let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
+        assert!(
+            msg.contains("serviceType NodePort needs the right to create Services"),
+            "{msg}"
+        );
+        // LoadBalancer is not in the allowed list (the tests allow ClusterIP and NodePort).
+        grant(
+            &client,
+            &ns,
+            "alice",
+            "services",
+            serde_json::json!([{"apiGroups": [""], "resources": ["services"], "verbs": ["create"]}]),
+        )
+        .await;
+        ss.spec.service_type = snooze_crds::ServiceType::LoadBalancer;
+        let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
+        assert!(
+            msg.contains("serviceType LoadBalancer is not allowed in this cluster"),
+            "{msg}"
+        );
+        // Within her rights: admitted, and programmed by the operator as usual.
+        ss.spec.service_type = snooze_crds::ServiceType::NodePort;
+        assert_eq!(
+            refused(ssvcs.create(&PostParams::default(), &ss).await),
+            "admitted"
+        );
+        let admin: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        wait_for("web Ready=True", T, || async {
+            let (r, m) = ready_reason(&admin, "web").await?;
+            r.starts_with("True").then_some(()).ok_or(format!("{r}: {m}"))
+        })
+        .await;
+    })
+    .await;
+}

@@ -42,6 +42,10 @@ pub struct Args {
     pub port_range_start: u16,
     #[arg(long, env = "SNOOZE_PORT_RANGE_END", default_value_t = 29999)]
     pub port_range_end: u16,
+    /// Most activator ports the ScaledServices of one namespace may hold (one per
+    /// Service port), so one team cannot take the whole range.
+    #[arg(long, env = "SNOOZE_MAX_PORTS_PER_NAMESPACE", default_value_t = 1000)]
+    pub max_ports_per_namespace: usize,
     /// The activators' ceiling on one service's held requests (the chart's
     /// `activator.maxQueuedPerService`): each activator's share of
     /// `maxQueuedRequests` is clamped to it in `status.maxQueuedPerActivator`.

@@ -29,6 +29,7 @@ use crate::decision::{self, Load, Policy, Reason};
 use crate::metrics::{Metrics, ScaleLabels, ServiceLabels};
 use crate::objects;
 use crate::ports::{Exhausted, PortAllocator};
+use crate::replicas::{self, Applied};
 use crate::stats::StatsStore;
 use crate::status::{self, Problem};
 use crate::{bypass, wakefail};
@@ -110,6 +111,12 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error(transparent)]
     Ports(#[from] Exhausted),
+    #[error("writing the replicas of {workload}: {source}")]
+    Replicas {
+        workload: String,
+        #[source]
+        source: replicas::WriteError,
+    },
 }
 
 impl Error {
@@ -121,6 +128,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Timeout => "timeout",
             Error::Ports(_) => "ports_exhausted",
+            Error::Replicas { .. } => "replicas",
             Error::Finalizer(f) => match f.as_ref() {
                 F::ApplyFailed(e) | F::CleanupFailed(e) => e.metric_label(),
                 F::AddFinalizer(_) | F::RemoveFinalizer(_) => "finalizer_patch",
@@ -280,18 +288,44 @@ pub async fn autoscale_tick(
             }
             continue;
         }
-        let Ok(Ok(api)) = scale_api(ctx, &ss).await else {
-            continue;
+        let api = match scale_api(ctx, &ss).await {
+            Ok(Ok(api)) => api,
+            Ok(Err(p)) => {
+                debug!(service = ?key, "autoscale: {}", p.message);
+                continue;
+            }
+            Err(e) => {
+                ctx.metrics.tick_errors.inc();
+                warn!(service = ?key, "autoscale: discovery: {e}");
+                continue;
+            }
         };
-        match scale_to(ctx, &ss, &api, current, d.desired, d.reason, None).await {
-            Ok(()) => {
+        // Decided on the cached replicas; written only to the workload as it is now,
+        // decided again (bounds, idle, the load's wish) if it changed meanwhile.
+        let idle = idle_since(ctx, &ss);
+        let mut first = Some(d);
+        let decide = |now: i32| {
+            let d = match first.take() {
+                Some(d) if now == current => d,
+                _ => decision::decide(&pol, now, &load, SystemTime::now(), idle),
+            };
+            Some((d.desired, d.reason))
+        };
+        match change_replicas(ctx, &ss, &api, None, None, decide).await {
+            Ok(Applied::Changed { to, why, .. }) => {
                 ctx.state(&key, |st| {
-                    st.replicas = Some((d.desired, ready));
-                    st.last_scale = Some((now_time(), d.reason.as_str().into()));
+                    st.replicas = Some((to, ready));
+                    st.last_scale = Some((now_time(), why.as_str().into()));
                 });
                 let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
             }
-            Err(e) => warn!(service = ?key, "autoscale: {e}"),
+            Ok(Applied::Unchanged { replicas }) => {
+                ctx.state(&key, |st| st.replicas = Some((replicas, ready)));
+            }
+            Err(e) => {
+                ctx.metrics.tick_errors.inc();
+                warn!(service = ?key, "autoscale: {e}");
+            }
         }
     }
 }
@@ -542,6 +576,27 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         },
     };
 
+    // Activator ports, one per Service port: refused when the range is full or the
+    // namespace holds its limit, which the status says.
+    let mut problem = problem;
+    let mut ports = Vec::new();
+    if problem.is_none()
+        && let Some(backend) = &backend
+    {
+        let assigned = {
+            let mut alloc = ctx.ports.lock();
+            objects::port_statuses(&ss, backend, &mut alloc)
+        };
+        match assigned {
+            Ok(p) => ports = p,
+            Err(e) => {
+                problem = Some(Problem {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
     if let Some(p) = problem {
         let ready = objects::condition(
             &old.conditions,
@@ -583,10 +638,6 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     };
 
     // 2. Routing objects.
-    let ports = {
-        let mut alloc = ctx.ports.lock();
-        objects::port_statuses(&ss, &backend, &mut alloc)?
-    };
     let activators = ctx.activators.borrow().clone();
     let serving = serving_activators(ctx, &activators, &ports);
     let want_svc = objects::managed_service(&ss, &ports);
@@ -648,10 +699,37 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         d.desired = current;
         d.recheck_in = Some(d.recheck_in.unwrap_or(Duration::from_secs(30)));
     }
+    let mut written = current;
     if d.desired != current {
-        scale_to(ctx, &ss, &scale_api, current, d.desired, d.reason, None).await?;
-        status.last_scale_time = Some(now.clone());
-        status.last_scale_reason = Some(d.reason.as_str().into());
+        // Decided on the /scale just read; if the workload changed since, the bounds
+        // and wakes are decided again on what is there (idle and load stay the tick's).
+        let read = replicas::Read {
+            replicas: current,
+            version: scale.metadata.resource_version.clone(),
+        };
+        let pol = policy(&ss);
+        let idle = idle_since(ctx, &ss);
+        let mut first = Some(d);
+        let decide = |now: i32| {
+            let d = match first.take() {
+                Some(d) => d,
+                None => decision::decide(&pol, now, &load, SystemTime::now(), idle),
+            };
+            (!matches!(d.reason, Reason::Idle | Reason::Load)).then_some((d.desired, d.reason))
+        };
+        match change_replicas(ctx, &ss, &scale_api, Some(read), None, decide).await? {
+            Applied::Changed { to, why, .. } => {
+                written = to;
+                d.desired = to;
+                d.reason = why;
+                status.last_scale_time = Some(now.clone());
+                status.last_scale_reason = Some(why.as_str().into());
+            }
+            Applied::Unchanged { replicas } => {
+                written = replicas;
+                d.desired = replicas;
+            }
+        }
     }
 
     // 4. Status.
@@ -670,11 +748,7 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         status.last_scale_time = Some(t);
         status.last_scale_reason = Some(why);
     }
-    status.replicas = Some(if d.desired != current {
-        d.desired
-    } else {
-        current
-    });
+    status.replicas = Some(written);
     status.ready_replicas = Some(ready_replicas);
     status.desired_replicas = Some(d.desired);
     status.service_name = Some(svc_name.clone());
@@ -921,26 +995,40 @@ async fn workload_pods(
     Ok(list.items)
 }
 
-/// Writes the replicas through the `/scale` subresource and records why.
-pub async fn scale_to(
+/// Hands a decision on a workload's replicas to the one writer (`replicas::apply`:
+/// optimistic concurrency, decided again on conflict) and records the change it made:
+/// counted by reason, logged, told as an Event.
+pub async fn change_replicas(
     ctx: &Context,
     ss: &ScaledService,
     api: &Api<DynamicObject>,
+    first: Option<replicas::Read>,
+    woken_at: Option<Instant>,
+    decide: impl FnMut(i32) -> Option<(i32, Reason)>,
+) -> Result<Applied<Reason>, Error> {
+    let workload = &ss.spec.scale_target_ref.name;
+    let (applied, conflicts) = replicas::apply(api, workload, first, ctx.api_timeout, decide)
+        .await
+        .map_err(|source| Error::Replicas {
+            workload: format!("{}/{workload}", ss.namespace().unwrap_or_default()),
+            source,
+        })?;
+    ctx.metrics.scale_conflicts.inc_by(u64::from(conflicts));
+    if let Applied::Changed { from, to, why } = applied {
+        record_change(ctx, ss, from, to, why, woken_at).await;
+    }
+    Ok(applied)
+}
+
+/// Counts, logs and tells one change of replicas that was written.
+async fn record_change(
+    ctx: &Context,
+    ss: &ScaledService,
     from: i32,
     to: i32,
     reason: Reason,
     woken_at: Option<Instant>,
-) -> Result<(), Error> {
-    let pp = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..Default::default()
-    };
-    let patch = json!({"spec": {"replicas": to}});
-    timed(
-        ctx,
-        api.patch_scale(&ss.spec.scale_target_ref.name, &pp, &Patch::Merge(&patch)),
-    )
-    .await?;
+) {
     ctx.metrics.api_writes.inc();
     ctx.metrics
         .scale_actions
@@ -994,7 +1082,6 @@ pub async fn scale_to(
         ),
     )
     .await;
-    Ok(())
 }
 
 async fn write_status(
@@ -1063,19 +1150,17 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
     if other_claimants(ctx, &ss).is_empty()
         && let Ok(api) = scale_api(ctx, &ss).await?
     {
-        match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
-            Ok(scale) => {
-                let current = scale.spec.and_then(|s| s.replicas).unwrap_or(0);
-                // The replicas it had before Snooze first changed them, 0 included (an
-                // older status without the record: 1, so the workload runs).
-                let restore = decision::restore_replicas(
-                    ss.status.as_ref().and_then(|s| s.original_replicas),
-                );
-                if current != restore {
-                    scale_to(ctx, &ss, &api, current, restore, Reason::Steady, None).await?;
-                }
-            }
-            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {}
+        // The replicas it had before Snooze first changed them, 0 included (an older
+        // status without the record: 1, so the workload runs).
+        let restore =
+            decision::restore_replicas(ss.status.as_ref().and_then(|s| s.original_replicas));
+        let decide = |_now: i32| Some((restore, Reason::Steady));
+        match change_replicas(ctx, &ss, &api, None, None, decide).await {
+            Ok(_) => {}
+            Err(Error::Replicas {
+                source: replicas::WriteError::Api(kube::Error::Api(e)),
+                ..
+            }) if e.code == 404 => {}
             Err(e) => return Err(e),
         }
     }
@@ -1150,22 +1235,27 @@ async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result
     let Ok(api) = scale_api(ctx, &ss).await? else {
         return Ok(false);
     };
-    let scale = timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await?;
-    let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
     let load = Load {
         wake: true,
         ..Default::default()
     };
-    let d = decision::decide(&policy(&ss), current, &load, SystemTime::now(), ctx.started);
-    if d.desired != current && d.reason == Reason::Wake {
-        scale_to(ctx, &ss, &api, current, d.desired, d.reason, Some(received)).await?;
-        ctx.state(key, |st| {
-            st.replicas = Some((d.desired, 0));
-            st.last_scale = Some((now_time(), d.reason.as_str().into()));
-        });
-        return Ok(true);
+    let pol = policy(&ss);
+    // A wake only raises from zero, decided on the replicas read (a conflict means the
+    // workload changed: decided again on what is there, usually no longer zero).
+    let decide = |now: i32| {
+        let d = decision::decide(&pol, now, &load, SystemTime::now(), ctx.started);
+        (d.reason == Reason::Wake).then_some((d.desired, d.reason))
+    };
+    match change_replicas(ctx, &ss, &api, None, Some(received), decide).await? {
+        Applied::Changed { to, why, .. } => {
+            ctx.state(key, |st| {
+                st.replicas = Some((to, 0));
+                st.last_scale = Some((now_time(), why.as_str().into()));
+            });
+            Ok(true)
+        }
+        Applied::Unchanged { .. } => Ok(false),
     }
-    Ok(false)
 }
 
 #[cfg(test)]
@@ -1182,7 +1272,9 @@ mod tests {
                 "timeout",
             ),
             (
-                Error::Finalizer(Box::new(F::CleanupFailed(Error::Ports(Exhausted(1..=2))))),
+                Error::Finalizer(Box::new(F::CleanupFailed(Error::Ports(Exhausted::Range(
+                    1..=2,
+                ))))),
                 "ports_exhausted",
             ),
             (

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod objects;
 pub mod ports;
 pub mod probe;
+pub mod replicas;
 pub mod run;
 pub mod schedule;
 pub mod stats;

@@ -44,6 +44,12 @@ pub struct Metrics {
     pub watch_errors: Family<WatchLabels, Counter>,
     pub stats_streams: Gauge,
     pub wake_to_patch: Histogram,
+    /// Replica writes refused because the workload changed since it was read (each
+    /// re-read and decided again).
+    pub scale_conflicts: Counter,
+    /// Autoscaler ticks that could not act on a service (discovery or a replica write
+    /// failed; logged, tried again at the next tick).
+    pub tick_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -71,7 +77,19 @@ impl Metrics {
             watch_errors: Family::default(),
             stats_streams: Gauge::default(),
             wake_to_patch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            scale_conflicts: Counter::default(),
+            tick_errors: Counter::default(),
         };
+        registry.register(
+            "tick_errors",
+            "Autoscaler actions that failed (discovery or a replica write), tried again at the next tick",
+            m.tick_errors.clone(),
+        );
+        registry.register(
+            "scale_conflicts",
+            "Replica writes refused because the workload changed since it was read (decided again)",
+            m.scale_conflicts.clone(),
+        );
         registry.register("reconciles", "Reconciliations run", m.reconciles.clone());
         registry.register(
             "reconcile_errors",

@@ -30,12 +30,21 @@ pub fn port_statuses(
     let name = ss.name_any();
     let mut out = Vec::new();
     let mut keys = Vec::new();
+    // A refusal gives back what this call assigned, and only that: the ports the
+    // ScaledService held before stay its (its managed objects still name them).
+    let before = alloc.keys_of(&ns, &name);
     for p in backend.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
         if p.protocol.as_deref().is_some_and(|pr| pr != "TCP") {
             continue;
         }
         let key = PortKey::new(&ns, &name, &port_id(p.name.as_deref(), p.port));
-        let activator_port = alloc.assign(&key)?;
+        let activator_port = match alloc.assign(&key) {
+            Ok(p) => p,
+            Err(e) => {
+                alloc.retain(&ns, &name, &before);
+                return Err(e);
+            }
+        };
         keys.push(key);
         out.push(PortStatus {
             name: p.name.clone().filter(|n| !n.is_empty()),
@@ -267,6 +276,31 @@ mod tests {
             ]}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_refused_port_gives_back_only_what_the_call_assigned() {
+        // Room for one more port in the namespace: the second of the backend's two
+        // TCP ports is refused, and the first is given back.
+        let mut alloc = PortAllocator::with_namespace_limit(20000..=20100, 2);
+        alloc
+            .assign(&PortKey::new("shop", "other", "http"))
+            .unwrap();
+        let e = port_statuses(&ss(), &backend(), &mut alloc).unwrap_err();
+        assert_eq!(e.reason(), "NamespacePortLimit");
+        assert_eq!(alloc.in_namespace("shop"), 1);
+        assert!(alloc.keys_of("shop", "web").is_empty());
+        // Ports it held before stay its.
+        let mut alloc = PortAllocator::with_namespace_limit(20000..=20100, 2);
+        alloc.assign(&PortKey::new("shop", "web", "http")).unwrap();
+        alloc
+            .assign(&PortKey::new("shop", "other", "http"))
+            .unwrap();
+        assert!(port_statuses(&ss(), &backend(), &mut alloc).is_err());
+        assert_eq!(
+            alloc.keys_of("shop", "web"),
+            vec![PortKey::new("shop", "web", "http")]
+        );
     }
 
     #[test]

@@ -27,24 +27,77 @@ impl PortKey {
     }
 }
 
+/// Why a port was not given.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("no free activator port left in {0:?}")]
-pub struct Exhausted(pub RangeInclusive<u16>);
+pub enum Exhausted {
+    #[error("no free activator port left in {0:?}")]
+    Range(RangeInclusive<u16>),
+    #[error(
+        "namespace {namespace} holds {limit} activator ports, its limit (the operator's --max-ports-per-namespace, chart operator.maxPortsPerNamespace)"
+    )]
+    Namespace { namespace: String, limit: usize },
+}
+
+impl Exhausted {
+    /// The reason on the ScaledService's `Ready` condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Exhausted::Range(_) => "NoActivatorPort",
+            Exhausted::Namespace { .. } => "NamespacePortLimit",
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct PortAllocator {
     range: RangeInclusive<u16>,
     by_key: HashMap<PortKey, u16>,
     by_port: BTreeMap<u16, PortKey>,
+    /// Ports held by each namespace, and the most one may hold: one team cannot take
+    /// the whole range.
+    per_namespace: HashMap<String, usize>,
+    max_per_namespace: usize,
 }
 
 impl PortAllocator {
     pub fn new(range: RangeInclusive<u16>) -> Self {
+        Self::with_namespace_limit(range, usize::MAX)
+    }
+
+    pub fn with_namespace_limit(range: RangeInclusive<u16>, max_per_namespace: usize) -> Self {
         Self {
             range,
             by_key: HashMap::new(),
             by_port: BTreeMap::new(),
+            per_namespace: HashMap::new(),
+            max_per_namespace,
         }
+    }
+
+    fn insert(&mut self, key: PortKey, port: u16) {
+        if let Some(old) = self.by_key.insert(key.clone(), port) {
+            self.by_port.remove(&old);
+        } else {
+            *self.per_namespace.entry(key.namespace.clone()).or_default() += 1;
+        }
+        self.by_port.insert(port, key);
+    }
+
+    fn remove(&mut self, key: &PortKey) {
+        if let Some(p) = self.by_key.remove(key) {
+            self.by_port.remove(&p);
+            if let Some(n) = self.per_namespace.get_mut(&key.namespace) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_namespace.remove(&key.namespace);
+                }
+            }
+        }
+    }
+
+    /// Ports held by a namespace.
+    pub fn in_namespace(&self, namespace: &str) -> usize {
+        self.per_namespace.get(namespace).copied().unwrap_or(0)
     }
 
     /// Records a port found in a status. Returns false when another key holds it (or
@@ -57,28 +110,33 @@ impl PortAllocator {
         match self.by_port.get(&port) {
             Some(k) if *k != key => false,
             Some(_) => true,
+            // Ports found in statuses are kept whatever the namespace limit (they were
+            // given before it, or before a restart): only new ones are refused.
             None => {
-                if let Some(old) = self.by_key.insert(key.clone(), port) {
-                    self.by_port.remove(&old);
-                }
-                self.by_port.insert(port, key);
+                self.insert(key, port);
                 true
             }
         }
     }
 
-    /// The port of `key`: its current one, or the lowest free one.
+    /// The port of `key`: its current one, or the lowest free one while its namespace
+    /// is under its limit.
     pub fn assign(&mut self, key: &PortKey) -> Result<u16, Exhausted> {
         if let Some(p) = self.by_key.get(key) {
             return Ok(*p);
+        }
+        if self.in_namespace(&key.namespace) >= self.max_per_namespace {
+            return Err(Exhausted::Namespace {
+                namespace: key.namespace.clone(),
+                limit: self.max_per_namespace,
+            });
         }
         let free = self
             .range
             .clone()
             .find(|p| !self.by_port.contains_key(p))
-            .ok_or_else(|| Exhausted(self.range.clone()))?;
-        self.by_key.insert(key.clone(), free);
-        self.by_port.insert(free, key.clone());
+            .ok_or_else(|| Exhausted::Range(self.range.clone()))?;
+        self.insert(key.clone(), free);
         Ok(free)
     }
 
@@ -91,6 +149,15 @@ impl PortAllocator {
         self.by_port.get(&port)
     }
 
+    /// The keys of a ScaledService's ports.
+    pub fn keys_of(&self, namespace: &str, name: &str) -> Vec<PortKey> {
+        self.by_key
+            .keys()
+            .filter(|k| k.same_service(namespace, name))
+            .cloned()
+            .collect()
+    }
+
     /// Frees the ports of a ScaledService except those in `keep`.
     pub fn retain(&mut self, namespace: &str, name: &str, keep: &[PortKey]) {
         let drop: Vec<PortKey> = self
@@ -100,9 +167,7 @@ impl PortAllocator {
             .cloned()
             .collect();
         for k in drop {
-            if let Some(p) = self.by_key.remove(&k) {
-                self.by_port.remove(&p);
-            }
+            self.remove(&k);
         }
     }
 
@@ -134,7 +199,31 @@ mod tests {
         assert_eq!(a.assign(&k("b", "http")), Ok(20001));
         assert_eq!(a.assign(&k("a", "http")), Ok(20000));
         assert_eq!(a.assign(&k("a", "grpc")), Ok(20002));
-        assert_eq!(a.assign(&k("c", "http")), Err(Exhausted(20000..=20002)));
+        assert_eq!(
+            a.assign(&k("c", "http")),
+            Err(Exhausted::Range(20000..=20002))
+        );
+    }
+
+    #[test]
+    fn a_namespace_cannot_take_more_than_its_limit() {
+        let mut a = PortAllocator::with_namespace_limit(20000..=20010, 2);
+        assert_eq!(a.assign(&k("a", "http")), Ok(20000));
+        assert_eq!(a.assign(&k("a", "grpc")), Ok(20001));
+        // Its own ports stay its; a third is refused, other namespaces go on.
+        assert_eq!(a.assign(&k("a", "http")), Ok(20000));
+        assert_eq!(
+            a.assign(&k("b", "http")),
+            Err(Exhausted::Namespace {
+                namespace: "ns".into(),
+                limit: 2
+            })
+        );
+        assert_eq!(a.assign(&PortKey::new("other", "b", "http")), Ok(20002));
+        // Freed ports give room again.
+        a.release("ns", "a");
+        assert_eq!(a.in_namespace("ns"), 0);
+        assert_eq!(a.assign(&k("b", "http")), Ok(20000));
     }
 
     #[test]

@@ -44,7 +44,10 @@ async fn seed_ports(api: &Api<ScaledService>, args: &Args) -> PortAllocator {
             }
         }
     };
-    let mut alloc = PortAllocator::new(args.port_range_start..=args.port_range_end);
+    let mut alloc = PortAllocator::with_namespace_limit(
+        args.port_range_start..=args.port_range_end,
+        args.max_ports_per_namespace,
+    );
     existing.sort_by_key(|s| (s.metadata.creation_timestamp.clone(), s.name_any()));
     for ss in &existing {
         for p in ss.status.iter().flat_map(|s| s.ports.iter()) {
