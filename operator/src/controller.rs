@@ -267,7 +267,7 @@ pub async fn autoscale_tick(
         let d = decision::decide(&pol, current, &load, now, idle_since(ctx, &ss));
         if d.desired == current {
             // The status shows the last request within a couple of seconds (the
-            // reconcile writes it at most every 10 s).
+            // reconcile writes it at most once a minute, `status::LAST_REQUEST_RESOLUTION`).
             let shown = ss
                 .status
                 .as_ref()
@@ -282,7 +282,7 @@ pub async fn autoscale_tick(
             if timed_out
                 || load
                     .last_request
-                    .is_some_and(|t| shown.is_none_or(|s| t >= s + Duration::from_secs(10)))
+                    .is_some_and(|t| status::show_last_request(shown, t))
             {
                 let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
             }

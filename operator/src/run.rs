@@ -99,7 +99,12 @@ pub async fn lead(
             act.changed().await?;
         }
     });
-    let (store, st) = (stats_store.clone(), stop.child_token());
+    // Everything of this leadership term stops with it, however `lead` ends (returns,
+    // fails, or is dropped when the lease is lost): the term's token is cancelled when
+    // this guard drops, and every task not under the supervisor hangs from it.
+    let term = stop.child_token();
+    let _term_ends = term.clone().drop_guard();
+    let (store, st) = (stats_store.clone(), term.child_token());
     let token_file = (!args.stats_token_file.is_empty())
         .then(|| std::sync::Arc::new(std::path::PathBuf::from(&args.stats_token_file)));
     tasks.spawn("stats streams", async move {
