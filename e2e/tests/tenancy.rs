@@ -375,6 +375,22 @@ async fn authors_cannot_do_through_snooze_what_they_may_not_do_themselves() {
             Ok(_) => "admitted".to_string(),
             Err(e) => format!("other error: {e}"),
         };
+        // A new RoleBinding reaches the API server's authorizer a moment later (its
+        // RBAC cache follows a watch): after each grant, the answer is asked again
+        // until the right just granted is no longer the one missing (bounded).
+        let create_after_grant = |ss: ScaledService, granted: &'static str| {
+            let ssvcs = ssvcs.clone();
+            async move {
+                let start = std::time::Instant::now();
+                loop {
+                    let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
+                    if !msg.contains(granted) || start.elapsed() > Duration::from_secs(10) {
+                        return msg;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         let mut ss = scaled_service("web", 0, 1, "5m");
         let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
         assert!(
@@ -391,7 +407,7 @@ async fn authors_cannot_do_through_snooze_what_they_may_not_do_themselves() {
         )
         .await;
         ss.spec.service_type = snooze_crds::ServiceType::NodePort;
-        let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
+        let msg = create_after_grant(ss.clone(), "may not update the scale").await;
         assert!(
             msg.contains("serviceType NodePort needs the right to create Services"),
             "{msg}"
@@ -406,7 +422,7 @@ async fn authors_cannot_do_through_snooze_what_they_may_not_do_themselves() {
         )
         .await;
         ss.spec.service_type = snooze_crds::ServiceType::LoadBalancer;
-        let msg = refused(ssvcs.create(&PostParams::default(), &ss).await);
+        let msg = create_after_grant(ss.clone(), "needs the right to create Services").await;
         assert!(
             msg.contains("serviceType LoadBalancer is not allowed in this cluster"),
             "{msg}"
@@ -414,7 +430,7 @@ async fn authors_cannot_do_through_snooze_what_they_may_not_do_themselves() {
         // Within her rights: admitted, and programmed by the operator as usual.
         ss.spec.service_type = snooze_crds::ServiceType::NodePort;
         assert_eq!(
-            refused(ssvcs.create(&PostParams::default(), &ss).await),
+            create_after_grant(ss.clone(), "needs the right to create Services").await,
             "admitted"
         );
         let admin: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
