@@ -246,7 +246,7 @@ pub async fn run(
 
     // The wake signal's arrival is derived: the patch as the watch saw it, less the
     // operator's own wake → patch time (so it includes the watch's delivery).
-    const SEGMENTS: [&str; 10] = [
+    const SEGMENTS: [&str; 11] = [
         "request → scale patch seen",
         "  of which request → wake signal at the operator",
         "  of which the operator's wake → patch",
@@ -257,6 +257,7 @@ pub async fn run(
         "total − pod created → Ready (Snooze + kube)",
         "the app's own start-up (process → listening)",
         "total − the app's own start-up",
+        "listening → first request (activator share)",
     ];
     let mut segs: Vec<Vec<f64>> = vec![Vec::new(); SEGMENTS.len()];
     let mut last: Option<Instant> = None;
@@ -277,10 +278,17 @@ pub async fn run(
         let first_byte = t0.elapsed();
         anyhow::ensure!(status == 200, "round {round}: {status} {body}");
         // The app's own start-up, as it measured it (one pod: maxReplicas 1).
-        let startup_ms =
+        // And, as the app saw it, from listening to the first request it was sent (the
+        // activator's share of the cold start once the app listens: probe, connect,
+        // forward).
+        let (startup_ms, share_ms) =
             match http_get(&format!("http://{target}/startup"), Duration::from_secs(5)).await {
-                Ok((200, b)) => b.trim().parse::<f64>().ok().map(|us| us / 1000.0),
-                _ => None,
+                Ok((200, b)) => {
+                    let mut f = b.split_whitespace().map(|v| v.parse::<f64>().ok());
+                    let us = |v: Option<Option<f64>>| v.flatten().map(|us| us / 1000.0);
+                    (us(f.next()), us(f.next()))
+                }
+                _ => (None, None),
             };
         // The Ready event may trail the answer by the watch's delivery time.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -314,6 +322,9 @@ pub async fn run(
         if let Some(st) = startup_ms {
             segs[8].push(st);
             segs[9].push(total - st);
+        }
+        if let Some(share) = share_ms {
+            segs[10].push(share);
         }
         eprintln!(
             "round {round}: patch {:.0} ms, created {:.0}, ready {}, first byte {:.0} ms, app start-up {}",

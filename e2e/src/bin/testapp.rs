@@ -71,6 +71,9 @@ struct App {
     ready_after: Duration,
     delay: Duration,
     requests: AtomicU64,
+    /// From listening to the first request that is not a health check or `/startup`:
+    /// for a cold start through Snooze, the activator's share once the app listens.
+    first_request: std::sync::OnceLock<Duration>,
 }
 
 fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
@@ -88,9 +91,22 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     app.requests.fetch_add(1, Ordering::Relaxed);
+    if !matches!(req.uri().path(), "/healthz" | "/ready" | "/startup") {
+        let _ = app.first_request.set(app.started.elapsed());
+    }
     let mut resp = match req.uri().path() {
         "/healthz" => full(StatusCode::OK, "ok\n"),
-        "/startup" => full(StatusCode::OK, format!("{}\n", app.startup.as_micros())),
+        // The app's start-up, and listening → its first request, in µs ("-" if none).
+        "/startup" => full(
+            StatusCode::OK,
+            format!(
+                "{} {}\n",
+                app.startup.as_micros(),
+                app.first_request
+                    .get()
+                    .map_or("-".to_string(), |d| d.as_micros().to_string())
+            ),
+        ),
         "/ready" => {
             if app.started.elapsed() >= app.ready_after {
                 full(StatusCode::OK, "ready\n")
@@ -351,6 +367,7 @@ async fn main() -> anyhow::Result<()> {
         ready_after: Duration::from_millis(args.ready_delay_ms),
         delay: Duration::from_millis(args.delay_ms),
         requests: AtomicU64::new(0),
+        first_request: std::sync::OnceLock::new(),
     });
     eprintln!("testapp: listening on {listen}");
 
