@@ -70,6 +70,15 @@ enum Cmd {
         requests: usize,
         #[arg(long, default_value_t = 1000)]
         max_queued: u64,
+        /// An activator endpoint (IP:port of a cold service) to send the burst to,
+        /// instead of an activator in this process (e.g. one in the local cluster).
+        #[arg(long)]
+        target: Option<std::net::SocketAddr>,
+        /// Each client opens its connection at the same moment and is timed from its
+        /// connect (as a burst of new clients is); otherwise all connect first and are
+        /// timed from sending the request.
+        #[arg(long)]
+        from_connect: bool,
     },
     /// The objects of the activator start-up benchmark (bench/startup.sh): ScaledServices
     /// with their status ports, and EndpointSlices of Services none of them names.
@@ -399,7 +408,7 @@ fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(burst_clients(port, n))
+        rt.block_on(burst_clients(([127, 0, 0, 1], port).into(), n, false))
     });
     let refused = clients
         .join()
@@ -410,22 +419,40 @@ fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
     Ok((refused, held))
 }
 
-/// `n` connections to `port`, then every first request at once; the send → 503 times
-/// (µs) of the refused ones.
-async fn burst_clients(port: u16, n: usize) -> anyhow::Result<Vec<u32>> {
+/// `n` first requests at once to `addr`; the times (µs) to the 503 of the refused ones:
+/// from sending (all connected first) or, with `from_connect`, from each client's
+/// connect (all connecting at the same moment).
+async fn burst_clients(
+    addr: std::net::SocketAddr,
+    n: usize,
+    from_connect: bool,
+) -> anyhow::Result<Vec<u32>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Connect all first, then send every request at once.
     let mut streams = Vec::with_capacity(n);
-    for _ in 0..n {
-        streams.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await?);
+    if !from_connect {
+        for _ in 0..n {
+            streams.push(Some(tokio::net::TcpStream::connect(addr).await?));
+        }
+    } else {
+        streams.resize_with(n, || None);
     }
     let go = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = tokio::task::JoinSet::new();
-    for mut s in streams {
+    for s in streams {
         let go = go.clone();
         tasks.spawn(async move {
             go.wait().await;
             let t0 = Instant::now();
+            let mut s = match s {
+                Some(s) => s,
+                None => tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await
+                .ok()?
+                .ok()?,
+            };
             s.write_all(b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n")
                 .await
                 .ok()?;
@@ -478,9 +505,15 @@ fn main() -> anyhow::Result<()> {
             Cmd::Burst {
                 requests,
                 max_queued,
+                target,
+                from_connect,
             } => {
-                let (mut refused, held) =
-                    tokio::task::spawn_blocking(move || burst(requests, max_queued)).await??;
+                let (mut refused, held) = match target {
+                    Some(addr) => (burst_clients(addr, requests, from_connect).await?, 0),
+                    None => {
+                        tokio::task::spawn_blocking(move || burst(requests, max_queued)).await??
+                    }
+                };
                 refused.sort_unstable();
                 println!(
                     "{}",
