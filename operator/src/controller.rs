@@ -92,6 +92,8 @@ pub struct ServiceState {
     pub routes_reported: Vec<String>,
     /// The `WakeSucceeded` condition as this leader last wrote it (`wake_outcome`).
     pub wake_condition: Option<Condition>,
+    /// Reconciles of this object that failed in a row (the error policy's backoff).
+    pub failures: u32,
 }
 
 impl Context {
@@ -334,17 +336,32 @@ pub async fn reconcile(ss: Arc<ScaledService>, ctx: Arc<Context>) -> Result<Acti
     ctx.metrics.reconciles.inc();
     let ns = ss.namespace().unwrap_or_default();
     let api: Api<ScaledService> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, ss, |ev| async {
+    let key = key_of(&ss);
+    let r = finalizer(&api, FINALIZER, ss, |ev| async {
         match ev {
             Finalizer::Apply(ss) => apply(ss, &ctx).await,
             Finalizer::Cleanup(ss) => cleanup(ss, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if r.is_ok()
+        && let Some(st) = ctx.services.lock().get_mut(&key)
+    {
+        st.failures = 0;
+    }
+    r
 }
 
-pub fn error_policy(_ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> Action {
+/// How long after its `failures`-th failure in a row an object is reconciled again:
+/// 5 s, doubling, at most 5 minutes.
+pub fn retry_after(failures: u32) -> Duration {
+    let base = Duration::from_secs(5);
+    base.saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(300))
+}
+
+pub fn error_policy(ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> Action {
     // (the label is the cause inside the finalizer: see `Error::metric_label`)
     ctx.metrics
         .reconcile_errors
@@ -352,8 +369,22 @@ pub fn error_policy(_ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> 
             error: err.metric_label(),
         })
         .inc();
-    warn!("reconcile failed: {err}");
-    Action::requeue(Duration::from_secs(5))
+    // Counted only for objects this leader knows (a deleted one's state is gone and
+    // stays gone).
+    let key = key_of(&ss);
+    let failures = ctx.services.lock().get_mut(&key).map_or(1, |st| {
+        st.failures = st.failures.saturating_add(1);
+        st.failures
+    });
+    let after = retry_after(failures);
+    warn!(
+        namespace = %key.namespace,
+        name = %key.name,
+        failures,
+        retry_in_s = after.as_secs(),
+        "reconcile failed: {err}"
+    );
+    Action::requeue(after)
 }
 
 /// The older of two ScaledServices that claim one workload keeps it.
@@ -1262,6 +1293,14 @@ async fn wake_once(ctx: &Context, key: &ServiceRef, received: Instant) -> Result
 mod tests {
     use super::*;
     use kube::runtime::finalizer::Error as F;
+
+    #[test]
+    fn failed_reconciles_back_off_per_object() {
+        let secs: Vec<u64> = (1..=9).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(retry_after(0).as_secs(), 5);
+        assert_eq!(retry_after(u32::MAX).as_secs(), 300);
+    }
 
     #[test]
     fn reconcile_errors_are_labelled_by_their_cause_inside_the_finalizer() {
