@@ -105,8 +105,12 @@ services = [
 services += [{"namespace": "bench", "name": f"extra-{i}", "port": 21000 + i, "endpoints": [f"127.0.0.1:{back}"]} for i in range(extra)]
 json.dump({"services": services}, open(path, "w"))
 PY
+# --max-connections: the held requests below need one descriptor each and no pod
+# connection, so the default cap (half the open-file limit) would stop them early on a
+# machine with a low limit (8,976 of 10,000 at a limit of 20,000).
 "$T/snooze-activator" --static-config "$work/activator.json" --listen-address 127.0.0.1 \
-  --admin-address 127.0.0.1:$ADMIN --worker-threads 1 --max-queued-total 100000 2>"$work/activator.log" & ACT_PID=$!; pids+=($ACT_PID)
+  --admin-address 127.0.0.1:$ADMIN --worker-threads 1 --max-queued-total 100000 \
+  --max-connections "$(( $(ulimit -n) - 1024 ))" 2>"$work/activator.log" & ACT_PID=$!; pids+=($ACT_PID)
 if [ -n "$BASE" ]; then
   sed "s/\"port\": $ACT,/\"port\": $OLD,/; s/\"port\": $COLD,/\"port\": $OLD_COLD,/" "$work/activator.json" > "$work/activator-old.json"
   "$BASE/snooze-activator" --static-config "$work/activator-old.json" --listen-address 127.0.0.1 \

@@ -282,6 +282,10 @@ impl Listeners {
             }
             _ => None,
         };
+        // The peeked head is not kept while the connection waits (a parked connection
+        // costs a socket and a small task, not a 4 KB buffer).
+        let h2 = class == Class::H2;
+        drop(class);
         if let Some(r) = wakes {
             let since = Instant::now();
             match self
@@ -315,9 +319,28 @@ impl Listeners {
                 }
             }
         }
+        // Dispatch, in a future of its own allocated only now: a parked connection's
+        // task holds just the stages before (the dispatch state is most of the
+        // connection future's size: 10,000 parked connections took 46 MB more with it
+        // inline).
+        Box::pin(self.dispatch(stream, remote, port, route, builders, h2, ticket)).await;
+    }
+
+    /// Dispatch: the fast path while requests qualify, then hyper (HTTP/1.1 or h2c).
+    #[allow(clippy::too_many_arguments)]
+    async fn dispatch(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        remote: SocketAddr,
+        port: u16,
+        route: watch::Receiver<Option<Arc<Route>>>,
+        builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
+        h2: bool,
+        mut ticket: Option<crate::admit::Ticket>,
+    ) {
+        let limit = self.limits.header_read_timeout;
         // Dispatch. HTTP/1.1 takes the fast path while its requests qualify; what it
         // read of a request it passes on goes to hyper first.
-        let h2 = class == Class::H2;
         let client = remote.ip().to_canonical();
         let peer = Arc::new(Peer {
             forwarded_for: forwarded_for(client),
