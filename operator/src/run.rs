@@ -1,6 +1,7 @@
 //! The leader's work: the watches, the controller, the stats streams, the autoscaler
-//! tick and the wake path, all under one supervisor. Dropping the future returned by
-//! [`lead`] stops every one of them (nothing is detached), which is how a replica that
+//! tick and the wake path, under one supervisor; the stats streams' per-activator
+//! tasks (spawned) hang from the term's token, which a drop guard cancels. Dropping the
+//! future returned by [`lead`] so stops every one of them, which is how a replica that
 //! loses the lease stops acting at once.
 
 use std::collections::{BTreeSet, HashMap};
