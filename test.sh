@@ -5,7 +5,7 @@
 #
 #   ./test.sh            # everything
 #   ./test.sh unit       # unit tests only (no cluster, no root)
-#   ./test.sh paths      # only the traffic paths (DNS + ClusterIP, NodePort, Ingress, HTTPRoute)
+#   ./test.sh paths      # only one end-to-end suite (e2e/tests/paths.rs; tcp, tenancy, ...)
 #   E2E_FILTER=smoke ./test.sh   # only e2e tests whose name contains the filter
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -59,9 +59,9 @@ e2e() {
   ip netns exec "$SNOOZE_NETNS" env PATH="$PATH" KUBECONFIG="$KUBECONFIG" \
     cargo test --offline -p snooze-e2e --test "$1" -- --ignored --nocapture --test-threads=${E2E_THREADS:-4} ${E2E_FILTER:-}
 }
-if [ "$mode" = paths ]; then
-  step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
-  e2e paths
+if [ "$mode" != all ]; then
+  step "end-to-end: only the suite e2e/tests/$mode.rs"
+  e2e "$mode"
   exit 0
 fi
 step "end-to-end: the local cluster itself"
@@ -72,6 +72,8 @@ step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gatewa
 e2e paths
 step "end-to-end: tenancy (what one tenant must not do to another through Snooze)"
 e2e tenancy
+step "end-to-end: TCP services (a real Redis woken by redis-cli)"
+e2e tcp
 step "end-to-end: Prometheus scrapes Snooze; the dashboard's and alerts' queries, an alert firing"
 e2e monitoring
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"

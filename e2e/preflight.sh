@@ -65,6 +65,10 @@ preflight() { # unit | cluster
     command -v setsid >/dev/null || missing+=(util-linux)
     command -v nft >/dev/null || missing+=(nftables)      # kube-proxy's nftables mode runs nft
     command -v python3 >/dev/null || missing+=(python3)   # unpacks the Gateway API CRDs
+    if wants test-tools; then                             # real servers and clients of e2e/tests/tcp.rs
+      command -v redis-server >/dev/null || missing+=(redis-server)
+      command -v redis-cli >/dev/null || missing+=(redis-tools)
+    fi
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

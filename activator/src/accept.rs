@@ -1,6 +1,7 @@
 //! Accept: one listener per (ScaledService, Service port), on the activator port the
 //! operator assigned, and the connection's way through the stages after it (classify,
-//! admit, dispatch), each entered once. The port a connection arrives on says which
+//! admit, dispatch), each entered once; a TCP port's connections go to
+//! `dispatch::tcp`, which has no request to classify or answer. The port a connection arrives on says which
 //! service it is for; the Host header is never used for routing. Owns the listeners,
 //! the connections' tasks and the drain.
 //!
@@ -138,6 +139,7 @@ impl Listeners {
                         Arc::ptr_eq(&r.service, &route.service)
                             && r.port_name == route.port_name
                             && r.h2c == route.h2c
+                            && r.tcp == route.tcp
                     });
                     if !same {
                         h.route.send_replace(Some(route.clone()));
@@ -242,6 +244,19 @@ impl Listeners {
         builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
     ) {
         let limit = self.limits.header_read_timeout;
+        // A TCP port has no requests: its own admission and relay (`dispatch::tcp`).
+        let tcp = route.borrow().clone().and_then(|r| r.tcp.map(|m| (r, m)));
+        if let Some((r, mode)) = tcp {
+            Box::pin(crate::dispatch::tcp::serve(
+                &self.proxy,
+                r,
+                mode,
+                stream,
+                limit,
+            ))
+            .await;
+            return;
+        }
         // Classify. Nothing is woken or parked for a connection that sends nothing (a
         // TCP probe), and a sleeping service wakes only for a complete, valid HTTP/1.x
         // request head: junk, TLS hellos, malformed, oversized or Host-less heads are

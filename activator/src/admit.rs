@@ -121,6 +121,38 @@ impl Drop for InFlight {
     }
 }
 
+/// A TCP connection being served: one "request" when it opens (activity, and the
+/// autoscaler's count), then activity on every relayed byte ([`Connection::traffic`]).
+/// It holds the service awake for its whole life only when `holds_awake`
+/// (`activity: Connections`); otherwise silence lets the idle clock run.
+pub struct Connection {
+    service: Arc<ServiceEntry>,
+    _in_flight: InFlight,
+}
+
+impl Connection {
+    pub fn start(service: Arc<ServiceEntry>, holds_awake: bool) -> Self {
+        let in_flight = InFlight::start(service.clone(), holds_awake);
+        if !holds_awake {
+            service.requests.fetch_add(1, Ordering::Relaxed);
+            service
+                .last_request_ms
+                .fetch_max(now_ms(), Ordering::Relaxed);
+        }
+        Self {
+            service,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// Bytes went through, one way or the other: the idle clock starts again.
+    pub fn traffic(&self) {
+        self.service
+            .last_request_ms
+            .fetch_max(now_ms(), Ordering::Relaxed);
+    }
+}
+
 /// A reserved pod slot, given back when dropped.
 pub struct SlotGuard {
     pub service: Arc<ServiceEntry>,

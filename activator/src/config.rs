@@ -91,7 +91,8 @@ pub struct Args {
     /// Serve the services in this JSON file instead of watching the API server
     /// (benchmarks and local runs): {"services": [{"namespace", "name", "port",
     /// "endpoints": ["127.0.0.1:8080"], "timeout": "60s", "maxQueuedRequests": 1000,
-    /// "podConcurrency": 0, "h2c": false}]}.
+    /// "podConcurrency": 0, "h2c": false, "tcp": {"wakeOn": "FirstByte", "activity":
+    /// "Traffic"}}]} ("tcp" absent: HTTP).
     #[arg(long, env = "SNOOZE_STATIC_CONFIG")]
     pub static_config: Option<PathBuf>,
     /// `json` or `text`.
@@ -119,6 +120,8 @@ struct StaticService {
     pod_concurrency: Option<usize>,
     #[serde(default)]
     h2c: bool,
+    #[serde(default)]
+    tcp: Option<snooze_crds::TcpMode>,
 }
 
 #[derive(serde::Deserialize)]
@@ -159,6 +162,7 @@ pub fn load_static(
                 service: svc,
                 port_name: String::new(),
                 h2c: s.h2c,
+                tcp: s.tcp,
             }),
         );
     }

@@ -30,6 +30,7 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     pub registry: Registry,
+    tcp_bytes: Family<ByteLabels, Counter>,
     requests: Family<StatusLabels, Counter>,
     latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     cold_wait: Family<ServiceLabels, Histogram, fn() -> Histogram>,
@@ -52,6 +53,14 @@ pub struct Metrics {
     pub client_connections: Gauge,
     /// Client connections cut because the client stopped reading (`--send-timeout`).
     pub send_timeouts: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ByteLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `received` (from clients) or `sent` (to clients).
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +97,12 @@ impl Metrics {
         for watch in ["scaledservices", "endpointslices"] {
             let _ = watch_errors.get_or_create(&WatchLabels { watch });
         }
+        let tcp_bytes = Family::<ByteLabels, Counter>::default();
+        registry.register(
+            "tcp_bytes",
+            "Bytes relayed on TCP ports, by service and direction (TCP ports have no requests)",
+            tcp_bytes.clone(),
+        );
         let pooled_connections = Gauge::default();
         let fast_path_requests = Counter::default();
         let client_connections = Gauge::default();
@@ -175,6 +190,7 @@ impl Metrics {
         );
         Self {
             registry,
+            tcp_bytes,
             requests,
             latency,
             cold_wait,
@@ -209,6 +225,17 @@ impl Metrics {
                 })
                 .clone()
         };
+        // A clone of the series, taken inside the closure: `get_or_create`'s guard must
+        // be gone before the next one (two live guards on one family deadlock).
+        let bytes = |direction: &'static str| {
+            self.tcp_bytes
+                .get_or_create(&ByteLabels {
+                    namespace: l.namespace.clone(),
+                    name: l.name.clone(),
+                    direction,
+                })
+                .clone()
+        };
         ServiceMetrics {
             by_class: [
                 class("1xx"),
@@ -225,6 +252,8 @@ impl Metrics {
             asleep_answers: self.asleep_answers.get_or_create(&l).clone(),
             activation_timeouts: self.activation_timeouts.get_or_create(&l).clone(),
             queue_full: self.queue_full.get_or_create(&l).clone(),
+            tcp_received: bytes("received"),
+            tcp_sent: bytes("sent"),
         }
     }
 
@@ -249,6 +278,13 @@ impl Metrics {
         self.asleep_answers.remove(&l);
         self.activation_timeouts.remove(&l);
         self.queue_full.remove(&l);
+        for direction in ["received", "sent"] {
+            self.tcp_bytes.remove(&ByteLabels {
+                namespace: l.namespace.clone(),
+                name: l.name.clone(),
+                direction,
+            });
+        }
     }
 
     /// Counts one error of the watch `watch`.
@@ -279,6 +315,8 @@ pub struct ServiceMetrics {
     pub asleep_answers: Counter,
     pub activation_timeouts: Counter,
     pub queue_full: Counter,
+    pub tcp_received: Counter,
+    pub tcp_sent: Counter,
 }
 
 impl ServiceMetrics {

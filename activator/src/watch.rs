@@ -101,6 +101,7 @@ impl Routes {
                     service: svc.clone(),
                     port_name: p.name.clone().unwrap_or_default(),
                     h2c: p.app_protocol.as_deref() == Some(H2C_APP_PROTOCOL),
+                    tcp: p.tcp,
                 }),
             );
             mine.push(port);

@@ -47,6 +47,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.conditions[?(@.type==\"Active\")].status"}"#,
     printcolumn = r#"{"name":"Last Request","type":"date","jsonPath":".status.lastRequestTime"}"#,
+    printcolumn = r#"{"name":"Needed By","type":"string","jsonPath":".status.neededBy"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(cel, validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").field_path(".minReplicas"))]
@@ -98,6 +99,100 @@ pub struct ScaledServiceSpec {
     /// API server and shown on the Service.
     #[serde(default, skip_serializing_if = "ServiceType::is_default")]
     pub service_type: ServiceType,
+
+    /// How ports of the backend Service are served, by port name (its number for an
+    /// unnamed port). A port not listed is HTTP (HTTP/1.x, h2c, gRPC, WebSocket) unless
+    /// its `appProtocol` names another protocol (`redis`, `postgresql`, `https`, ...):
+    /// then it is TCP with the defaults below.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    #[x_kube(validation = Rule::new("self.all(p, self.exists_one(q, q.name == p.name))").message("ports[].name must be unique"))]
+    pub ports: Vec<PortSpec>,
+
+    /// Other ScaledServices of this namespace this one needs (a database, a cache, a
+    /// worker): waking this one wakes them at the same moment, and none of them sleeps
+    /// while this one is awake. Followed transitively; a cycle or a missing name is
+    /// reported in the `Needs` condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    #[x_kube(validation = Rule::new("self.all(n, n.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(n) <= 253)").message("needs[] must be names of ScaledServices"))]
+    pub needs: Vec<String>,
+}
+
+/// How one port of the backend Service is served.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("self.protocol == 'TCP' || (!has(self.wakeOn) && !has(self.activity))").message("ports[].wakeOn and ports[].activity apply to protocol TCP only"))]
+#[serde(rename_all = "camelCase")]
+pub struct PortSpec {
+    /// Name of the backend Service port, or its number for an unnamed port.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// `HTTP` (requests: held, counted, answered) or `TCP` (a byte stream: the
+    /// connection is held until a pod is ready, then joined to it byte for byte).
+    pub protocol: PortProtocol,
+    /// TCP: what wakes the workload. `FirstByte` (the default): the client's first
+    /// byte, so a connect-and-close health check wakes nothing. `Connect`: the
+    /// connection itself, for protocols whose server speaks first (MySQL, SMTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_on: Option<WakeOn>,
+    /// TCP: what keeps the workload awake. `Traffic` (the default): bytes in either
+    /// direction; idle time runs from the last byte, so a connection pool's silent
+    /// connections do not hold it awake (they are closed when it sleeps).
+    /// `Connections`: any open connection, for protocols with long silent sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity: Option<TcpActivity>,
+}
+
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortProtocol {
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum WakeOn {
+    #[default]
+    FirstByte,
+    Connect,
+}
+
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum TcpActivity {
+    #[default]
+    Traffic,
+    Connections,
+}
+
+/// `appProtocol` values served as HTTP; any other value makes a port TCP. Unset is HTTP.
+pub const HTTP_APP_PROTOCOLS: &[&str] = &[
+    "http",
+    "kubernetes.io/h2c",
+    "kubernetes.io/ws",
+    "h2c",
+    "http2",
+    "grpc",
+    "grpc-web",
+];
+
+/// How a port is served, from the ScaledService's `ports` entry for it (by name or
+/// number) or else from its `appProtocol`: `None` for HTTP.
+pub fn tcp_mode(ports: &[PortSpec], port_id: &str, app_protocol: Option<&str>) -> Option<TcpMode> {
+    match ports.iter().find(|p| p.name == port_id) {
+        Some(p) if p.protocol == PortProtocol::Http => None,
+        Some(p) => Some(TcpMode {
+            wake_on: p.wake_on.unwrap_or_default(),
+            activity: p.activity.unwrap_or_default(),
+        }),
+        None => app_protocol
+            .filter(|a| !HTTP_APP_PROTOCOLS.iter().any(|h| h.eq_ignore_ascii_case(a)))
+            .map(|_| TcpMode::default()),
+    }
 }
 
 /// The Kubernetes Service types the managed Service can have (not `ExternalName`: it
@@ -491,6 +586,10 @@ pub struct ScaledServiceStatus {
     /// Where `activationProbe` comes from, or why there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation_probe_source: Option<String>,
+    /// The awake ScaledServices that need this one (`spec.needs`, directly or not) and
+    /// so hold it awake.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needed_by: Vec<String>,
     /// Each activator's share of `activation.maxQueuedRequests` (divided among the
     /// activators that serve this service, rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -511,6 +610,17 @@ pub struct PortStatus {
     /// `appProtocol` of the Service port (for example `kubernetes.io/h2c`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
+    /// Set when the port is served as a TCP stream (see `spec.ports`); unset: HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpMode>,
+}
+
+/// How the activators serve a TCP port.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpMode {
+    pub wake_on: WakeOn,
+    pub activity: TcpActivity,
 }
 
 impl ScaledServiceSpec {
@@ -599,6 +709,58 @@ mod tests {
             err.contains("minReplicas must be less than or equal to maxReplicas"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ports_are_tcp_by_their_entry_or_a_non_http_app_protocol() {
+        let ports: Vec<PortSpec> = serde_json::from_value(json!([
+            {"name": "db", "protocol": "TCP", "wakeOn": "Connect"},
+            {"name": "web", "protocol": "HTTP"},
+        ]))
+        .unwrap();
+        let db = tcp_mode(&ports, "db", None).unwrap();
+        assert_eq!(db.wake_on, WakeOn::Connect);
+        assert_eq!(db.activity, TcpActivity::Traffic);
+        // The entry wins over appProtocol.
+        assert_eq!(tcp_mode(&ports, "web", Some("redis")), None);
+        assert_eq!(tcp_mode(&[], "x", Some("redis")), Some(TcpMode::default()));
+        assert_eq!(
+            tcp_mode(&[], "x", Some("postgresql")),
+            Some(TcpMode::default())
+        );
+        for http in [
+            None,
+            Some("http"),
+            Some("HTTP"),
+            Some("kubernetes.io/h2c"),
+            Some("grpc"),
+        ] {
+            assert_eq!(tcp_mode(&[], "x", http), None, "{http:?}");
+        }
+    }
+
+    #[test]
+    fn cel_rejects_tcp_options_on_http_ports_and_repeated_names() {
+        let base = json!({"scaleTargetRef": {"name": "w"}, "service": "w", "idleTimeout": "5m", "activation": {"timeout": "60s"}});
+        let with = |ports: serde_json::Value| {
+            let mut v = base.clone();
+            v["ports"] = ports;
+            v
+        };
+        spec(with(
+            json!([{"name": "db", "protocol": "TCP", "wakeOn": "Connect"}]),
+        ))
+        .unwrap();
+        let err = spec(with(
+            json!([{"name": "web", "protocol": "HTTP", "wakeOn": "Connect"}]),
+        ))
+        .unwrap_err();
+        assert!(err.contains("apply to protocol TCP only"), "{err}");
+        let err = spec(with(
+            json!([{"name": "a", "protocol": "TCP"}, {"name": "a", "protocol": "HTTP"}]),
+        ))
+        .unwrap_err();
+        assert!(err.contains("ports[].name must be unique"), "{err}");
     }
 }
 pub mod stats;

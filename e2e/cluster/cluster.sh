@@ -112,7 +112,8 @@ write_image_map() { # bin folder (the add-ons' executables)
     "quay.io/prometheus/prometheus": "$1/prometheus",
     "ghcr.io/snooze-sh/operator": "$PROFILE_DIR/snooze-operator",
     "ghcr.io/snooze-sh/activator": "$PROFILE_DIR/snooze-activator",
-    "ghcr.io/snooze-sh/testapp": "$PROFILE_DIR/snooze-testapp"
+    "ghcr.io/snooze-sh/testapp": "$PROFILE_DIR/snooze-testapp",
+    "redis": "$(command -v redis-server || echo /usr/bin/redis-server)"
   }
 }
 EOF

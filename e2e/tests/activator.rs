@@ -139,6 +139,7 @@ fn route(svc: &Arc<ServiceEntry>, h2c: bool) -> Arc<Route> {
         service: svc.clone(),
         port_name: "http".into(),
         h2c,
+        tcp: None,
     })
 }
 
@@ -1624,4 +1625,188 @@ async fn at_the_connection_cap_a_new_client_waits_for_a_free_place() {
         .expect("served once a place was free")
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// An activator serving its one port as TCP (`mode`).
+async fn tcp_activator(settings: Settings, mode: snooze_crds::TcpMode) -> Activator {
+    let a = activator(settings).await;
+    let r = Arc::new(Route {
+        service: a.svc.clone(),
+        port_name: "http".into(),
+        h2c: false,
+        tcp: Some(mode),
+    });
+    assert!(a.listeners.sync(&[(a.port, r)].into()).await.is_empty());
+    a
+}
+
+/// A TCP echo server on 127.0.0.1 (each connection's bytes sent back; its write side
+/// closed when the client's closes).
+async fn echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Whether a wake report arrives within `within`.
+async fn woken_within(
+    reports: &mut (impl futures::Stream<Item = Bytes> + Unpin),
+    within: Duration,
+) -> bool {
+    tokio::time::timeout(within, async {
+        loop {
+            let Some(b) = reports.next().await else {
+                return false;
+            };
+            let r: Report = serde_json::from_slice(&b).unwrap();
+            if !r.wake.is_empty() {
+                return true;
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_tcp_connection_wakes_on_its_first_byte_and_is_joined_to_the_pod_byte_for_byte() {
+    let mode = snooze_crds::TcpMode::default(); // FirstByte, Traffic
+    let a = tcp_activator(Settings::default(), mode).await;
+    let mut reports = Box::pin(a.stats.clone().stream());
+    let first: Report = serde_json::from_slice(&reports.next().await.unwrap()).unwrap();
+    assert!(first.full);
+    let addr = ("127.0.0.1", a.port);
+
+    // A health check's connect-and-close, and a connection that says nothing: no wake.
+    drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        !woken_within(&mut reports, Duration::from_millis(600)).await,
+        "woken without a byte"
+    );
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // Its first bytes wake the service; they wait in the socket until a pod is there.
+    c.write_all(b"hello ").await.unwrap();
+    assert!(woken_within(&mut reports, Duration::from_millis(900)).await);
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 1);
+    c.write_all(b"world").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let echo = echo_server().await;
+    a.svc
+        .set_endpoints(vec![(echo.ip(), vec![("http".to_string(), echo.port())])]);
+    let mut got = vec![0u8; 11];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut got))
+        .await
+        .expect("the held bytes echoed")
+        .unwrap();
+    assert_eq!(&got, b"hello world");
+    assert_eq!(a.svc.queued.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // One connection is one request; silence does not hold it awake (Traffic).
+    assert_eq!(a.svc.requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        a.svc.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    let before = a
+        .svc
+        .last_request_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.write_all(b"!").await.unwrap();
+    let mut one = [0u8; 1];
+    c.read_exact(&mut one).await.unwrap();
+    assert!(
+        a.svc
+            .last_request_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > before,
+        "bytes are activity"
+    );
+
+    // Half-close: the client's end of writing reaches the pod, whose close comes back.
+    c.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("EOF after the half-close")
+        .unwrap();
+    assert!(rest.is_empty());
+    let metrics = a.table.metrics.encode();
+    let received = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("snooze_activator_tcp_bytes_total")
+                && l.contains("name=\"web\"")
+                && l.contains("direction=\"received\"")
+        })
+        .unwrap_or_default()
+        .to_string();
+    assert!(received.ends_with(" 12"), "{received}");
+}
+
+#[tokio::test]
+async fn a_tcp_port_that_wakes_on_connect_holds_open_connections_and_closes_refused_ones() {
+    let mode = snooze_crds::TcpMode {
+        wake_on: snooze_crds::WakeOn::Connect,
+        activity: snooze_crds::TcpActivity::Connections,
+    };
+    let settings = Settings {
+        max_queued: 1,
+        ..Settings::default()
+    };
+    let a = tcp_activator(settings, mode).await;
+    let mut reports = Box::pin(a.stats.clone().stream());
+    let _full = reports.next().await.unwrap();
+    let addr = ("127.0.0.1", a.port);
+
+    // A server-speaks-first client sends nothing: the connection alone wakes.
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(woken_within(&mut reports, Duration::from_millis(900)).await);
+    // The queue holds one: the next connection is closed at once.
+    let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(2), refused.read(&mut buf))
+        .await
+        .expect("the refused connection closed at once");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    assert!(
+        a.table.metrics.encode().lines().any(|l| {
+            l.starts_with("snooze_activator_queue_full_total")
+                && l.contains("name=\"web\"")
+                && l.ends_with(" 1")
+        }),
+        "one queue_full"
+    );
+
+    let echo = echo_server().await;
+    a.svc
+        .set_endpoints(vec![(echo.ip(), vec![("http".to_string(), echo.port())])]);
+    c.write_all(b"ping").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf[..4]))
+        .await
+        .expect("echoed")
+        .unwrap();
+    assert_eq!(&buf[..4], b"ping");
+    // Connections: an open connection holds the service awake, silent or not.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        a.svc.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        a.svc.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

@@ -136,6 +136,7 @@ async fn activator(pod: SocketAddr, fast_path: bool) -> (u16, Arc<Listeners>) {
         service: svc,
         port_name: "http".into(),
         h2c: false,
+        tcp: None,
     });
     assert!(listeners.sync(&[(port, route)].into()).await.is_empty());
     (port, listeners)

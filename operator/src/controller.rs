@@ -2,7 +2,7 @@
 //! routing objects as data, apply what differs, decide and write the replicas, write
 //! the status when it changed. Runs only on the leader.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,7 +32,7 @@ use crate::ports::{Exhausted, PortAllocator};
 use crate::replicas::{self, Applied};
 use crate::stats::StatsStore;
 use crate::status::{self, Problem};
-use crate::{bypass, wakefail};
+use crate::{bypass, group, wakefail};
 
 pub use crate::activators::Activators;
 
@@ -101,6 +101,51 @@ impl Context {
     pub fn state<R>(&self, key: &ServiceRef, f: impl FnOnce(&mut ServiceState) -> R) -> R {
         f(self.services.lock().entry(key.clone()).or_default())
     }
+}
+
+/// The needs of the ScaledServices of `ns` (`group`), and the names that exist there.
+fn namespace_needs(ctx: &Context, ns: &str) -> (group::Needs, BTreeSet<String>) {
+    all_needs(&ctx.store.state()).remove(ns).unwrap_or_default()
+}
+
+/// [`namespace_needs`] of every namespace, in one pass.
+fn all_needs(all: &[Arc<ScaledService>]) -> HashMap<String, (group::Needs, BTreeSet<String>)> {
+    let mut out: HashMap<String, (group::Needs, BTreeSet<String>)> = HashMap::new();
+    for s in all {
+        let (needs, names) = out.entry(s.namespace().unwrap_or_default()).or_default();
+        let name = s.name_any();
+        if !s.spec.needs.is_empty() {
+            needs.insert(name.clone(), s.spec.needs.clone());
+        }
+        names.insert(name);
+    }
+    out
+}
+
+/// The awake ScaledServices that hold `name` of `ns` awake (`group::needed_by`),
+/// awake as this leader last read their replicas.
+fn held_by(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    needs: &group::Needs,
+    names: &BTreeSet<String>,
+) -> Vec<String> {
+    if needs.is_empty() {
+        return Vec::new();
+    }
+    let awake = |n: &str| {
+        let key = ServiceRef {
+            namespace: ns.to_string(),
+            name: n.to_string(),
+        };
+        ctx.services
+            .lock()
+            .get(&key)
+            .and_then(|st| st.replicas)
+            .is_some_and(|(current, _)| current > 0)
+    };
+    group::needed_by(needs, name, |n| names.contains(n), awake)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +269,10 @@ pub async fn autoscale_tick(
 ) {
     let now = SystemTime::now();
     let activators = ctx.activators.borrow().stats_addrs.clone();
-    for ss in ctx.store.state() {
+    let all = ctx.store.state();
+    let groups = all_needs(&all);
+    let none = Default::default();
+    for ss in all {
         let key = key_of(&ss);
         let Some((current, ready)) = ctx.services.lock().get(&key).and_then(|st| st.replicas)
         else {
@@ -234,6 +282,18 @@ pub async fn autoscale_tick(
             continue;
         }
         let mut load = ctx.stats.load(&key, &activators);
+        let (needs, names) = groups.get(&key.namespace).unwrap_or(&none);
+        let held = held_by(ctx, &key.namespace, &key.name, needs, names);
+        load.needed = !held.is_empty();
+        let shown: &[String] = ss
+            .status
+            .as_ref()
+            .map(|s| s.needed_by.as_slice())
+            .unwrap_or_default();
+        if held.as_slice() != shown {
+            // The status says who holds it (the reconcile writes it).
+            let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
+        }
         let ap = autoscale_policy(&ss);
         let samples: Vec<Sample> = ctx.state(&key, |st| {
             let q = &mut st.history;
@@ -564,8 +624,18 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         .and_then(|b| b.spec.as_ref())
         .and_then(|s| s.selector.as_ref())
         .is_some_and(|s| !s.is_empty());
+    let backend_ports: Vec<(Option<&str>, i32)> = backend
+        .iter()
+        .flat_map(|b| b.spec.iter().flat_map(|s| s.ports.iter().flatten()))
+        .map(|p| (p.name.as_deref(), p.port))
+        .collect();
     let problem =
-        status::references_problem(&ss, conflict.as_deref(), backend.is_some(), selects_pods);
+        status::references_problem(&ss, conflict.as_deref(), backend.is_some(), selects_pods)
+            .or_else(|| {
+                backend
+                    .as_ref()
+                    .and_then(|_| status::ports_problem(&ss, &backend_ports))
+            });
     // The managed objects as they are: a name held by objects this ScaledService did
     // not create is a problem of its own (they are never taken over).
     let svc_name = ss.managed_service_name();
@@ -703,7 +773,11 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         let original = ctx.state(&key, |st| *st.original.get_or_insert(current));
         status.original_replicas = Some(original);
     }
-    let load = ctx.stats.load(&key, &activators.stats_addrs);
+    let mut load = ctx.stats.load(&key, &activators.stats_addrs);
+    let (needs, names) = namespace_needs(ctx, &ns);
+    status.needed_by = held_by(ctx, &ns, &name, &needs, &names);
+    load.needed = !status.needed_by.is_empty();
+    let needs_condition = needs_condition(&ss, &needs, &names, &old, gen_, &now);
     let mut d = decision::decide(
         &policy(&ss),
         current,
@@ -837,7 +911,21 @@ async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     let wake = wake_outcome(ctx, &ss, &old, &load, &backend, ready_replicas, &now).await;
-    status.conditions = [ready, active].into_iter().chain(wake).collect();
+    if let Some(c) = &needs_condition
+        && c.status == "False"
+        && old
+            .conditions
+            .iter()
+            .find(|o| o.type_ == group::CONDITION)
+            .is_none_or(|o| o.reason != c.reason)
+    {
+        publish(ctx, &ss, EventType::Warning, &c.reason, c.message.clone()).await;
+    }
+    status.conditions = [ready, active]
+        .into_iter()
+        .chain(wake)
+        .chain(needs_condition)
+        .collect();
     write_status(ctx, &ss, &old, status).await?;
     check_routes(ctx, &ss).await;
 
@@ -1225,7 +1313,83 @@ async fn cleanup(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error>
 
 /// The fast path of a wake signal: scale a sleeping workload up at once, then let a
 /// reconcile write the status.
+/// The `Needs` condition of a ScaledService with `spec.needs`: what it wakes with, or
+/// the names that do not resolve and the cycle (`group`).
+fn needs_condition(
+    ss: &ScaledService,
+    needs: &group::Needs,
+    names: &BTreeSet<String>,
+    old: &ScaledServiceStatus,
+    gen_: Option<i64>,
+    now: &Time,
+) -> Option<Condition> {
+    if ss.spec.needs.is_empty() {
+        return None;
+    }
+    let c = group::closure(needs, &ss.name_any(), |n| names.contains(n));
+    let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+    let (ok, reason, msg) = if c.cycle {
+        (
+            false,
+            "NeedCycle",
+            format!(
+                "spec.needs leads back to this ScaledService: it wakes {} with it, but holds none of them awake (a cycle would keep them all up)",
+                list(&c.members)
+            ),
+        )
+    } else if !c.missing.is_empty() {
+        (
+            false,
+            "NeedNotFound",
+            format!(
+                "no ScaledService {} in this namespace; it wakes {} with it",
+                list(&c.missing),
+                list(&c.members)
+            ),
+        )
+    } else {
+        (
+            true,
+            "Resolved",
+            format!("wakes {} with it", list(&c.members)),
+        )
+    };
+    Some(objects::condition(
+        &old.conditions,
+        group::CONDITION,
+        ok,
+        reason,
+        msg,
+        gen_,
+        now,
+    ))
+}
+
+/// Wakes a service from zero at once (an activator's signal) and, at the same moment,
+/// every service it needs (`spec.needs`, transitively): a group's cold start costs its
+/// slowest member's, not their sum.
 pub async fn wake(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
+    let (needs, names) = namespace_needs(ctx, &key.namespace);
+    let members = group::closure(&needs, &key.name, |n| names.contains(n)).members;
+    let others = members.into_iter().map(|name| {
+        let k = ServiceRef {
+            namespace: key.namespace.clone(),
+            name,
+        };
+        async move {
+            if let Err(e) = wake_member(ctx, &k, received).await {
+                warn!(service = ?k, "waking a needed service: {e}");
+            }
+        }
+    });
+    let (mine, _) = futures::join!(
+        wake_member(ctx, key, received),
+        futures::future::join_all(others)
+    );
+    mine
+}
+
+async fn wake_member(ctx: &Context, key: &ServiceRef, received: Instant) -> Result<bool, Error> {
     let known = ctx
         .store
         .get(&ObjectRef::new(&key.name).within(&key.namespace))

@@ -15,6 +15,9 @@ pub struct Load {
     pub complete: bool,
     /// An activator asked to wake this service just now.
     pub wake: bool,
+    /// An awake ScaledService needs this one (`spec.needs`): it wakes, and does not
+    /// sleep.
+    pub needed: bool,
     /// Requests received, summed over the activators (a counter).
     pub requests: u64,
     /// Requests answered 504 after the activation timeout, summed over the
@@ -97,7 +100,7 @@ pub fn decide(
 ) -> Decision {
     let floor = policy.min_replicas.max(0);
     let ceiling = policy.max_replicas.max(floor).max(1);
-    let busy = load.in_flight > 0 || load.queued > 0 || load.wake;
+    let busy = load.in_flight > 0 || load.queued > 0 || load.wake || load.needed;
     let steady = |desired: i32, recheck_in| Decision {
         desired,
         reason: Reason::Steady,
@@ -436,7 +439,7 @@ mod tests {
             complete in proptest::bool::ANY,
         ) {
             let max = min.max(1) + extra;
-            let l = Load { in_flight, queued, last_request: last.map(at), complete, wake, requests: 0, timeouts: 0, wants };
+            let l = Load { in_flight, queued, last_request: last.map(at), complete, wake, needed: false, requests: 0, timeouts: 0, wants };
             let d = decide(&policy(min, max), current, &l, at(now), at(0));
             if in_flight > 0 || queued > 0 || wake {
                 proptest::prop_assert!(d.desired >= 1, "{d:?} with work waiting");

@@ -8,6 +8,7 @@ pub mod check;
 pub mod config;
 pub mod controller;
 pub mod decision;
+pub mod group;
 pub mod lead;
 pub mod metrics;
 pub mod objects;

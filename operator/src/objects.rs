@@ -51,6 +51,11 @@ pub fn port_statuses(
             port: p.port,
             activator_port: i32::from(activator_port),
             app_protocol: p.app_protocol.clone(),
+            tcp: snooze_crds::tcp_mode(
+                &ss.spec.ports,
+                &port_id(p.name.as_deref(), p.port),
+                p.app_protocol.as_deref(),
+            ),
         });
     }
     alloc.retain(&ns, &name, &keys);

@@ -62,6 +62,34 @@ pub fn references_problem(
     None
 }
 
+/// `spec.ports` entries that name no port of the backend Service (by name, or number
+/// for an unnamed port): said at once rather than silently served as HTTP.
+pub fn ports_problem(ss: &ScaledService, backend_ports: &[(Option<&str>, i32)]) -> Option<Problem> {
+    let known: Vec<String> = backend_ports
+        .iter()
+        .map(|(n, p)| crate::objects::port_id(*n, *p))
+        .collect();
+    let unknown: Vec<&str> = ss
+        .spec
+        .ports
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|n| !known.iter().any(|k| k == n))
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    Some(Problem {
+        reason: "UnknownPort",
+        message: format!(
+            "spec.ports names {} but Service {} has only the ports {}",
+            unknown.join(", "),
+            ss.spec.service,
+            known.join(", ")
+        ),
+    })
+}
+
 /// Whether `meta` names this ScaledService (its uid) among its owners: only what the
 /// ScaledService created is its to change or delete.
 pub fn owned_by(meta: &ObjectMeta, ss: &ScaledService) -> bool {
@@ -289,6 +317,7 @@ mod tests {
             port: 80,
             activator_port: 20000,
             app_protocol: None,
+            tcp: None,
         }];
         let cases: Vec<(Verdict, bool, &str, &str)> = vec![
             (

@@ -13,6 +13,7 @@ use crate::table::ServiceEntry;
 pub mod fast;
 pub mod hyper_path;
 pub mod pool;
+pub mod tcp;
 
 /// Where a listener's requests go: one port of one ScaledService.
 pub struct Route {
@@ -21,6 +22,8 @@ pub struct Route {
     pub port_name: String,
     /// The backend speaks HTTP/2 without TLS (`appProtocol: kubernetes.io/h2c`).
     pub h2c: bool,
+    /// Served as a TCP stream ([`tcp`]), not as HTTP.
+    pub tcp: Option<snooze_crds::TcpMode>,
 }
 
 /// The client of a connection, as the pod is told of it.

@@ -92,6 +92,23 @@ enum Cmd {
         #[arg(long, default_value_t = 30000)]
         first_port: u16,
     },
+    /// A TCP echo server (the backend of bench/tcp.sh).
+    TcpEcho {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Bytes pushed through a TCP relay to an echo server and read back, on
+    /// `connections` connections for `duration`: MiB/s each way.
+    TcpLoad {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value = "5s", value_parser = dur)]
+        duration: Duration,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
     Release {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
@@ -100,6 +117,65 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+}
+
+async fn tcp_echo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (mut c, _) = l.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = c.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// Bytes echoed back within `duration` over `connections` connections, each writing
+/// 64 KiB blocks while it reads the echo.
+async fn tcp_load(
+    target: std::net::SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let end = tokio::time::Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let c = tokio::net::TcpStream::connect(target).await?;
+        c.set_nodelay(true)?;
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = c.into_split();
+            let writer = tokio::spawn(async move {
+                let block = vec![7u8; 64 * 1024];
+                while tokio::time::Instant::now() < end {
+                    if w.write_all(&block).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = w.shutdown().await;
+            });
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match tokio::time::timeout_at(end + Duration::from_secs(5), r.read(&mut buf)).await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(n)) => {
+                        if tokio::time::Instant::now() <= end {
+                            got += n as u64;
+                        }
+                    }
+                }
+            }
+            let _ = writer.await;
+            got
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total)
 }
 
 fn dur(s: &str) -> Result<Duration, String> {
@@ -284,6 +360,7 @@ async fn one_service_activator(
         service: svc.clone(),
         port_name: String::new(),
         h2c: false,
+        tcp: None,
     });
     listeners.sync(&[(port, route)].into()).await;
     Ok((port, svc, listeners))
@@ -521,6 +598,25 @@ fn main() -> anyhow::Result<()> {
                         "requests": requests, "max_queued": max_queued, "held": held, "refused_503": refused.len(),
                         "503_p50_ms": percentile(&refused, 0.5), "503_p99_ms": percentile(&refused, 0.99),
                         "503_max_ms": percentile(&refused, 1.0),
+                    })
+                );
+                Ok(())
+            }
+            Cmd::TcpEcho { listen } => tcp_echo(listen).await,
+            Cmd::TcpLoad {
+                target,
+                connections,
+                duration,
+                label,
+            } => {
+                let bytes = tcp_load(target, connections, duration).await?;
+                let mib = bytes as f64 / (1024.0 * 1024.0);
+                println!(
+                    "{}",
+                    json!({
+                        "label": label,
+                        "mib": mib,
+                        "mib_per_s": mib / duration.as_secs_f64(),
                     })
                 );
                 Ok(())

@@ -128,6 +128,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         "/snooze.test.Echo/Stream" => grpc_echo(req, 3).await,
         "/api-check" => api_check().await,
         "/fetch" => fetch(&req).await,
+        "/redis" => redis_ping(&req).await,
         "/bytes" => {
             // A body of n bytes (benchmarks: 8 KB, 1 MB), capped at 64 MiB.
             let n = query_u64(&req, "n").unwrap_or(1024).min(64 << 20) as usize;
@@ -261,6 +262,35 @@ fn query_str<'a>(req: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
         let (k, v) = kv.split_once('=')?;
         (k == key).then_some(v)
     })
+}
+
+/// `/redis?host=H&port=P`: a Redis PING over TCP from the app (a web app's first query
+/// to its database); answers what the server said.
+async fn redis_ping(req: &Request<Incoming>) -> Response<Body> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(host) = query_str(req, "host") else {
+        return full(StatusCode::BAD_REQUEST, "redis: host= is required\n");
+    };
+    let port = query_u64(req, "port").unwrap_or(6379) as u16;
+    let work = async {
+        let mut tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+        tcp.write_all(b"PING\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        let n = tcp.read(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(Bytes::copy_from_slice(&buf[..n]))
+    };
+    match tokio::time::timeout(Duration::from_secs(60), work).await {
+        Ok(Ok(said)) => full(StatusCode::OK, said),
+        Ok(Err(e)) => full(StatusCode::BAD_GATEWAY, format!("redis: {e}\n")),
+        Err(_) => full(
+            StatusCode::GATEWAY_TIMEOUT,
+            "redis: no answer within 60 s\n",
+        ),
+    }
 }
 
 async fn fetch(req: &Request<Incoming>) -> Response<Body> {

@@ -241,6 +241,7 @@ fn run(args: &Args, trace: &Trace, p: &Named) -> Outcome {
                 last_request: last_request.map(t),
                 complete: true,
                 wake: queued > 0.0 && desired == 0,
+                needed: false,
                 requests: total_requests as u64,
                 timeouts: 0,
                 wants: (desired > 0).then(|| {

@@ -1,0 +1,320 @@
+//! TCP services through Snooze on the local cluster, with the clients users have: a
+//! real Redis server (Debian's `redis-server`, mapped by the node agent from the image
+//! `redis:7`) asleep behind its managed Service, woken by `redis-cli`; a silent
+//! connection does not hold it awake and is closed when it sleeps; a connect-and-close
+//! health check wakes nothing. Run by ./test.sh; only these: `./test.sh tcp`.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+use snooze_crds::ScaledService;
+use snooze_e2e::testing::*;
+use tokio::io::AsyncReadExt;
+
+const T: Duration = Duration::from_secs(90);
+
+/// A Redis Deployment at `replicas`, listening on its pod's address, ready when it
+/// accepts a TCP connection; its Service's port says `appProtocol: redis`.
+async fn redis(client: &kube::Client, ns: &str, replicas: i32) {
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "redis", "labels": {"app": "redis"}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "redis"}},
+            "template": {
+                "metadata": {"labels": {"app": "redis"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "redis",
+                        "image": "redis:7",
+                        "args": ["--bind", "$(POD_IP)", "--port", "6379", "--save", "",
+                                 "--appendonly", "no", "--protected-mode", "no"],
+                        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                        "ports": [{"name": "redis", "containerPort": 6379}],
+                        "readinessProbe": {
+                            "tcpSocket": {"port": "redis"},
+                            "periodSeconds": 1,
+                            "failureThreshold": 1,
+                        },
+                    }],
+                },
+            },
+        },
+    }))
+    .unwrap();
+    deploys.create(&PostParams::default(), &d).await.unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": "redis"},
+        "spec": {
+            "selector": {"app": "redis"},
+            "ports": [{"name": "redis", "port": 6379, "targetPort": "redis", "appProtocol": "redis"}],
+        },
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &s).await.unwrap();
+}
+
+/// A ScaledService for `name` (0..=1 replicas, idle `idle`).
+fn scaled(name: &str, idle: &str) -> ScaledService {
+    serde_json::from_value(json!({
+        "apiVersion": "snooze.dev/v1alpha1",
+        "kind": "ScaledService",
+        "metadata": {"name": name},
+        "spec": {
+            "scaleTargetRef": {"name": name},
+            "service": name,
+            "minReplicas": 0,
+            "maxReplicas": 1,
+            "idleTimeout": idle,
+            "activation": {"timeout": "60s"},
+        },
+    }))
+    .unwrap()
+}
+
+/// The managed Service's ClusterIP once every activator listens for it.
+async fn programmed(client: &kube::Client, ns: &str, name: &str) -> String {
+    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
+    wait_for("the TCP port programmed", T, || async {
+        let ss = ssvcs.get(name).await.map_err(|e| e.to_string())?;
+        let st = ss.status.ok_or("no status")?;
+        let p = st.ports.first().ok_or("no port")?;
+        if p.tcp.is_none() {
+            return Err(format!("port not TCP: {p:?}"));
+        }
+        Ok(())
+    })
+    .await;
+    let managed = format!("{name}-snooze");
+    wait_for("the activators listening", T, || {
+        listening_targets(client, ns, name, name)
+    })
+    .await;
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    services
+        .get(&managed)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP")
+}
+
+async fn redis_cli(ip: &str, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["-h", ip, "-p", "6379"];
+    all.extend_from_slice(args);
+    let run = run_tool("redis-cli", &all);
+    match tokio::time::timeout(Duration::from_secs(70), run).await {
+        Ok(r) => r,
+        Err(_) => (false, "redis-cli did not finish within 70 s".into()),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: ./test.sh"]
+async fn a_sleeping_redis_is_woken_by_redis_cli_and_a_silent_connection_does_not_hold_it() {
+    ensure_snooze().await;
+    in_namespace("tcp-redis", |client, ns| async move {
+        redis(&client, &ns, 0).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled("redis", "6s"))
+            .await
+            .unwrap();
+        let ip = programmed(&client, &ns, "redis").await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+
+        // A TCP health check (connect, close) wakes nothing.
+        for _ in 0..3 {
+            let c = tokio::net::TcpStream::connect((ip.as_str(), 6379))
+                .await
+                .unwrap();
+            drop(c);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            deployment_replicas(&deploys, "redis").await.unwrap(),
+            0,
+            "a connect-and-close woke redis"
+        );
+
+        // The first command wakes it and is answered by Redis.
+        let t0 = Instant::now();
+        let (ok, out) = redis_cli(&ip, &["PING"]).await;
+        assert!(
+            ok && out.trim() == "PONG",
+            "PING through a sleeping redis: {out}"
+        );
+        eprintln!("cold PING answered in {:?}", t0.elapsed());
+        assert_eq!(deployment_replicas(&deploys, "redis").await.unwrap(), 1);
+        let (ok, out) = redis_cli(&ip, &["SET", "greeting", "hello"]).await;
+        assert!(ok && out.trim() == "OK", "SET: {out}");
+        let (ok, out) = redis_cli(&ip, &["GET", "greeting"]).await;
+        assert!(ok && out.trim() == "hello", "GET: {out}");
+
+        // A connection that says nothing more (a pool's idle connection) does not hold
+        // it awake: it sleeps after the idle timeout and the connection is closed.
+        let mut silent = tokio::net::TcpStream::connect((ip.as_str(), 6379))
+            .await
+            .unwrap();
+        use tokio::io::AsyncWriteExt;
+        silent.write_all(b"PING\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf))
+            .await
+            .expect("PONG on the pooled connection")
+            .unwrap();
+        assert_eq!(&buf[..n], b"+PONG\r\n");
+        wait_replicas(&deploys, "redis", 0, Duration::from_secs(60)).await;
+        let end = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut buf))
+            .await
+            .expect("the idle connection closed once redis slept");
+        assert!(matches!(end, Ok(0) | Err(_)), "still open: {end:?}");
+
+        // Asleep again: the next command wakes it again (the data is gone with the pod).
+        let (ok, out) = redis_cli(&ip, &["PING"]).await;
+        assert!(ok && out.trim() == "PONG", "second wake: {out}");
+    })
+    .await;
+}
+
+/// The ClusterIP of Service `name`.
+async fn cluster_ip(client: &kube::Client, ns: &str, name: &str) -> String {
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    services
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP")
+}
+
+/// When the first pod of `app` was created (whole seconds, as the API server keeps it).
+async fn first_pod_created(client: &kube::Client, ns: &str, app: &str) -> i64 {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!("app={app}")))
+        .await
+        .unwrap();
+    list.items
+        .iter()
+        .filter_map(|p| p.metadata.creation_timestamp.as_ref())
+        .map(|t| t.0.as_second())
+        .min()
+        .expect("a pod")
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: ./test.sh"]
+async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
+    ensure_snooze().await;
+    in_namespace("tcp-group", |client, ns| async move {
+        redis(&client, &ns, 0).await;
+        // The web app takes 4 s to start: woken one after the other, Redis would be
+        // woken only by the web app's first query, 4 s after the web app.
+        app(&client, &ns, "web", 0, &["--startup-delay-ms", "4000"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let pp = PostParams::default();
+        ssvcs.create(&pp, &scaled("redis", "3s")).await.unwrap();
+        let mut web = serde_json::to_value(scaled("web", "15s")).unwrap();
+        web["spec"]["needs"] = json!(["redis"]);
+        ssvcs
+            .create(&pp, &serde_json::from_value(web).unwrap())
+            .await
+            .unwrap();
+        let redis_ip = programmed(&client, &ns, "redis").await;
+        wait_for("web's activators listening", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let web_ip = cluster_ip(&client, &ns, "web-snooze").await;
+        wait_for("web's Needs condition", T, || async {
+            let ss = ssvcs.get("web").await.map_err(|e| e.to_string())?;
+            let c = ss
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter())
+                .find(|c| c.type_ == "Needs")
+                .cloned()
+                .ok_or("no Needs condition")?;
+            (c.status == "True" && c.message.contains("redis"))
+                .then_some(())
+                .ok_or(format!("{c:?}"))
+        })
+        .await;
+
+        // One cold request to the web app, whose answer needs Redis.
+        let url = format!("http://{web_ip}/redis?host={redis_ip}&port=6379");
+        let t0 = Instant::now();
+        let (status, body) = http_get(&url, Duration::from_secs(90)).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "+PONG\r\n"), "{body}");
+        eprintln!("cold web + redis answered in {:?}", t0.elapsed());
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let web_pod = first_pod_created(&client, &ns, "web").await;
+        let redis_pod = first_pod_created(&client, &ns, "redis").await;
+        let gap = redis_pod - web_pod;
+        assert!(
+            gap.abs() <= 2,
+            "redis's pod was created {gap} s after web's: woken one after the other"
+        );
+
+        // Redis (idle 3 s) stays up while the web app that needs it is awake, and says
+        // who holds it.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 1);
+        assert_eq!(
+            deployment_replicas(&deploys, "redis").await.unwrap(),
+            1,
+            "redis slept while web, which needs it, was awake"
+        );
+        wait_for("redis's status.neededBy", T, || async {
+            let ss = ssvcs.get("redis").await.map_err(|e| e.to_string())?;
+            let by = ss.status.map(|s| s.needed_by).unwrap_or_default();
+            (by == ["web"]).then_some(()).ok_or(format!("{by:?}"))
+        })
+        .await;
+        let (ok, out) = kubectl(&["get", "scaledservice", "redis", "-n", &ns]).await;
+        assert!(
+            ok && out.contains("NEEDED BY") && out.contains("web"),
+            "{out}"
+        );
+
+        // Once the web app sleeps, so does Redis.
+        wait_replicas(&deploys, "web", 0, Duration::from_secs(60)).await;
+        wait_replicas(&deploys, "redis", 0, Duration::from_secs(30)).await;
+
+        // A name that does not exist is said, not a crash.
+        let patch = json!({"spec": {"needs": ["redis", "ghost"]}});
+        ssvcs
+            .patch(
+                "web",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+        wait_for("Needs=False NeedNotFound", T, || async {
+            let ss = ssvcs.get("web").await.map_err(|e| e.to_string())?;
+            let c = ss
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter())
+                .find(|c| c.type_ == "Needs")
+                .cloned()
+                .ok_or("no Needs condition")?;
+            (c.status == "False" && c.reason == "NeedNotFound" && c.message.contains("ghost"))
+                .then_some(())
+                .ok_or(format!("{c:?}"))
+        })
+        .await;
+    })
+    .await;
+}
