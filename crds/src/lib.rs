@@ -114,8 +114,13 @@ pub struct ScaledServiceSpec {
     /// while this one is awake. Followed transitively; a cycle or a missing name is
     /// reported in the `Needs` condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 20))]
-    #[x_kube(validation = Rule::new("self.all(n, n.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$') && size(n) <= 253)").message("needs[] must be names of ScaledServices"))]
+    #[schemars(
+        length(max = 20),
+        inner(
+            length(min = 1, max = 253),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+        )
+    )]
     pub needs: Vec<String>,
 }
 
