@@ -25,6 +25,7 @@ pub fn admin(
     ready: watch::Receiver<bool>,
     auth: Option<Arc<StatsAuth>>,
 ) -> Arc<Admin> {
+    let streams = metrics.stats_streams.clone();
     Arc::new(Admin {
         ready,
         metrics: Box::new(move || {
@@ -35,7 +36,7 @@ pub fn admin(
             if req.uri().path() != snooze_crds::stats::STATS_PATH {
                 return None;
             }
-            let (stats, auth) = (stats.clone(), auth.clone());
+            let (stats, auth, streams) = (stats.clone(), auth.clone(), streams.clone());
             let token = bearer(req.headers());
             Some(Box::pin(async move {
                 if let Some(auth) = auth
@@ -43,7 +44,13 @@ pub fn admin(
                 {
                     return refused;
                 }
-                let s = stats.stream().map(|b| Ok::<_, BoxError>(Frame::data(b)));
+                // Counted while the response body lives (the client reads it).
+                streams.inc();
+                let open = OpenStream(streams);
+                let s = stats.stream().map(move |b| {
+                    let _ = &open;
+                    Ok::<_, BoxError>(Frame::data(b))
+                });
                 let mut r = Response::new(BodyExt::boxed(StreamBody::new(s)));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -53,4 +60,13 @@ pub fn admin(
             }))
         })),
     })
+}
+
+/// One open stats stream, uncounted when its body is dropped.
+struct OpenStream(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

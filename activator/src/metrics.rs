@@ -53,6 +53,8 @@ pub struct Metrics {
     pub client_connections: Gauge,
     /// Client connections cut because the client stopped reading (`--send-timeout`).
     pub send_timeouts: Counter,
+    /// Stats streams open (the operator leader's: one per activator when all is well).
+    pub stats_streams: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +109,12 @@ impl Metrics {
         let fast_path_requests = Counter::default();
         let client_connections = Gauge::default();
         let send_timeouts = Counter::default();
+        let stats_streams = Gauge::default();
+        registry.register(
+            "stats_streams",
+            "Stats streams open on the admin port (the operator leader's; more than one means a reader leaked)",
+            stats_streams.clone(),
+        );
         registry.register(
             "client_connections",
             "Client connections open on the data path (bounded by --max-connections)",
@@ -207,6 +215,7 @@ impl Metrics {
             fast_path_requests,
             client_connections,
             send_timeouts,
+            stats_streams,
         }
     }
 

@@ -50,6 +50,9 @@ pub struct Metrics {
     /// Autoscaler ticks that could not act on a service (discovery or a replica write
     /// failed; logged, tried again at the next tick).
     pub tick_errors: Counter,
+    /// Tasks alive in the process's runtime, read at each scrape (a leadership term
+    /// that leaves one behind shows here).
+    pub tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -79,7 +82,13 @@ impl Metrics {
             wake_to_patch: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             scale_conflicts: Counter::default(),
             tick_errors: Counter::default(),
+            tasks: Gauge::default(),
         };
+        registry.register(
+            "tasks",
+            "Tasks alive in the operator's async runtime, read at each scrape",
+            m.tasks.clone(),
+        );
         registry.register(
             "tick_errors",
             "Autoscaler actions that failed (discovery or a replica write), tried again at the next tick",
@@ -187,6 +196,9 @@ impl Metrics {
     pub fn encode(&self) -> String {
         if let Some(b) = snooze_runtime::resident_memory_bytes() {
             self.resident_memory.set(b);
+        }
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(h.metrics().num_alive_tasks() as i64);
         }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
