@@ -456,3 +456,162 @@ async fn soak_cycles_from_zero_to_n_and_back_fail_nothing_and_leak_nothing() {
     })
     .await;
 }
+
+/// A metric's value in a Prometheus text body (a series without labels).
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// `(pod, /metrics body)` of every pod of `component` that answers on `port`.
+async fn scrape(client: &Client, component: &str, port: u16) -> Vec<(String, String)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    let list = pods
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("app.kubernetes.io/component={component}")),
+        )
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for p in list {
+        let name = kube::ResourceExt::name_any(&p);
+        let Some(ip) = p.status.and_then(|s| s.pod_ip) else {
+            continue;
+        };
+        if let Ok((200, body)) = http_get(
+            &format!("http://{ip}:{port}/metrics"),
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            out.push((name, body));
+        }
+    }
+    out
+}
+
+/// The operators' leader Lease (the chart's `<release>-operator`).
+const LEASE: &str = "snooze-operator";
+
+/// Sets the leader Lease's holder (`None`: released, as a leader that stops does).
+async fn set_lease_holder(
+    leases: &Api<k8s_openapi::api::coordination::v1::Lease>,
+    holder: Option<&str>,
+) {
+    wait_for("the lease written", T, || async {
+        let mut l = leases.get(LEASE).await.map_err(|e| e.to_string())?;
+        let spec = l.spec.get_or_insert_with(Default::default);
+        spec.holder_identity = holder.map(str::to_string);
+        spec.lease_duration_seconds = Some(if holder.is_some() { 60 } else { 1 });
+        spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        leases
+            .replace(LEASE, &PostParams::default(), &l)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: ./test.sh"]
+async fn the_leader_lease_lost_twenty_times_leaves_no_task_and_no_stream_behind() {
+    ensure_snooze().await;
+    let client = client().await;
+    let rounds: usize = std::env::var("LEASE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    // One leader, and each activator reading exactly one stats stream (the leader's).
+    let settled = |want_leaders: usize| {
+        let client = client.clone();
+        async move {
+            let ops = scrape(&client, "operator", 9091).await;
+            let leaders = ops
+                .iter()
+                .filter(|(_, b)| metric(b, "snooze_operator_leader") == Some(1.0))
+                .count();
+            let acts = scrape(&client, "activator", 9090).await;
+            let streams: Vec<f64> = acts
+                .iter()
+                .map(|(_, b)| metric(b, "snooze_activator_stats_streams").unwrap_or(-1.0))
+                .collect();
+            let want_streams = if want_leaders == 1 { 1.0 } else { 0.0 };
+            if leaders == want_leaders
+                && !acts.is_empty()
+                && streams.iter().all(|s| *s == want_streams)
+            {
+                Ok(ops
+                    .iter()
+                    .map(|(p, b)| (p.clone(), metric(b, "snooze_operator_tasks").unwrap_or(0.0)))
+                    .collect::<Vec<_>>())
+            } else {
+                Err(format!("leaders {leaders}, activator streams {streams:?}"))
+            }
+        }
+    };
+    wait_for("one leader streaming from every activator", T, || {
+        settled(1)
+    })
+    .await;
+    let mut tasks: std::collections::BTreeMap<String, Vec<(bool, f64)>> = Default::default();
+    let t0 = Instant::now();
+    for round in 0..rounds {
+        // Another holder takes the lease: the leader steps down, its term ends.
+        set_lease_holder(&leases, Some("e2e-thief")).await;
+        let followers = wait_for("no leader and no stream", T, || settled(0)).await;
+        // Released: a replica leads again, with one stream per activator.
+        set_lease_holder(&leases, None).await;
+        let leading = wait_for("a leader again", T, || settled(1)).await;
+        let ops = scrape(&client, "operator", 9091).await;
+        for (pod, n) in followers {
+            tasks.entry(pod).or_default().push((false, n));
+        }
+        for (pod, n) in leading {
+            let leader = ops
+                .iter()
+                .any(|(p, b)| *p == pod && metric(b, "snooze_operator_leader") == Some(1.0));
+            tasks.entry(pod).or_default().push((leader, n));
+        }
+        eprintln!(
+            "round {round}: lease lost and taken again ({:?} so far)",
+            t0.elapsed()
+        );
+    }
+    // Each pod's task count, in the same role, comes back to where it was: a term that
+    // left one task per activator behind would add 2 per round.
+    for (pod, samples) in &tasks {
+        for role in [false, true] {
+            let seen: Vec<f64> = samples
+                .iter()
+                .filter(|(l, _)| *l == role)
+                .map(|(_, n)| *n)
+                .collect();
+            if seen.len() < 3 {
+                continue;
+            }
+            let first = seen[..2].iter().cloned().fold(f64::MAX, f64::min);
+            let last = seen[seen.len() - 2..]
+                .iter()
+                .cloned()
+                .fold(f64::MAX, f64::min);
+            eprintln!(
+                "{pod} {}: tasks {seen:?}",
+                if role { "leading" } else { "following" }
+            );
+            assert!(
+                last - first <= 8.0,
+                "{pod} grew from {first} to {last} tasks over {} terms ({})",
+                seen.len(),
+                if role { "leading" } else { "following" }
+            );
+        }
+    }
+}
