@@ -113,7 +113,8 @@ write_image_map() { # bin folder (the add-ons' executables)
     "ghcr.io/snooze-sh/operator": "$PROFILE_DIR/snooze-operator",
     "ghcr.io/snooze-sh/activator": "$PROFILE_DIR/snooze-activator",
     "ghcr.io/snooze-sh/testapp": "$PROFILE_DIR/snooze-testapp",
-    "redis": "$(command -v redis-server || echo /usr/bin/redis-server)"
+    "redis": "$(command -v redis-server || echo /usr/bin/redis-server)",
+    "alpine/openssl": "$(command -v openssl || echo /usr/bin/openssl)"
   }
 }
 EOF

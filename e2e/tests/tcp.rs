@@ -2,7 +2,9 @@
 //! real Redis server (Debian's `redis-server`, mapped by the node agent from the image
 //! `redis:7`) asleep behind its managed Service, woken by `redis-cli`; a silent
 //! connection does not hold it awake and is closed when it sleeps; a connect-and-close
-//! health check wakes nothing. Run by ./test.sh; only these: `./test.sh tcp`.
+//! health check wakes nothing; a TLS server (`openssl s_server`) asleep behind a port
+//! with `appProtocol: https`, woken by curl's ClientHello and answering it with its own
+//! certificate (passthrough). Run by ./test.sh; only these: `./test.sh tcp`.
 
 use std::time::{Duration, Instant};
 
@@ -79,8 +81,9 @@ fn scaled(name: &str, idle: &str) -> ScaledService {
     .unwrap()
 }
 
-/// The managed Service's ClusterIP once every activator listens for it.
-async fn programmed(client: &kube::Client, ns: &str, name: &str) -> String {
+/// The managed Service's ClusterIP once every activator listens on its TCP port
+/// `port` (the Service port's name).
+async fn programmed(client: &kube::Client, ns: &str, name: &str, port: &str) -> String {
     let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
     wait_for("the TCP port programmed", T, || async {
         let ss = ssvcs.get(name).await.map_err(|e| e.to_string())?;
@@ -94,7 +97,7 @@ async fn programmed(client: &kube::Client, ns: &str, name: &str) -> String {
     .await;
     let managed = format!("{name}-snooze");
     wait_for("the activators listening", T, || {
-        listening_targets(client, ns, name, name)
+        listening_targets(client, ns, name, port)
     })
     .await;
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
@@ -128,7 +131,7 @@ async fn a_sleeping_redis_is_woken_by_redis_cli_and_a_silent_connection_does_not
             .create(&PostParams::default(), &scaled("redis", "6s"))
             .await
             .unwrap();
-        let ip = programmed(&client, &ns, "redis").await;
+        let ip = programmed(&client, &ns, "redis", "redis").await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
 
         // A TCP health check (connect, close) wakes nothing.
@@ -230,7 +233,7 @@ async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
             .create(&pp, &serde_json::from_value(web).unwrap())
             .await
             .unwrap();
-        let redis_ip = programmed(&client, &ns, "redis").await;
+        let redis_ip = programmed(&client, &ns, "redis", "redis").await;
         wait_for("web's activators listening", T, || {
             listening_targets(&client, &ns, "web", "http")
         })
@@ -315,6 +318,121 @@ async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
                 .ok_or(format!("{c:?}"))
         })
         .await;
+    })
+    .await;
+}
+
+/// A self-signed certificate for `cn` (PEM cert, PEM key), made with openssl.
+async fn self_signed(cn: &str) -> (String, String) {
+    let dir = std::env::temp_dir().join(format!("snooze-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let (ok, out) = run_tool(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            crt.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(ok, "openssl req: {out}");
+    let pair = (
+        std::fs::read_to_string(&crt).unwrap(),
+        std::fs::read_to_string(&key).unwrap(),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    pair
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: ./test.sh"]
+async fn a_sleeping_tls_server_is_woken_through_passthrough_and_answers_the_handshake() {
+    ensure_snooze().await;
+    in_namespace("tcp-tls", |client, ns| async move {
+        let (crt, key) = self_signed("tls.example.com").await;
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+        let pp = PostParams::default();
+        secrets
+            .create(
+                &pp,
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "tls"},
+                    "stringData": {"tls.crt": crt, "tls.key": key},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        // openssl s_server -www: answers a GET over TLS with a status page.
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "tls", "labels": {"app": "tls"}},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "tls"}},
+                "template": {
+                    "metadata": {"labels": {"app": "tls"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 2,
+                        "containers": [{
+                            "name": "tls",
+                            "image": "alpine/openssl:3",
+                            "command": ["openssl"],
+                            "args": ["s_server", "-accept", "$(POD_IP):8443", "-cert", "/certs/tls.crt",
+                                     "-key", "/certs/tls.key", "-www", "-quiet"],
+                            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                            "ports": [{"name": "https", "containerPort": 8443}],
+                            "volumeMounts": [{"name": "certs", "mountPath": "/certs", "readOnly": true}],
+                            "readinessProbe": {"tcpSocket": {"port": "https"}, "periodSeconds": 1},
+                        }],
+                        "volumes": [{"name": "certs", "secret": {"secretName": "tls"}}],
+                    },
+                },
+            },
+        }))
+        .unwrap();
+        deploys.create(&pp, &d).await.unwrap();
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": "tls"},
+            "spec": {
+                "selector": {"app": "tls"},
+                "ports": [{"name": "https", "port": 443, "targetPort": "https", "appProtocol": "https"}],
+            },
+        }))
+        .unwrap();
+        services.create(&pp, &s).await.unwrap();
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        ssvcs.create(&pp, &scaled("tls", "30s")).await.unwrap();
+        let ip = programmed(&client, &ns, "tls", "https").await;
+
+        // curl's ClientHello wakes it and reaches the server untouched: the handshake
+        // completes with the pod's certificate and the page comes back.
+        let (ok, out) = run_tool(
+            "curl",
+            &["-sk", "--max-time", "60", "-w", "\n%{http_code} %{ssl_verify_result}",
+              "--resolve", &format!("tls.example.com:443:{ip}"), "https://tls.example.com/"],
+        )
+        .await;
+        assert!(ok && out.contains("s_server"), "{out}");
+        let (ok, cert) = run_tool(
+            "sh",
+            &["-c", &format!("echo | openssl s_client -connect {ip}:443 -servername tls.example.com 2>/dev/null | openssl x509 -noout -subject")],
+        )
+        .await;
+        assert!(ok && cert.contains("tls.example.com"), "{cert}");
+        assert_eq!(deployment_replicas(&deploys, "tls").await.unwrap(), 1);
     })
     .await;
 }
