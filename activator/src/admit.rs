@@ -1,8 +1,8 @@
 //! Admission: the one place where a request of a service gets a pod, a place in the
 //! queue, or a refusal. It owns the service's queue (its own bound and the
 //! activator-wide one), the wake signal, the per-pod concurrency slots and the request
-//! bookkeeping (received, in flight, last request). Both data paths and every HTTP/2
-//! stream come here; a connection parked before its first request was read holds its
+//! bookkeeping (received, in flight, last request). Both data paths, every HTTP/2
+//! stream and every TCP connection ([`Connection`]) come here; a connection parked before its first request was read holds its
 //! place here as a [`Ticket`] and gives it to that request, so a request enters the
 //! queue once and wakes a service once, whichever path serves it.
 //!

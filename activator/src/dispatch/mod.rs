@@ -2,7 +2,9 @@
 //! two paths chosen once per request — the HTTP/1.1 fast path ([`fast`]) while a
 //! request qualifies, hyper ([`hyper_path`]) for the rest — both through one pool of
 //! connections to pods ([`pool`]) that bounds the dials to a pod, HTTP/1 and HTTP/2
-//! alike.
+//! alike. A TCP port's connections take [`tcp`] instead: admitted like a request, then
+//! relayed byte for byte on a connection of their own (no pool: a TCP connection is
+//! not reused).
 
 use std::sync::Arc;
 use std::time::Duration;
