@@ -200,6 +200,20 @@ async fn cluster_ip(client: &kube::Client, ns: &str, name: &str) -> String {
         .expect("a ClusterIP")
 }
 
+/// The `Needs` condition of ScaledService `name`.
+async fn needs_condition(
+    ssvcs: &Api<ScaledService>,
+    name: &str,
+) -> Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition, String> {
+    let ss = ssvcs.get(name).await.map_err(|e| e.to_string())?;
+    ss.status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == "Needs")
+        .cloned()
+        .ok_or_else(|| "no Needs condition".to_string())
+}
+
 /// When the first pod of `app` was created (whole seconds, as the API server keeps it).
 async fn first_pod_created(client: &kube::Client, ns: &str, app: &str) -> i64 {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
@@ -240,14 +254,7 @@ async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
         .await;
         let web_ip = cluster_ip(&client, &ns, "web-snooze").await;
         wait_for("web's Needs condition", T, || async {
-            let ss = ssvcs.get("web").await.map_err(|e| e.to_string())?;
-            let c = ss
-                .status
-                .iter()
-                .flat_map(|s| s.conditions.iter())
-                .find(|c| c.type_ == "Needs")
-                .cloned()
-                .ok_or("no Needs condition")?;
+            let c = needs_condition(&ssvcs, "web").await?;
             (c.status == "True" && c.message.contains("redis"))
                 .then_some(())
                 .ok_or(format!("{c:?}"))
@@ -305,14 +312,7 @@ async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
             .await
             .unwrap();
         wait_for("Needs=False NeedNotFound", T, || async {
-            let ss = ssvcs.get("web").await.map_err(|e| e.to_string())?;
-            let c = ss
-                .status
-                .iter()
-                .flat_map(|s| s.conditions.iter())
-                .find(|c| c.type_ == "Needs")
-                .cloned()
-                .ok_or("no Needs condition")?;
+            let c = needs_condition(&ssvcs, "web").await?;
             (c.status == "False" && c.reason == "NeedNotFound" && c.message.contains("ghost"))
                 .then_some(())
                 .ok_or(format!("{c:?}"))

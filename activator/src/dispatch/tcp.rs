@@ -118,11 +118,8 @@ async fn first_byte(client: &TcpStream, route: &Route, limit: Duration) -> Optio
     let mut rx = route.service.subscribe();
     let ready = async {
         loop {
-            if rx
-                .borrow_and_update()
-                .iter()
-                .any(|e| e.port(&route.port_name).is_some())
-            {
+            rx.mark_unchanged();
+            if route.service.has_pod(&route.port_name) {
                 return;
             }
             if rx.changed().await.is_err() {

@@ -5,7 +5,14 @@ use super::*;
 
 /// The needs of the ScaledServices of `ns` (`group`), and the names that exist there.
 pub(crate) fn namespace_needs(ctx: &Context, ns: &str) -> (group::Needs, BTreeSet<String>) {
-    all_needs(&ctx.store.state()).remove(ns).unwrap_or_default()
+    // Only this namespace's objects are read (a reconcile asks this of every object).
+    let mine: Vec<_> = ctx
+        .store
+        .state()
+        .into_iter()
+        .filter(|s| s.metadata.namespace.as_deref() == Some(ns))
+        .collect();
+    all_needs(&mine).remove(ns).unwrap_or_default()
 }
 
 /// [`namespace_needs`] of every namespace, in one pass.
