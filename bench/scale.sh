@@ -10,23 +10,14 @@
 #   SCALE_N=20 SCALE_IDLE_SECONDS=5 SCALE_WAKE=5 bench/scale.sh   # the short setting CI runs
 # Needs the cluster up and Snooze installed (./demo.sh does both); run as root.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$repo"
+if [ "${1:-}" = --api ]; then exec "$repo/bench/scale-api.sh"; fi
 N=${SCALE_N:-1000}
 IDLE=${SCALE_IDLE_SECONDS:-60}
 WAKE=${SCALE_WAKE:-100}
 [ "$WAKE" -le "$N" ] || WAKE=$N
 NS=scale-bench
-eval "$(e2e/cluster/cluster.sh env)"
-STATE_DIR=${SNOOZE_CLUSTER_DIR:-/tmp/snooze-cluster}
-k() { ip netns exec "$SNOOZE_NETNS" kubectl "$@"; }
-in_ns() { ip netns exec "$SNOOZE_NETNS" "$@"; }
-
-pid_of() { # pod name in snooze-system → host PID of its container process
-  k get pod -n snooze-system "$1" -o jsonpath='{.status.containerStatuses[0].containerID}' | sed 's|snooze://||'
-}
-rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 leader=$(k get lease -n snooze-system snooze-operator -o jsonpath='{.spec.holderIdentity}')
 [ -n "$leader" ] || { echo "no operator leader: is Snooze installed?" >&2; exit 1; }
 op_pid=$(pid_of "$leader")
@@ -38,45 +29,7 @@ echo "operator leader $leader: RSS $(rss_mb "$op_pid") MB before"
 k delete ns $NS --ignore-not-found --wait=true >/dev/null
 k create ns $NS >/dev/null
 gen=$(mktemp)
-for i in $(seq 1 "$N"); do
-cat <<YAML
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: app-$i, namespace: $NS}
-spec:
-  replicas: 0
-  selector: {matchLabels: {app: app-$i}}
-  template:
-    metadata: {labels: {app: app-$i}}
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: app
-        image: ghcr.io/snooze-sh/testapp:dev
-        args: ["--port", "8080"]
-        env:
-        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
-        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
-        ports: [{name: http, containerPort: 8080}]
-        readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1, failureThreshold: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: app-$i, namespace: $NS}
-spec:
-  selector: {app: app-$i}
-  ports: [{name: http, port: 80, targetPort: http}]
----
-apiVersion: snooze.dev/v1alpha1
-kind: ScaledService
-metadata: {name: app-$i, namespace: $NS}
-spec:
-  scaleTargetRef: {name: app-$i}
-  service: app-$i
-  idleTimeout: 1h
-YAML
-done > "$gen"
+gen_apps $NS 1 "$N" > "$gen"
 declare -A act_pid act_c
 for p in $act_pods; do act_pid[$p]=$(pid_of "$p"); done
 act_ticks() { for p in $act_pods; do act_c[$p$1]=$(cpu_ticks "${act_pid[$p]}"); done; }

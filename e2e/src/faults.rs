@@ -241,6 +241,18 @@ pub fn kill9(pid: i32) {
     assert_eq!(r, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
 }
 
+/// `kill -9 pid`, where the process may be gone already (its pod was just deleted and
+/// the node agent may have stopped it first).
+pub fn kill9_unless_gone(pid: i32) {
+    // SAFETY: a plain kill(2) of a process of this test's cluster.
+    let r = unsafe { libc::kill(pid, libc::SIGKILL) };
+    let e = std::io::Error::last_os_error();
+    assert!(
+        r == 0 || e.raw_os_error() == Some(libc::ESRCH),
+        "kill -9 {pid}: {e}"
+    );
+}
+
 /// The node agent's pid (the local cluster's own process).
 pub fn node_agent_pid() -> Option<i32> {
     let dir = std::env::var("SNOOZE_CLUSTER_DIR").unwrap_or_else(|_| "/tmp/snooze-cluster".into());
@@ -253,7 +265,7 @@ pub fn node_agent_pid() -> Option<i32> {
 
 /// Runs `cluster.sh` with `cmd` (`apiserver-stop`, `apiserver-start`).
 pub async fn cluster(cmd: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/cluster/cluster.sh");
+    let script = crate::testing::repo_path("e2e/cluster/cluster.sh");
     let out = tokio::process::Command::new("bash")
         .arg(script)
         .arg(cmd)

@@ -284,19 +284,65 @@ pub async fn kubectl(args: &[&str]) -> (bool, String) {
     run_tool("kubectl", args).await
 }
 
+/// A path in the repository the tests run from (`rel` from its root). Read from the
+/// `CARGO_MANIFEST_DIR` cargo sets when it runs a test, not the compile-time one: two
+/// checkouts that share a target directory (a CI clone and a working tree) share
+/// compiled test binaries, and a baked-in path would point at the other checkout.
+pub fn repo_path(rel: &str) -> String {
+    let dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    format!("{dir}/../{rel}")
+}
+
+/// The Ready condition of a ScaledService: ("<status> <reason>", message).
+pub async fn ready_reason(
+    ssvcs: &Api<snooze_crds::ScaledService>,
+    name: &str,
+) -> Result<(String, String), String> {
+    let ss = ssvcs.get(name).await.map_err(|e| e.to_string())?;
+    let c = ss
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+        .ok_or("no Ready condition yet")?;
+    Ok((format!("{} {}", c.status, c.reason), c.message))
+}
+
+/// The `/metrics` text of the operator that holds the leader Lease.
+pub async fn leader_metrics(client: &Client) -> Result<String, String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    let holder = leases
+        .get("snooze-operator")
+        .await
+        .map_err(|e| e.to_string())?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .ok_or("no operator leader")?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+    let ip = pods
+        .get(&holder)
+        .await
+        .map_err(|e| e.to_string())?
+        .status
+        .and_then(|s| s.pod_ip)
+        .ok_or("the leader has no IP")?;
+    let (_, body) = http_get(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
+    Ok(body)
+}
+
 /// Installs the chart once per test binary, with the real helm, and waits until it is
 /// ready.
 pub async fn ensure_snooze() {
     INSTALLED
         .get_or_init(|| async {
-            let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/snooze");
+            let chart = repo_path("charts/snooze");
             let (ok, out) = run_tool(
                 "helm",
                 &[
                     "upgrade",
                     "--install",
                     SNOOZE_RELEASE,
-                    chart,
+                    &chart,
                     "-n",
                     SNOOZE_NAMESPACE,
                     "--create-namespace",

@@ -41,14 +41,23 @@ async fn warm_web(client: &Client, ns: &str, replicas: i32) {
 /// A sleeping `cold` app (0 replicas, min 0) in the same namespace, holding requests
 /// up to `activation_timeout`.
 async fn cold_app(client: &Client, ns: &str, activation_timeout: &str) -> Vec<String> {
-    app(client, ns, "cold", 0, &[]).await;
+    cold_app_named(client, ns, "cold", activation_timeout).await
+}
+
+async fn cold_app_named(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    activation_timeout: &str,
+) -> Vec<String> {
+    app(client, ns, name, 0, &[]).await;
     let ssvcs: Api<snooze_crds::ScaledService> = Api::namespaced(client.clone(), ns);
-    let mut ss = serde_json::to_value(scaled_service("cold", 0, 1, "1h")).unwrap();
+    let mut ss = serde_json::to_value(scaled_service(name, 0, 1, "1h")).unwrap();
     ss["spec"]["activation"]["timeout"] = activation_timeout.into();
     let ss: snooze_crds::ScaledService = serde_json::from_value(ss).unwrap();
     ssvcs.create(&PostParams::default(), &ss).await.unwrap();
     wait_for("cold slice", T, || {
-        listening_targets(client, ns, "cold", "http")
+        listening_targets(client, ns, name, "http")
     })
     .await
 }
@@ -217,6 +226,218 @@ async fn operator_leader_killed_after_a_cold_request_one_leader_at_a_time() {
         assert_eq!(r.map(|(c, _)| c), Ok(200));
         assert!(answered < Duration::from_secs(60));
         assert!(most.load(Ordering::SeqCst) <= 1, "two leaders at once");
+    })
+    .await;
+}
+
+/// Wakes do not wait for a leader (issue 28). The leader is lost as when its node
+/// dies: its pod force-deleted and its process killed, so its Lease stays held by a
+/// pod that is gone until it expires (15 s). A cold request sent at once is answered
+/// by a follower's wake (`operator/src/backstop.rs`), about as fast as a cold request
+/// with a leader, and before any replica leads again. Without the backstop the request
+/// waits for the lease to run out (15.3 s measured before).
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_cold_request_right_after_the_leader_is_lost_is_woken_by_a_follower() {
+    ensure_snooze().await;
+    in_namespace("fault-follower", |client, ns| async move {
+        let first = cold_app_named(&client, &ns, "first", "60s").await;
+        let second = cold_app_named(&client, &ns, "second", "60s").await;
+        let leader = wait_for("one leader and a follower", T, || async {
+            let l = operator_leadership(&client).await;
+            let leaders: Vec<_> = l.iter().filter(|(_, x)| *x).collect();
+            (leaders.len() == 1 && l.len() >= 2)
+                .then(|| leaders[0].0.clone())
+                .ok_or(format!("{l:?}"))
+        })
+        .await;
+        // With a leader: the baseline.
+        let t = Instant::now();
+        let r = http_get(&format!("http://{}/", first[0]), Duration::from_secs(60)).await;
+        let with_leader = t.elapsed();
+        assert_eq!(r.map(|(c, _)| c), Ok(200));
+        let woken = |ops: &[(String, String)]| -> f64 {
+            ops.iter()
+                .filter_map(|(_, b)| metric(b, "snooze_operator_follower_wakes_total{outcome=\"woken\"}"))
+                .sum()
+        };
+        let before = woken(&scrape(&client, "operator", 9091).await);
+
+        let pid = container_pids(
+            &client,
+            SNOOZE_NAMESPACE,
+            "app.kubernetes.io/component=operator",
+        )
+        .await
+        .into_iter()
+        .find(|(p, _)| *p == leader)
+        .expect("leader pid")
+        .1;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        pods.delete(
+            &leader,
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        kill9_unless_gone(pid);
+        let t = Instant::now();
+        let r = http_get(&format!("http://{}/", second[0]), Duration::from_secs(60)).await;
+        let without = t.elapsed();
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        let holder = leases
+            .get(LEASE)
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity);
+        let after = woken(&scrape(&client, "operator", 9091).await);
+        eprintln!(
+            "cold request with a leader: {with_leader:?}; right after the leader {leader} was lost: \
+             {without:?} (lease holder then: {holder:?}); follower wakes {before} -> {after}"
+        );
+        assert_eq!(r.map(|(c, _)| c), Ok(200));
+        // Answered while the Lease still names the lost leader: no new leader woke it.
+        assert_eq!(holder.as_deref(), Some(leader.as_str()));
+        assert!(after > before, "no follower wake counted: {before} -> {after}");
+        // The goal is about 1 s more than with a leader; 3 s leaves room for this
+        // machine's noise and is still far below the lease's 15 s.
+        assert!(
+            without < with_leader + Duration::from_secs(3),
+            "{without:?} against {with_leader:?} with a leader"
+        );
+        // Leave a leader and two operators behind for the next tests.
+        wait_for("a leader and two operators again", T, || async {
+            let l = operator_leadership(&client).await;
+            (l.iter().filter(|(_, x)| *x).count() == 1 && l.len() >= 2)
+                .then_some(())
+                .ok_or(format!("{l:?}"))
+        })
+        .await;
+    })
+    .await;
+}
+
+/// A steady reconcile reads nothing from the API server (issue 28): once a
+/// ScaledService is programmed, what makes the leader reconcile it again (a change of
+/// the ScaledService, of its backend Service) is answered from the leader's caches
+/// (`operator/src/caches.rs`): `snooze_operator_reconciles_total` moves and
+/// `snooze_operator_api_reads_total` does not; nor for a ScaledService whose Service or
+/// workload is missing, once its status says so. Here and not in a parallel suite: another
+/// test creating ScaledServices meanwhile makes the reads of a first reconcile.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_steady_reconcile_reads_nothing_from_the_api_server() {
+    ensure_snooze().await;
+    in_namespace("reads", |client, ns| async move {
+        app(&client, &ns, "web", 1, &[]).await;
+        let ssvcs: Api<snooze_crds::ScaledService> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled_service("web", 0, 2, "1h"))
+            .await
+            .unwrap();
+        // Two that cannot be programmed: their missing Service or workload is confirmed
+        // once with a GET, then believed from the cache while the status says so.
+        let mut lost = scaled_service("lost", 0, 2, "1h");
+        lost.spec.service = "no-such-service".into();
+        let mut no_target = scaled_service("no-target", 0, 2, "1h");
+        no_target.spec.service = "web".into();
+        for ss in [&lost, &no_target] {
+            ssvcs.create(&PostParams::default(), ss).await.unwrap();
+        }
+        for (name, want) in [
+            ("web", "True"),
+            ("lost", "False ServiceNotFound"),
+            ("no-target", "False TargetNotFound"),
+        ] {
+            wait_for(&format!("{name} Ready={want}"), T, || async {
+                let (r, m) = ready_reason(&ssvcs, name).await?;
+                r.starts_with(want)
+                    .then_some(())
+                    .ok_or(format!("{r}: {m}"))
+            })
+            .await;
+        }
+        // What the caches can answer (routes, listed every 5 minutes, and pods, listed
+        // after a failed wake, are not a steady reconcile's).
+        let counts = || async {
+            let body = leader_metrics(&client).await.unwrap();
+            let mut reads = 0.0;
+            for l in body
+                .lines()
+                .filter(|l| l.starts_with("snooze_operator_api_reads_total{"))
+            {
+                if l.contains("what=\"routes\"") || l.contains("what=\"pods\"") {
+                    continue;
+                }
+                reads += l
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+            (
+                metric(&body, "snooze_operator_reconciles_total").unwrap_or(0.0),
+                reads,
+                body,
+            )
+        };
+        // Steady means no other test's namespace still being deleted: its ScaledServices
+        // find their Service or workload gone, which is confirmed once with a GET.
+        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        wait_for("no namespace terminating", Duration::from_secs(120), || async {
+            let l = nss.list(&Default::default()).await.map_err(|e| e.to_string())?;
+            let t: Vec<String> = l
+                .items
+                .iter()
+                .filter(|n| n.metadata.deletion_timestamp.is_some())
+                .map(|n| n.metadata.name.clone().unwrap_or_default())
+                .collect();
+            t.is_empty().then_some(()).ok_or(format!("terminating: {t:?}"))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (rec0, reads0, body0) = counts().await;
+        let before: Vec<&str> = body0
+            .lines()
+            .filter(|l| l.starts_with("snooze_operator_api_reads_total"))
+            .collect();
+        let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), &ns);
+        for i in 0..5 {
+            let touch = serde_json::json!({"metadata": {"labels": {"e2e-touch": i.to_string()}}});
+            let pp = kube::api::PatchParams::default();
+            for name in ["web", "lost", "no-target"] {
+                ssvcs
+                    .patch(name, &pp, &kube::api::Patch::Merge(&touch))
+                    .await
+                    .unwrap();
+            }
+            svcs.patch("web", &pp, &kube::api::Patch::Merge(&touch))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rec1, reads1, body) = counts().await;
+        let reads: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("snooze_operator_api_reads_total"))
+            .collect();
+        eprintln!(
+            "reconciles {rec0} -> {rec1}, API reads {reads0} -> {reads1}; before {before:?}, after {reads:?}"
+        );
+        assert!(
+            rec1 - rec0 >= 15.0,
+            "the changes made too few reconciles: {rec0} -> {rec1}"
+        );
+        assert_eq!(
+            reads1, reads0,
+            "a steady reconcile read from the API server"
+        );
     })
     .await;
 }
@@ -529,7 +750,8 @@ async fn the_leader_lease_lost_twenty_times_leaves_no_task_and_no_stream_behind(
         .unwrap_or(20);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
-    // One leader, and each activator reading exactly one stats stream (the leader's).
+    // One leader (or none), and each activator reading one stats stream per operator
+    // replica: the leader's and each follower's (their wake backstop), in either role.
     let settled = |want_leaders: usize| {
         let client = client.clone();
         async move {
@@ -543,7 +765,7 @@ async fn the_leader_lease_lost_twenty_times_leaves_no_task_and_no_stream_behind(
                 .iter()
                 .map(|(_, b)| metric(b, "snooze_activator_stats_streams").unwrap_or(-1.0))
                 .collect();
-            let want_streams = if want_leaders == 1 { 1.0 } else { 0.0 };
+            let want_streams = ops.len() as f64;
             if leaders == want_leaders
                 && !acts.is_empty()
                 && streams.iter().all(|s| *s == want_streams)
@@ -566,7 +788,7 @@ async fn the_leader_lease_lost_twenty_times_leaves_no_task_and_no_stream_behind(
     for round in 0..rounds {
         // Another holder takes the lease: the leader steps down, its term ends.
         set_lease_holder(&leases, Some("e2e-thief")).await;
-        let followers = wait_for("no leader and no stream", T, || settled(0)).await;
+        let followers = wait_for("no leader, one stream per operator", T, || settled(0)).await;
         // Released: a replica leads again, with one stream per activator.
         set_lease_holder(&leases, None).await;
         let leading = wait_for("a leader again", T, || settled(1)).await;
@@ -586,7 +808,7 @@ async fn the_leader_lease_lost_twenty_times_leaves_no_task_and_no_stream_behind(
         );
     }
     // Each pod's task count, in the same role, comes back to where it was: a term that
-    // left one task per activator behind would add 2 per round.
+    // left one task behind would add 1 per term it led (about 5 between the medians).
     for (pod, samples) in &tasks {
         for role in [false, true] {
             let seen: Vec<f64> = samples
@@ -594,20 +816,24 @@ async fn the_leader_lease_lost_twenty_times_leaves_no_task_and_no_stream_behind(
                 .filter(|(l, _)| *l == role)
                 .map(|(_, n)| *n)
                 .collect();
-            if seen.len() < 3 {
+            if seen.len() < 4 {
                 continue;
             }
-            let first = seen[..2].iter().cloned().fold(f64::MAX, f64::min);
-            let last = seen[seen.len() - 2..]
-                .iter()
-                .cloned()
-                .fold(f64::MAX, f64::min);
+            // One sample can catch a term's tasks still starting or stopping (a term
+            // ends asynchronously): the medians of the first and second half compare.
+            let median = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let half = seen.len() / 2;
+            let (first, last) = (median(&seen[..half]), median(&seen[half..]));
             eprintln!(
-                "{pod} {}: tasks {seen:?}",
+                "{pod} {}: tasks {seen:?}, medians {first} -> {last}",
                 if role { "leading" } else { "following" }
             );
             assert!(
-                last - first <= 8.0,
+                last - first <= 4.0,
                 "{pod} grew from {first} to {last} tasks over {} terms ({})",
                 seen.len(),
                 if role { "leading" } else { "following" }

@@ -45,10 +45,7 @@ async fn query(prom: &str, expr: &str) -> Result<Vec<Value>, String> {
 /// Every PromQL expression of the dashboard (panel queries, and the metric selector of
 /// each `label_values` variable), the dashboard's variables filled in.
 fn dashboard_queries(ns: &str) -> Vec<(String, String)> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/snooze/files/dashboard.json"
-    );
+    let path = repo_path("charts/snooze/files/dashboard.json");
     let d: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let fill = |e: &str| {
         e.replace("$namespace", ns)
@@ -80,10 +77,7 @@ fn dashboard_queries(ns: &str) -> Vec<(String, String)> {
 
 /// The alert rules of the chart's plain rules file: (alert, expr).
 fn alert_rules() -> Vec<(String, String)> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../charts/snooze/files/alerts.yaml"
-    );
+    let path = repo_path("charts/snooze/files/alerts.yaml");
     let text = std::fs::read_to_string(path).unwrap();
     let mut out = Vec::new();
     let mut alert = None;

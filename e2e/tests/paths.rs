@@ -68,7 +68,7 @@ async fn sleeping_web(client: &kube::Client, ns: &str, service_type: &str) {
 /// `shop` → `ns`, host `shop.example.com` → `<ns>.example.com` (tests run side by side
 /// on one Traefik), the Gateway `my-gateway` in `infra` → the cluster's `traefik/traefik`.
 fn example(file: &str, ns: &str) -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/").to_string() + file;
+    let path = repo_path("examples/") + file;
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     text.replace("namespace: shop", &format!("namespace: {ns}"))
         .replace("shop.example.com", &format!("{ns}.example.com"))

@@ -1341,7 +1341,7 @@ async fn a_wake_alone_restarts_the_idle_clock() {
 #[ignore = "needs the local cluster: run ./test.sh"]
 async fn readme_quickstart_runs_as_written() {
     ensure_snooze().await;
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let root = repo_path("");
     let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
     let quickstart = readme
         .split("## Quickstart on your cluster")
@@ -1478,11 +1478,11 @@ async fn readme_quickstart_runs_as_written() {
 #[ignore = "needs the local cluster: run ./test.sh"]
 async fn chart_switches_render_validate_and_helm_test_passes() {
     ensure_snooze().await;
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/snooze");
+    let chart = repo_path("charts/snooze");
     let (ok, out) = run_tool(
         "helm",
         &[
-            "template", "switches", chart, "--kube-version", "1.33.0", "-n", "default",
+            "template", "switches", &chart, "--kube-version", "1.33.0", "-n", "default",
             "--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
             "--set", "metrics.grafanaDashboard.enabled=true,metrics.grafanaDashboard.annotations.grafana_folder=Snooze",
             "--set", "networkPolicy.enabled=true,priorityClassName=system-cluster-critical",
@@ -1571,7 +1571,7 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
     // Off by default: nothing of the sort in a plain install.
     let (ok, plain) = run_tool(
         "helm",
-        &["template", "plain", chart, "--kube-version", "1.33.0"],
+        &["template", "plain", &chart, "--kube-version", "1.33.0"],
     )
     .await;
     assert!(ok, "{plain}");
@@ -1600,6 +1600,109 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
     eprintln!("{out}");
     assert!(ok, "helm test failed:\n{out}");
     assert!(out.contains("Phase:          Succeeded"), "{out}");
+}
+
+/// The one writer of replicas (issue 28), with the operator's own deciders: a wake
+/// and the autoscaler's tick at once, wanting different numbers. The workload sleeps at
+/// 0 when a schedule's floor of 2 begins: the tick, with the new floor, decides 0 → 2
+/// (MinReplicas) just as a request arrives and the wake path, with the policy read a
+/// moment before, decides 0 → 1. Both decided on the same read. Whichever writes
+/// second is refused (409) and decided again on what the first wrote: the wake on 2
+/// (not at zero: nothing to do), the tick on 1 (below its floor: 2). Either order, and
+/// both at once, end at 2, the rule in DESIGN (a decision applies only to the replicas
+/// it was made on; a wake only raises from zero). Without the precondition the wake
+/// written second leaves 1: the tick's floor lost.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_wake_racing_the_autoscalers_tick_loses_neither_decision() {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    use snooze_operator::decision::{self, Load, Policy, Reason};
+    use snooze_operator::replicas;
+    use std::time::SystemTime;
+    in_namespace("race", |client, ns| async move {
+        app(&client, &ns, "web", 0, &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"));
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+        let t = Duration::from_secs(10);
+        let before_schedule = Policy {
+            min_replicas: 0,
+            max_replicas: 5,
+            idle_timeout: Duration::from_secs(300),
+            wake_replicas: 1,
+            max_step: 1,
+            paused: false,
+            awake_until: None,
+            sleep: false,
+        };
+        let in_schedule = Policy {
+            min_replicas: 2,
+            ..before_schedule
+        };
+        let started = SystemTime::now();
+        let wake = |now: i32| {
+            let load = Load {
+                wake: true,
+                ..Default::default()
+            };
+            let d = decision::decide(&before_schedule, now, &load, SystemTime::now(), started);
+            (d.reason == Reason::Wake).then_some((d.desired, d.reason))
+        };
+        let tick = |now: i32| {
+            let load = Load {
+                complete: true,
+                last_request: Some(SystemTime::now()),
+                ..Default::default()
+            };
+            let d = decision::decide(&in_schedule, now, &load, SystemTime::now(), started);
+            Some((d.desired, d.reason))
+        };
+        let reset = || async {
+            replicas::apply(&api, "web", None, t, |_| Some((0, ())))
+                .await
+                .unwrap();
+            let r = replicas::read(&api, "web", t).await.unwrap();
+            assert_eq!(r.replicas, 0);
+            r
+        };
+        // The tick writes first, then the wake decided on the same read.
+        let seen = reset().await;
+        let (a, _) = replicas::apply(&api, "web", Some(seen.clone()), t, tick)
+            .await
+            .unwrap();
+        let (b, conflicts) = replicas::apply(&api, "web", Some(seen), t, wake)
+            .await
+            .unwrap();
+        eprintln!("tick then wake: {a:?}, {b:?} ({conflicts} conflict)");
+        assert_eq!(conflicts, 1, "the wake's write was not refused");
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
+        // The wake writes first, then the tick decided on the same read.
+        let seen = reset().await;
+        let (a, _) = replicas::apply(&api, "web", Some(seen.clone()), t, wake)
+            .await
+            .unwrap();
+        let (b, conflicts) = replicas::apply(&api, "web", Some(seen), t, tick)
+            .await
+            .unwrap();
+        eprintln!("wake then tick: {a:?}, {b:?} ({conflicts} conflict)");
+        assert_eq!(conflicts, 1, "the tick's write was not refused");
+        assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
+        // Both at once, as they run in the operator (the order is the API server's).
+        for round in 0..5 {
+            let seen = reset().await;
+            let (a, b) = tokio::join!(
+                replicas::apply(&api, "web", Some(seen.clone()), t, wake),
+                replicas::apply(&api, "web", Some(seen), t, tick),
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert_eq!(
+                deployment_replicas(&deploys, "web").await.unwrap(),
+                2,
+                "round {round}: wake {a:?}, tick {b:?}"
+            );
+        }
+    })
+    .await;
 }
 
 /// The one writer of replicas (issue 28): two deciders at once. Decider A (an idle

@@ -63,6 +63,11 @@ pub struct Args {
         default_value = "/var/run/secrets/snooze/stats/token"
     )]
     pub stats_token_file: String,
+    /// How long a follower waits after an activator's wake signal before it checks
+    /// whether the leader woke the workload, and wakes it itself if not (the backstop
+    /// for a leader that crashed; 0 turns the backstop off).
+    #[arg(long, env = "SNOOZE_FOLLOWER_WAKE_DELAY_MS", default_value_t = 300)]
+    pub follower_wake_delay_ms: u64,
     /// Timeout of every API call.
     #[arg(long, env = "SNOOZE_API_TIMEOUT_SECONDS", default_value_t = 10)]
     pub api_timeout_seconds: u64,

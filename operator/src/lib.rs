@@ -3,13 +3,16 @@
 
 pub mod activators;
 pub mod autoscale;
+pub mod backstop;
 pub mod bypass;
+pub mod caches;
 pub mod check;
 pub mod config;
 pub mod controller;
 pub mod decision;
 pub mod group;
 pub mod lead;
+pub mod manual;
 pub mod metrics;
 pub mod objects;
 pub mod ports;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use snooze_operator::backstop;
 use snooze_operator::config::Args;
 use snooze_operator::lead::{Elector, Settings};
 use snooze_operator::metrics::Metrics;
@@ -57,12 +58,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut failed = None;
     loop {
-        // A follower is ready: it is waiting to take over.
+        // A follower is ready: it is waiting to take over, and takes the activators'
+        // wake signals as the backstop of a leader that cannot act (`backstop.rs`).
         ready_tx.send_replace(true);
-        tokio::select! {
-            r = leading.wait_for(|l| *l) => { r?; }
-            _ = shutdown.cancelled() => break,
-            (task, r) = tasks.first_ended() => { failed = Some((task, r)); break; }
+        let following = shutdown.child_token();
+        let backstop = (args.follower_wake_delay_ms > 0).then(|| {
+            tokio::spawn(backstop::run(
+                client.clone(),
+                args.clone(),
+                metrics.clone(),
+                following.clone(),
+            ))
+        });
+        let outcome = tokio::select! {
+            r = leading.wait_for(|l| *l) => r.map(|_| None).map_err(anyhow::Error::from),
+            _ = shutdown.cancelled() => Ok(Some(None)),
+            (task, r) = tasks.first_ended() => Ok(Some(Some((task, r)))),
+        };
+        // The follower's term ends before the leader's begins.
+        following.cancel();
+        if let Some(b) = backstop
+            && tokio::time::timeout(Duration::from_secs(2), b)
+                .await
+                .is_err()
+        {
+            warn!("the follower's backstop did not stop within 2s");
+        }
+        match outcome? {
+            None => {}
+            Some(f) => {
+                failed = f;
+                break;
+            }
         }
         info!("became leader");
         metrics.leader.set(1);

@@ -18,6 +18,16 @@ pub struct WatchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadLabels {
+    pub what: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScaleLabels {
     pub reason: &'static str,
 }
@@ -53,6 +63,11 @@ pub struct Metrics {
     /// Tasks alive in the process's runtime, read at each scrape (a leadership term
     /// that leaves one behind shows here).
     pub tasks: Gauge,
+    /// Wake signals a follower took as the leader's backstop, by outcome.
+    pub follower_wakes: Family<OutcomeLabels, Counter>,
+    /// API reads (GET or LIST) made by reconciles and the tick, by what was read: each
+    /// one something the caches could not answer.
+    pub api_reads: Family<ReadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -83,7 +98,22 @@ impl Metrics {
             scale_conflicts: Counter::default(),
             tick_errors: Counter::default(),
             tasks: Gauge::default(),
+            follower_wakes: Family::default(),
+            api_reads: Family::default(),
         };
+        registry.register(
+            "api_reads",
+            "API reads (GET or LIST) by reconciles, by what was read: what the caches could not answer (not synced yet, or an object not cached), pods after a failed wake, routes every 5 minutes",
+            m.api_reads.clone(),
+        );
+        registry.register(
+            "follower_wakes",
+            "Wake signals a follower checked after its delay, by outcome: woken (still at zero, so the follower woke it), awake (the leader had), skipped (paused, deleted, not scalable, or another ScaledService's workload), failed",
+            m.follower_wakes.clone(),
+        );
+        for outcome in ["woken", "awake", "skipped", "failed"] {
+            let _ = m.follower_wakes.get_or_create(&OutcomeLabels { outcome });
+        }
         registry.register(
             "tasks",
             "Tasks alive in the operator's async runtime, read at each scrape",
@@ -187,6 +217,10 @@ impl Metrics {
     }
 
     /// Counts one error of the watch `watch`.
+    pub fn read(&self, what: &'static str) {
+        self.api_reads.get_or_create(&ReadLabels { what }).inc();
+    }
+
     pub fn watch_error(&self, watch: &'static str) {
         self.watch_errors
             .get_or_create(&WatchLabels { watch })

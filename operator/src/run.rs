@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self as kcontroller, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -27,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::activators::{self, Activators};
+use crate::caches::{self, Caches};
 use crate::config::Args;
 use crate::controller::{self, Context};
 use crate::metrics::Metrics;
@@ -120,9 +120,23 @@ pub async fn lead(
         }
     });
 
-    // Backend EndpointSlices (ready replicas; a change triggers the ScaledService).
+    // What a reconcile reads, from caches (`caches.rs`): one watch each, whose stream
+    // also triggers the reconciles.
     let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
+    let (svc_reader, svc_writer) = reflector::store::<Service>();
+    let (managed_reader, managed_writer) = reflector::store::<EndpointSlice>();
+    let caches = Arc::new(Caches::new(
+        client.clone(),
+        metrics.clone(),
+        term.clone(),
+        svc_reader,
+        managed_reader,
+        slice_reader,
+    ));
+    // Backend EndpointSlices (ready replicas, indexed by Service; a change triggers the
+    // ScaledService).
     let m = metrics.clone();
+    let index = caches.clone();
     let slice_stream = resilient(
         reflector::reflector(
             slice_writer,
@@ -132,12 +146,14 @@ pub async fn lead(
                     "endpointslice.kubernetes.io/managed-by=endpointslice-controller.k8s.io",
                 ),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(caches::trim_slice),
         )
         .touched_objects(),
         "backend-endpointslices",
         move || m.watch_error("backend-endpointslices"),
     )
+    .inspect(move |s| index.index_slice(s))
     .map(Ok::<_, watcher::Error>);
 
     let controller = Controller::new(ss_api, watcher::Config::default());
@@ -147,16 +163,41 @@ pub async fn lead(
         move |ns: Option<String>, svc: Option<String>| scaled_services_of(&store, ns, svc)
     };
     let by_service2 = by_service.clone();
+    // Every Service, full (backend Services are read whole; managed ones carry the
+    // ScaledService's name in a label): a change triggers the ScaledService that
+    // manages it or uses it as its backend.
     let m = metrics.clone();
     let service_stream = resilient(
-        watcher(
-            Api::<PartialObjectMeta<Service>>::all(client.clone()),
-            watcher::Config::default(),
+        reflector::reflector(
+            svc_writer,
+            watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff()
+            .modify(caches::trim_service),
         )
-        .default_backoff()
         .touched_objects(),
         "services",
         move || m.watch_error("services"),
+    )
+    .map(Ok::<_, watcher::Error>);
+    // The managed EndpointSlices (owned by their ScaledService).
+    let m = metrics.clone();
+    let managed_slice_stream = resilient(
+        reflector::reflector(
+            managed_writer,
+            watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                watcher::Config::default()
+                    .labels(&format!("endpointslice.kubernetes.io/managed-by={MANAGER}")),
+            )
+            .default_backoff()
+            .modify(caches::trim_slice),
+        )
+        .touched_objects(),
+        "managed-endpointslices",
+        move || m.watch_error("managed-endpointslices"),
     )
     .map(Ok::<_, watcher::Error>);
 
@@ -170,7 +211,7 @@ pub async fn lead(
     let ctx = Arc::new(Context {
         client: client.clone(),
         store: store.clone(),
-        slices: slice_reader,
+        caches,
         ports: Mutex::new(alloc),
         stats: stats_store,
         activators: act_rx,
@@ -259,23 +300,19 @@ pub async fn lead(
 
     let m = metrics.clone();
     let run = controller
-        .owns(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default().labels(LABEL_SCALED_SERVICE),
-        )
-        .owns(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default()
-                .labels(&format!("endpointslice.kubernetes.io/managed-by={MANAGER}")),
-        )
+        .owns_stream(managed_slice_stream)
         .watches_stream(slice_stream, move |s: EndpointSlice| {
             by_service(
                 s.namespace(),
                 s.labels().get("kubernetes.io/service-name").cloned(),
             )
         })
-        .watches_stream(service_stream, move |s| {
-            by_service2(s.namespace(), Some(s.name_any()))
+        .watches_stream(service_stream, move |s: Service| {
+            let mut refs = by_service2(s.namespace(), Some(s.name_any()));
+            if let (Some(owner), Some(ns)) = (s.labels().get(LABEL_SCALED_SERVICE), s.namespace()) {
+                refs.push(ObjectRef::new(owner).within(&ns));
+            }
+            refs
         })
         .reconcile_all_on(activator_stream)
         .reconcile_on(trigger_stream)

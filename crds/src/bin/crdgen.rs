@@ -11,7 +11,11 @@ use kube::CustomResourceExt;
 use snooze_crds::ScaledService;
 
 fn targets() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    // At run time (cargo sets it for `cargo run`): a binary compiled in another checkout
+    // sharing the target directory must not write into that one.
+    let dir = std::env::var("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    let root = PathBuf::from(dir).join("..");
     vec![
         root.join("crds/scaledservice.yaml"),
         root.join("charts/snooze/crds/scaledservice.yaml"),

@@ -1,7 +1,8 @@
-//! Apply one ScaledService, stage by stage: references → ports → routing objects →
-//! replicas (through the one writer) → status.
+//! Apply one ScaledService, stage by stage: what it reads and what stops it (`read`) →
+//! ports → routing objects → replicas (through the one writer) → status.
 
 use super::*;
+use std::time::UNIX_EPOCH;
 
 pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Action, Error> {
     let ns = ss.namespace().unwrap_or_default();
@@ -14,71 +15,17 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
         ..old.clone()
     };
 
-    // 1. References.
-    let conflict = conflicting_owner(ctx, &ss);
-    let backend = if conflict.is_none() {
-        let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-        timed(ctx, svcs.get_opt(&ss.spec.service)).await?
-    } else {
-        None
-    };
-    let selects_pods = backend
-        .as_ref()
-        .and_then(|b| b.spec.as_ref())
-        .and_then(|s| s.selector.as_ref())
-        .is_some_and(|s| !s.is_empty());
-    let backend_ports: Vec<(Option<&str>, i32)> = backend
-        .iter()
-        .flat_map(|b| b.spec.iter().flat_map(|s| s.ports.iter().flatten()))
-        .map(|p| (p.name.as_deref(), p.port))
-        .collect();
-    let problem =
-        status::references_problem(&ss, conflict.as_deref(), backend.is_some(), selects_pods)
-            .or_else(|| {
-                backend
-                    .as_ref()
-                    .and_then(|_| status::ports_problem(&ss, &backend_ports))
-            });
-    // The managed objects as they are: a name held by objects this ScaledService did
-    // not create is a problem of its own (they are never taken over).
-    let svc_name = ss.managed_service_name();
-    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    let (have_svc, have_slice) = if problem.is_none() {
-        (
-            timed(ctx, svcs.get_opt(&svc_name)).await?,
-            timed(ctx, slices.get_opt(&svc_name)).await?,
-        )
-    } else {
-        (None, None)
-    };
-    let problem = problem.or_else(|| {
-        status::name_taken(
-            &ss,
-            have_svc.as_ref().map(|s| &s.metadata),
-            have_slice.as_ref().map(|s| &s.metadata),
-        )
-    });
-    let (target, problem) = match problem {
-        Some(p) => (None, Some(p)),
-        None => match scale_api(ctx, &ss).await? {
-            Err(p) => (None, Some(p)),
-            Ok(api) => match timed(ctx, api.get_scale(&ss.spec.scale_target_ref.name)).await {
-                Ok(scale) => (Some((api, scale)), None),
-                Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => (
-                    None,
-                    Some(Problem {
-                        reason: "TargetNotFound",
-                        message: format!(
-                            "{} {} not found in namespace {ns}",
-                            ss.spec.scale_target_ref.kind, ss.spec.scale_target_ref.name
-                        ),
-                    }),
-                ),
-                Err(e) => return Err(e),
-            },
-        },
-    };
+    // 1. References, the target and the managed objects, from the caches.
+    let Reads {
+        backend,
+        problem,
+        target,
+        have_svc,
+        have_slice,
+        svc_name,
+        svcs,
+        slices,
+    } = read(ctx, &ss, &old).await?;
 
     // Activator ports, one per Service port: refused when the range is full or the
     // namespace holds its limit, which the status says.
@@ -137,7 +84,7 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
         write_status(ctx, &ss, &old, status).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
-    let (Some(backend), Some((scale_api, scale))) = (backend, target) else {
+    let (Some(backend), Some((scale_api, read, cached))) = (backend, target) else {
         return Ok(Action::requeue(Duration::from_secs(10)));
     };
 
@@ -168,7 +115,7 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
     }
 
     // 3. Replicas.
-    let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+    let current = read.replicas;
     // Recorded once, when Snooze takes the workload over (0 included): deleting the
     // ScaledService gives it back.
     let key = key_of(&ss);
@@ -211,10 +158,6 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
     if d.desired != current {
         // Decided on the /scale just read; if the workload changed since, the bounds
         // and wakes are decided again on what is there (idle and load stay the tick's).
-        let read = replicas::Read {
-            replicas: current,
-            version: scale.metadata.resource_version.clone(),
-        };
         let pol = policy(&ss);
         let idle = idle_since(ctx, &ss);
         let mut first = Some(d);
@@ -262,8 +205,16 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
     status.service_name = Some(svc_name.clone());
     status.ports = ports;
     // The check the activators run on new pods while requests are held.
-    let (probe, source) = match timed(ctx, scale_api.get_opt(&ss.spec.scale_target_ref.name)).await
-    {
+    let workload = match cached {
+        Some(o) => Ok(Some(o)),
+        None => {
+            ctx.metrics.read("workload");
+            timed(ctx, scale_api.get_opt(&ss.spec.scale_target_ref.name))
+                .await
+                .map(|o| o.map(Arc::new))
+        }
+    };
+    let (probe, source) = match workload {
         Ok(t) => {
             let template = t.map(|o| serde_json::json!({"spec": o.data.get("spec")}));
             crate::probe::resolve(ss.spec.activation.probe.as_ref(), template.as_ref())
@@ -282,10 +233,66 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
         decision::queue_share(ss.spec.activation.max_queued_requests, serving.len())
             .min(i32::try_from(ctx.max_queued_per_service).unwrap_or(i32::MAX)),
     );
-    if let Some(last) = load.last_request
-        && status::show_last_request(old.last_request_time.as_ref().map(to_system), last)
-    {
+    let now_sys = SystemTime::now();
+    let pol = policy(&ss);
+    let shown_last = old.last_request_time.as_ref().map(to_system);
+    let rewrite = load
+        .last_request
+        .is_some_and(|last| status::show_last_request(shown_last, last, now_sys, pol.idle_timeout));
+    if rewrite && let Some(last) = load.last_request {
         status.last_request_time = to_time(last);
+    }
+    // 5. Why it is awake, and when it sleeps (`manual`): who sent the requests is
+    // rewritten with the last request (or at once when it was empty); nothing while
+    // asleep.
+    let m = crate::manual::read(&ss);
+    let activity = ctx.stats.activity(&key, ACTIVITY_SHOWN);
+    if written <= 0 {
+        status.activity.clear();
+    } else if rewrite || (old.activity.is_empty() && !activity.is_empty()) {
+        status.activity = activity.into_iter().filter_map(activity_entry).collect();
+    }
+    let holders = crate::manual::Holders {
+        replicas: written,
+        paused: m.paused,
+        awake_until: m.awake_until,
+        needed_by: &status.needed_by,
+        min_replicas: pol.min_replicas,
+        activity: &status.activity,
+    };
+    status.awake_because = holders.because(now_sys);
+    status.sleeps_at = if holders.requests_only(now_sys) {
+        let since = idle_since(ctx, &ss)
+            .max(
+                status
+                    .last_request_time
+                    .as_ref()
+                    .map_or(UNIX_EPOCH, to_system),
+            )
+            .max(m.awake_until.unwrap_or(UNIX_EPOCH));
+        to_time(crate::manual::sleeps_at(since, pol.idle_timeout))
+    } else {
+        None
+    };
+    status.paused = m.paused;
+    status.awake_until = m.awake_until.and_then(to_time);
+    if let Some(v) = &m.sleep
+        && written <= pol.min_replicas.max(0)
+    {
+        status.handled_sleep = Some(v.clone());
+    }
+    let warned = ctx.state(&key, |st| {
+        std::mem::replace(&mut st.annotations_warned, m.invalid.clone()) == m.invalid
+    });
+    if !warned && !m.invalid.is_empty() {
+        publish(
+            ctx,
+            &ss,
+            EventType::Warning,
+            "InvalidAnnotation",
+            format!("ignored: {}", m.invalid.join("; ")),
+        )
+        .await;
     }
     let (ok, reason, msg) = status::ready(
         serving.len(),
@@ -338,4 +345,18 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
         (None, _) => Duration::from_secs(30),
     };
     Ok(Action::requeue(requeue.max(Duration::from_millis(200))))
+}
+
+/// Clients shown in `status.activity`.
+const ACTIVITY_SHOWN: usize = 5;
+
+fn activity_entry(w: snooze_crds::stats::Waker) -> Option<snooze_crds::ActivityEntry> {
+    Some(snooze_crds::ActivityEntry {
+        client: w.client,
+        user_agent: (!w.user_agent.is_empty()).then_some(w.user_agent),
+        method: w.method,
+        path: (!w.path.is_empty()).then_some(w.path),
+        count: i64::try_from(w.count).unwrap_or(i64::MAX),
+        last_seen: to_time(UNIX_EPOCH + Duration::from_millis(w.last_ms))?,
+    })
 }

@@ -3,6 +3,7 @@
 //! each stage in its own module:
 //!
 //! - `reconcile`: the entry, the error policy, the lookups before applying;
+//! - `read`: what a reconcile reads (caches first) and what stops a ScaledService;
 //! - `apply`: references → ports → routing objects → replicas → status;
 //! - `tick`: the once-a-second autoscale decisions, and the spec → policy mapping;
 //! - `wake`: an activator's wake signal (and the services it needs), wake outcomes;
@@ -44,6 +45,7 @@ use crate::{bypass, group, wakefail};
 
 mod apply;
 mod cleanup;
+mod read;
 mod reconcile;
 mod routes;
 mod tick;
@@ -52,6 +54,7 @@ mod write;
 
 pub(crate) use apply::*;
 pub(crate) use cleanup::*;
+pub(crate) use read::*;
 pub use reconcile::*;
 pub(crate) use routes::*;
 pub use tick::*;
@@ -64,7 +67,8 @@ pub struct Context {
     pub client: Client,
     pub store: Store<ScaledService>,
     /// EndpointSlices of backend Services (managed by the EndpointSlice controller).
-    pub slices: Store<EndpointSlice>,
+    /// What a reconcile reads (`caches.rs`).
+    pub caches: Arc<crate::caches::Caches>,
     pub ports: Mutex<PortAllocator>,
     pub stats: Arc<StatsStore>,
     pub activators: watch::Receiver<Activators>,
@@ -72,7 +76,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub started: SystemTime,
     /// Resolved scale targets by group/version/kind (None: not scalable).
-    pub discovery: Mutex<HashMap<GroupVersionKind, Option<ApiResource>>>,
+    pub discovery: Discovery,
     /// Bound on every API call.
     pub api_timeout: Duration,
     /// What this leader remembers of each ScaledService (dropped on delete).
@@ -118,6 +122,11 @@ pub struct ServiceState {
     pub wake_condition: Option<Condition>,
     /// Reconciles of this object that failed in a row (the error policy's backoff).
     pub failures: u32,
+    /// The bad annotation values last told in a Warning event (`manual`).
+    pub annotations_warned: Vec<String>,
+    /// The replicas this leader last wrote, and when: until the workload cache shows
+    /// them (its watch lags the write by a moment), the replicas are read from `/scale`.
+    pub written: Option<(i32, Instant)>,
 }
 
 impl Context {

@@ -61,19 +61,27 @@ pub fn error_policy(ss: Arc<ScaledService>, err: &Error, ctx: Arc<Context>) -> A
 
 /// The older of two ScaledServices that claim one workload keeps it.
 pub(crate) fn conflicting_owner(ctx: &Context, ss: &ScaledService) -> Option<String> {
+    older_claimant(&ctx.store.state(), ss)
+}
+
+/// The other live ScaledServices that name the same workload.
+pub(crate) fn other_claimants(ctx: &Context, ss: &ScaledService) -> Vec<Arc<ScaledService>> {
+    claimants(&ctx.store.state(), ss)
+}
+
+/// Of `all`, an older live ScaledService that names the same workload as `ss` (it keeps
+/// the workload, `ss` may not act on it); for a leader's cache or a follower's list.
+pub fn older_claimant(all: &[Arc<ScaledService>], ss: &ScaledService) -> Option<String> {
     let mine = (ss.metadata.creation_timestamp.clone(), ss.name_any());
-    other_claimants(ctx, ss)
+    claimants(all, ss)
         .into_iter()
         .find(|o| (o.metadata.creation_timestamp.clone(), o.name_any()) < mine)
         .map(|o| o.name_any())
 }
 
-/// The other live ScaledServices that name the same workload.
-pub(crate) fn other_claimants(ctx: &Context, ss: &ScaledService) -> Vec<Arc<ScaledService>> {
+fn claimants(all: &[Arc<ScaledService>], ss: &ScaledService) -> Vec<Arc<ScaledService>> {
     let ns = ss.namespace();
-    ctx.store
-        .state()
-        .into_iter()
+    all.iter()
         .filter(|o| {
             o.namespace() == ns && o.uid() != ss.uid() && o.metadata.deletion_timestamp.is_none()
         })
@@ -83,6 +91,7 @@ pub(crate) fn other_claimants(ctx: &Context, ss: &ScaledService) -> Vec<Arc<Scal
                 && group(&o.spec.scale_target_ref.api_version)
                     == group(&ss.spec.scale_target_ref.api_version)
         })
+        .cloned()
         .collect()
 }
 
@@ -90,44 +99,62 @@ pub(crate) fn group(api_version: &str) -> &str {
     api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("")
 }
 
-/// The `/scale`-capable API of the target, or why there is none.
-pub(crate) async fn scale_api(
-    ctx: &Context,
-    ss: &ScaledService,
-) -> Result<Result<Api<DynamicObject>, Problem>, Error> {
+/// The group, version and kind of the scale target (`apiVersion` without a group is
+/// the core group's).
+pub(crate) fn target_gvk(ss: &ScaledService) -> GroupVersionKind {
     let r = &ss.spec.scale_target_ref;
     let (g, v) = r
         .api_version
         .rsplit_once('/')
         .unwrap_or(("", r.api_version.as_str()));
-    let gvk = GroupVersionKind::gvk(g, v, &r.kind);
-    let cached = ctx.discovery.lock().get(&gvk).cloned();
+    GroupVersionKind::gvk(g, v, &r.kind)
+}
+
+/// The `/scale`-capable API of the target, or why there is none.
+pub(crate) async fn scale_api(
+    ctx: &Context,
+    ss: &ScaledService,
+) -> Result<Result<Api<DynamicObject>, Problem>, Error> {
+    scale_api_with(&ctx.client, &ctx.discovery, ctx.api_timeout, ss).await
+}
+
+/// Discovery of kinds and whether they have `/scale`, remembered per kind.
+pub type Discovery = Mutex<HashMap<GroupVersionKind, Option<ApiResource>>>;
+
+/// [`scale_api`] with its parts: the client, what discovery found so far, the time
+/// limit of an API call (a follower's wakes have no leader's Context).
+pub async fn scale_api_with(
+    client: &Client,
+    discovery: &Discovery,
+    api_timeout: Duration,
+    ss: &ScaledService,
+) -> Result<Result<Api<DynamicObject>, Problem>, Error> {
+    let gvk = target_gvk(ss);
+    let cached = discovery.lock().get(&gvk).cloned();
     let ar = match cached {
         Some(a) => a,
         None => {
-            let found = match tokio::time::timeout(
-                ctx.api_timeout,
-                kube::discovery::pinned_kind(&ctx.client, &gvk),
-            )
-            .await
-            {
-                Err(_) => return Err(Error::Timeout),
-                Ok(Ok((ar, caps))) => caps
-                    .subresources
-                    .iter()
-                    .any(|(sub, _)| sub.plural.ends_with("scale"))
-                    .then_some(ar),
-                Ok(Err(kube::Error::Discovery(_))) => None,
-                Ok(Err(kube::Error::Api(e))) if e.code == 404 => None,
-                Ok(Err(e)) => return Err(e.into()),
-            };
-            ctx.discovery.lock().insert(gvk.clone(), found.clone());
+            let found =
+                match tokio::time::timeout(api_timeout, kube::discovery::pinned_kind(client, &gvk))
+                    .await
+                {
+                    Err(_) => return Err(Error::Timeout),
+                    Ok(Ok((ar, caps))) => caps
+                        .subresources
+                        .iter()
+                        .any(|(sub, _)| sub.plural.ends_with("scale"))
+                        .then_some(ar),
+                    Ok(Err(kube::Error::Discovery(_))) => None,
+                    Ok(Err(kube::Error::Api(e))) if e.code == 404 => None,
+                    Ok(Err(e)) => return Err(e.into()),
+                };
+            discovery.lock().insert(gvk.clone(), found.clone());
             found
         }
     };
     Ok(match ar {
         Some(ar) => Ok(Api::namespaced_with(
-            ctx.client.clone(),
+            client.clone(),
             &ss.namespace().unwrap_or_default(),
             &ar,
         )),
@@ -135,7 +162,7 @@ pub(crate) async fn scale_api(
             reason: "TargetNotScalable",
             message: format!(
                 "{} {} has no /scale subresource (or the kind is not served)",
-                r.api_version, r.kind
+                ss.spec.scale_target_ref.api_version, ss.spec.scale_target_ref.kind
             ),
         }),
     })
@@ -170,22 +197,5 @@ pub(crate) fn serving_activators(
 }
 
 pub(crate) fn ready_endpoints(ctx: &Context, ns: &str, service: &str) -> i32 {
-    let mut ips: Vec<&str> = Vec::new();
-    let state = ctx.slices.state();
-    for s in state.iter().filter(|s| {
-        s.metadata.namespace.as_deref() == Some(ns)
-            && s.labels()
-                .get("kubernetes.io/service-name")
-                .map(String::as_str)
-                == Some(service)
-    }) {
-        for e in &s.endpoints {
-            if e.conditions.as_ref().and_then(|c| c.ready) == Some(true) {
-                ips.extend(e.addresses.iter().map(String::as_str));
-            }
-        }
-    }
-    ips.sort_unstable();
-    ips.dedup();
-    ips.len() as i32
+    ctx.caches.ready_endpoints(ns, service)
 }

@@ -155,6 +155,7 @@ pub(crate) async fn workload_pods(
         return Ok(Vec::new());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ss.namespace().unwrap_or_default());
+    ctx.metrics.read("pods");
     let list = timed(ctx, pods.list(&ListParams::default().labels(&selector))).await?;
     Ok(list.items)
 }
@@ -297,7 +298,14 @@ pub(crate) async fn wake_once(
         let d = decision::decide(&pol, now, &load, SystemTime::now(), ctx.started);
         (d.reason == Reason::Wake).then_some((d.desired, d.reason))
     };
-    match change_replicas(ctx, &ss, &api, None, Some(received), decide).await? {
+    // The cached replicas and version, when the cache has the workload: the patch goes
+    // out without a read first (a stale cache is refused, and decided again on a read).
+    // Only a cached zero is trusted without a read (a stale one is refused by the
+    // precondition); a cache that says awake is checked against `/scale`.
+    let first = cached_read(ctx, &ss)
+        .map(|(r, _)| r)
+        .filter(|r| r.replicas == 0);
+    match change_replicas(ctx, &ss, &api, first, Some(received), decide).await? {
         Applied::Changed { to, why, .. } => {
             ctx.state(key, |st| {
                 st.replicas = Some((to, 0));
