@@ -72,8 +72,10 @@ step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gatewa
 e2e paths
 step "end-to-end: tenancy (what one tenant must not do to another through Snooze)"
 e2e tenancy
-step "end-to-end: TCP services (a real Redis woken by redis-cli)"
+step "end-to-end: TCP services (Redis woken by redis-cli, PostgreSQL by psql, TLS passthrough)"
 e2e tcp
+step "end-to-end: why it is awake, when it sleeps, and by hand (kubectl snooze)"
+e2e awake
 step "end-to-end: Prometheus scrapes Snooze; the dashboard's and alerts' queries, an alert firing"
 e2e monitoring
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Data-path benchmark, one command: the same load against (a) the backend directly,
 # (b) nginx as a reverse proxy with 1 worker, (c) HAProxy with 1 thread (keep-alive
-# both sides, `http-reuse always`), (d) the activator with 1 worker thread, and (e)
-# with BENCH_BASELINE an older build of the activator, in alternating rounds; then the activator's RSS idle and with held requests, and the
+# both sides, `http-reuse always`), (d) the activator with 1 worker thread, (e) the same
+# with its activity summary off, and (f) with BENCH_BASELINE an older build of the
+# activator, in alternating rounds; then the activator's RSS idle and with held requests, and the
 # time from a pod appearing to the held requests' answers. Prints a table and ratios.
 #
 #   bench/datapath.sh                                  # defaults below
@@ -48,6 +49,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACK=$(free_port); NGX=$(free_port); ACT=$(free_port); ADMIN=$(free_port); COLD=$(free_port)
 HAP=$(free_port); OLD=$(free_port); OLD_ADMIN=$(free_port); OLD_COLD=$(free_port)
+NOSUM=$(free_port); NOSUM_ADMIN=$(free_port); NOSUM_COLD=$(free_port)
 wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 POD_NAME=backend "$T/snooze-testapp" --listen 127.0.0.1:$BACK 2>/dev/null & BACK_PID=$!; pids+=($BACK_PID)
@@ -111,13 +113,18 @@ PY
 "$T/snooze-activator" --static-config "$work/activator.json" --listen-address 127.0.0.1 \
   --admin-address 127.0.0.1:$ADMIN --worker-threads 1 --max-queued-total 100000 \
   --max-connections "$(( $(ulimit -n) - 1024 ))" 2>"$work/activator.log" & ACT_PID=$!; pids+=($ACT_PID)
+# The same activator with the activity summary off (`--activity-summary=false`): what
+# keeping who sent the requests costs, in the same rounds.
+sed "s/\"port\": $ACT,/\"port\": $NOSUM,/; s/\"port\": $COLD,/\"port\": $NOSUM_COLD,/" "$work/activator.json" > "$work/activator-nosum.json"
+"$T/snooze-activator" --static-config "$work/activator-nosum.json" --listen-address 127.0.0.1 \
+  --admin-address 127.0.0.1:$NOSUM_ADMIN --worker-threads 1 --activity-summary=false 2>"$work/activator-nosum.log" & NOSUM_PID=$!; pids+=($NOSUM_PID)
 if [ -n "$BASE" ]; then
   sed "s/\"port\": $ACT,/\"port\": $OLD,/; s/\"port\": $COLD,/\"port\": $OLD_COLD,/" "$work/activator.json" > "$work/activator-old.json"
   "$BASE/snooze-activator" --static-config "$work/activator-old.json" --listen-address 127.0.0.1 \
     --admin-address 127.0.0.1:$OLD_ADMIN --worker-threads 1 --max-queued-total 100000 2>"$work/activator-old.log" & OLD_PID=$!; pids+=($OLD_PID)
   wait_port $OLD
 fi
-wait_port $BACK; wait_port $NGX; wait_port $ACT; wait_port $HAP
+wait_port $BACK; wait_port $NGX; wait_port $ACT; wait_port $HAP; wait_port $NOSUM
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -134,7 +141,7 @@ print(json.dumps(d))' "$out" "$c0" "$c1" "$(getconf CLK_TCK)"
 }
 
 echo "machine: $(nproc) cores, $(uname -r); connections=$CONNS duration=$DURATION rounds=$ROUNDS path=$PATH_Q services=$((EXTRA + 2))"
-load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $HAP warmup >/dev/null; load $ACT warmup >/dev/null
+load $BACK warmup >/dev/null; load $NGX warmup >/dev/null; load $HAP warmup >/dev/null; load $ACT warmup >/dev/null; load $NOSUM warmup >/dev/null
 [ -z "$BASE" ] || load $OLD warmup >/dev/null
 : > "$work/results.jsonl"
 NGX_WORKER=$(pgrep -P "$NGX_PID" | head -n 1)
@@ -143,6 +150,7 @@ for r in $(seq 1 "$ROUNDS"); do
   measure $NGX nginx "$NGX_WORKER" >> "$work/results.jsonl"
   measure $HAP haproxy "$HAP_PID" >> "$work/results.jsonl"
   measure $ACT activator "$ACT_PID" >> "$work/results.jsonl"
+  measure $NOSUM activator-nosummary "$NOSUM_PID" >> "$work/results.jsonl"
   [ -z "$BASE" ] || measure $OLD activator-before "$OLD_PID" >> "$work/results.jsonl"
 done
 ACT_RSS_LOADED=$(rss_kb $ACT_PID)
@@ -171,14 +179,17 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {}
 for r in rows: by.setdefault(r["label"], []).append(r)
 med = {k: {m: statistics.median(x[m] for x in v) for m in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req")} | {"errors": sum(x["errors"] for x in v)} for k, v in by.items()}
-print(f"{'target':<10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7} {'CPU µs/req':>11}   (median of rounds; CPU of the serving process)")
-for k in ("direct", "nginx", "haproxy", "activator", "activator-before"):
+print(f"{'target':<20} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'errors':>7} {'CPU µs/req':>11}   (median of rounds; CPU of the serving process)")
+for k in ("direct", "nginx", "haproxy", "activator", "activator-nosummary", "activator-before"):
     if k not in med: continue
-    m = med[k]; print(f"{k:<10} {m['rps']:>10.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['p999_ms']:>9.3f} {m['errors']:>7} {m['cpu_us_per_req']:>11.1f}")
+    m = med[k]; print(f"{k:<20} {m['rps']:>10.0f} {m['p50_ms']:>8.3f} {m['p99_ms']:>8.3f} {m['p999_ms']:>9.3f} {m['errors']:>7} {m['cpu_us_per_req']:>11.1f}")
 d, n, a = med["direct"], med["nginx"], med["activator"]
 print(f"throughput: activator/nginx = {a['rps']/n['rps']:.2f}, activator/direct = {a['rps']/d['rps']:.2f}, nginx/direct = {n['rps']/d['rps']:.2f}")
 h = med["haproxy"]
 print(f"CPU per request: activator/nginx = {a['cpu_us_per_req']/n['cpu_us_per_req']:.2f}, activator/haproxy = {a['cpu_us_per_req']/h['cpu_us_per_req']:.2f}")
+if "activator-nosummary" in med:
+    o = med["activator-nosummary"]
+    print(f"activity summary: CPU per request on/off = {a['cpu_us_per_req']/o['cpu_us_per_req']:.3f}, throughput on/off = {a['rps']/o['rps']:.3f}")
 if "activator-before" in med:
     b = med["activator-before"]
     print(f"before/after: CPU per request after/before = {a['cpu_us_per_req']/b['cpu_us_per_req']:.3f}, throughput after/before = {a['rps']/b['rps']:.3f}")

@@ -68,6 +68,18 @@ preflight() { # unit | cluster
     if wants test-tools; then                             # real servers and clients of e2e/tests/tcp.rs
       command -v redis-server >/dev/null || missing+=(redis-server)
       command -v redis-cli >/dev/null || missing+=(redis-tools)
+      command -v psql >/dev/null || missing+=(postgresql-client)
+      # The waiting page's browser test: Chromium, and a venv for Playwright.
+      # (Debian's package; where apt has none, e2e/cluster/build.sh has Playwright fetch its own.)
+      command -v chromium-headless-shell >/dev/null ||
+        { apt-cache show chromium-headless-shell >/dev/null 2>&1 && missing+=(chromium-headless-shell); }
+      python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+      if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        missing+=(postgresql)
+        # Only the programs: no cluster of the machine's own created or started.
+        mkdir -p /etc/postgresql-common/createcluster.d 2>/dev/null &&
+          echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/snooze.conf 2>/dev/null || true
+      fi
     fi
   fi
   if [ ${#missing[@]} -gt 0 ]; then

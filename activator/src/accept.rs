@@ -313,7 +313,7 @@ impl Listeners {
                 Parked::Full(answer) => {
                     // The refused request is counted like any, and answered at once
                     // without hyper (a burst's refusals take milliseconds).
-                    drop(InFlight::start(r.service.clone(), true));
+                    drop(InFlight::start(r.service.clone(), true, None));
                     answer::record(&r.service, answer.status(), since);
                     let bytes = answer.raw(&r.service.display, true);
                     refuse(&mut stream, &bytes).await;
@@ -358,6 +358,7 @@ impl Listeners {
         // read of a request it passes on goes to hyper first.
         let client = remote.ip().to_canonical();
         let peer = Arc::new(Peer {
+            ip: client,
             forwarded_for: forwarded_for(client),
             trusted: self
                 .limits

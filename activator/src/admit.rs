@@ -14,9 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::activity::Seen;
 use crate::answer::Answer;
 use crate::stats::StatsHub;
 use crate::table::{EndpointSet, ServiceEntry, Slot, Table};
+use crate::waiting::Page;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -86,11 +88,17 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn start(service: Arc<ServiceEntry>, counted: bool) -> Self {
+    /// `seen`: who sent it, for the summary of who keeps the service awake (counted
+    /// requests only).
+    pub fn start(service: Arc<ServiceEntry>, counted: bool, seen: Option<&Seen>) -> Self {
         if counted {
+            let now = now_ms();
             service.requests.fetch_add(1, Ordering::Relaxed);
-            service.last_request_ms.store(now_ms(), Ordering::Relaxed);
+            service.last_request_ms.store(now, Ordering::Relaxed);
             service.in_flight.fetch_add(1, Ordering::Relaxed);
+            if let Some(seen) = seen {
+                service.seen(seen, now);
+            }
         }
         service.metrics.in_flight.inc();
         Self { service, counted }
@@ -131,13 +139,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn start(service: Arc<ServiceEntry>, holds_awake: bool) -> Self {
-        let in_flight = InFlight::start(service.clone(), holds_awake);
+    pub fn start(service: Arc<ServiceEntry>, holds_awake: bool, seen: &Seen) -> Self {
+        let in_flight = InFlight::start(service.clone(), holds_awake, Some(seen));
         if !holds_awake {
+            let now = now_ms();
             service.requests.fetch_add(1, Ordering::Relaxed);
-            service
-                .last_request_ms
-                .fetch_max(now_ms(), Ordering::Relaxed);
+            service.last_request_ms.fetch_max(now, Ordering::Relaxed);
+            service.seen(seen, now);
         }
         Self {
             service,
@@ -261,7 +269,12 @@ impl Admission {
         if let Err(full) = self.hold(svc, port_name, &mut ticket) {
             return Parked::Full(full);
         }
-        let deadline = tokio::time::Instant::from_std(since + svc.settings().timeout);
+        // With a waiting page, a connection waits unread only as long as a page load
+        // would: then its request is read, and a page load gets the page.
+        let wait = svc.waiting_page().map_or(svc.settings().timeout, |p| {
+            p.after.min(svc.settings().timeout)
+        });
+        let deadline = tokio::time::Instant::from_std(since + wait);
         let mut closed = std::pin::pin!(peer_closed(stream));
         loop {
             tokio::select! {
@@ -280,15 +293,26 @@ impl Admission {
     /// A pod slot for a request, waiting for one (in the queue, within the activation
     /// timeout from `ticket.since`) while there is none. Pods in `exclude` refused this
     /// request and are passed over while another can take it; when none can, they are
-    /// tried again (the attempts are bounded by the caller).
+    /// tried again (the attempts are bounded by the caller). A browser's page load
+    /// (`page`: the service's waiting page) waits only the page's `after` (at most the
+    /// timeout) and then gets the page.
     pub async fn acquire(
         &self,
         svc: &Arc<ServiceEntry>,
         port_name: &str,
         ticket: &mut Ticket,
         exclude: &[SocketAddr],
+        page: Option<&Arc<Page>>,
     ) -> Result<SlotGuard, Answer> {
         let settings = svc.settings();
+        let gives_up = |waited: Duration| match page {
+            Some(p) => {
+                svc.metrics.waiting_pages.inc();
+                Answer::WaitingPage(p.clone())
+            }
+            None => self.timed_out(svc, waited),
+        };
+        let wait = page.map_or(settings.timeout, |p| p.after.min(settings.timeout));
         let pick = || {
             svc.pick(port_name, settings.pod_concurrency, exclude)
                 .or_else(|| {
@@ -311,9 +335,9 @@ impl Admission {
             ticket.place = None;
             return Ok(s);
         }
-        let deadline = ticket.since + settings.timeout;
+        let deadline = ticket.since + wait;
         if Instant::now() >= deadline {
-            return Err(self.timed_out(svc, ticket.since.elapsed()));
+            return Err(gives_up(ticket.since.elapsed()));
         }
         self.hold(svc, port_name, ticket)?;
         let mut rx = svc.subscribe();
@@ -330,7 +354,7 @@ impl Admission {
                 .await
                 .is_err()
             {
-                return Err(self.timed_out(svc, ticket.since.elapsed()));
+                return Err(gives_up(ticket.since.elapsed()));
             }
         }
     }

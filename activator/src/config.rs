@@ -102,6 +102,11 @@ pub struct Args {
     /// (`status.activationProbe`) instead of waiting for the kubelet to mark one Ready.
     #[arg(long, env = "SNOOZE_ACTIVATION_PROBING", default_value_t = true, action = clap::ArgAction::Set)]
     pub activation_probing: bool,
+    /// Keep, per service, who sent the requests that count as activity (client
+    /// address, User-Agent, method, path) for `status.activity`; off: nothing of the
+    /// clients is kept or reported.
+    #[arg(long, env = "SNOOZE_ACTIVITY_SUMMARY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub activity_summary: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -144,6 +149,7 @@ pub fn load_static(
             },
             max_queued: s.max_queued_requests.unwrap_or(1000),
             pod_concurrency: s.pod_concurrency.unwrap_or(0),
+            ..Settings::default()
         };
         let key = ServiceRef {
             namespace: s.namespace,

@@ -13,6 +13,7 @@ pub mod answer;
 pub mod classify;
 pub mod dispatch;
 
+pub mod activity;
 pub mod admin;
 pub mod auth;
 pub mod config;
@@ -21,4 +22,5 @@ pub mod probe;
 pub mod rules;
 pub mod stats;
 pub mod table;
+pub mod waiting;
 pub mod watch;

@@ -34,6 +34,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = snooze_runtime::shutdown::on_signal()?;
     let metrics = Arc::new(Metrics::new());
+    snooze_activator::activity::set_enabled(args.activity_summary);
     let mut table = Table::new(metrics.clone(), args.max_queued_total);
     if args.max_queued_per_service > 0 {
         table.max_queued_per_service = args.max_queued_per_service;

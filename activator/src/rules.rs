@@ -63,6 +63,20 @@ pub fn target_path(target: &str) -> &str {
     &rest[..end]
 }
 
+/// [`target_path`] of a target in bytes (not necessarily UTF-8).
+pub fn target_path_bytes(target: &[u8]) -> &[u8] {
+    match std::str::from_utf8(target) {
+        Ok(t) => target_path(t).as_bytes(),
+        Err(_) => {
+            let end = target
+                .iter()
+                .position(|b| *b == b'?' || *b == b'#')
+                .unwrap_or(target.len());
+            &target[..end]
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

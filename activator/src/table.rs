@@ -47,6 +47,8 @@ pub struct Settings {
     pub max_queued: u64,
     /// 0: no limit.
     pub pod_concurrency: usize,
+    /// The service's idle timeout: the window of its activity summary.
+    pub idle: Duration,
 }
 
 impl Default for Settings {
@@ -55,8 +57,13 @@ impl Default for Settings {
             timeout: Duration::from_secs(60),
             max_queued: 1000,
             pod_concurrency: 0,
+            idle: Duration::from_secs(300),
         }
     }
+}
+
+fn window_ms(idle: Duration) -> u64 {
+    u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// One ScaledService as the data plane sees it (named so as not to be taken for a
@@ -76,9 +83,13 @@ pub struct ServiceEntry {
     pub last_request_ms: AtomicU64,
     /// Requests answered 504 after the activation timeout.
     pub timeouts: AtomicU64,
+    /// Who sent the requests that counted as activity (see `crate::activity`).
+    activity: parking_lot::Mutex<crate::activity::Activity>,
     /// What the activator answers itself while no pod is ready
     /// (`activation.answerWhileAsleep`); never counted as activity.
     answers: RwLock<Arc<Vec<AsleepAnswer>>>,
+    /// The page for browsers (`activation.waitingPage`), when opted in.
+    waiting_page: RwLock<Option<Arc<crate::waiting::Page>>>,
     pub metrics: ServiceMetrics,
     /// Endpoints as the backend's slices give them, and what the activator's own
     /// probing found (see `crate::probe` and DESIGN.md).
@@ -137,7 +148,9 @@ impl ServiceEntry {
             requests: AtomicU64::new(0),
             last_request_ms: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            activity: parking_lot::Mutex::new(Default::default()),
             answers: RwLock::new(Arc::new(Vec::new())),
+            waiting_page: RwLock::new(None),
             metrics,
             pods: parking_lot::Mutex::new(BackendState::default()),
             candidates_changed: Notify::new(),
@@ -193,6 +206,18 @@ impl ServiceEntry {
         }
     }
 
+    pub fn set_waiting_page(&self, spec: Option<&snooze_crds::WaitingPage>) {
+        let page = spec.map(crate::waiting::Page::new);
+        if self.waiting_page.read().as_deref() != page.as_ref() {
+            *self.waiting_page.write() = page.map(Arc::new);
+        }
+    }
+
+    /// The waiting page, when the service has one.
+    pub fn waiting_page(&self) -> Option<Arc<crate::waiting::Page>> {
+        self.waiting_page.read().clone()
+    }
+
     /// The `answerWhileAsleep` entry for a request, if one matches (`path` without
     /// the query); cloned only when it does.
     pub fn asleep_answer(&self, method: &str, path: &str) -> Option<AsleepAnswer> {
@@ -209,6 +234,17 @@ impl ServiceEntry {
     /// fast path then skips looking).
     pub fn has_answers(&self) -> bool {
         !self.answers.read().is_empty()
+    }
+
+    /// Counts a request (or connection) that is activity in the summary of who keeps
+    /// the service awake.
+    pub fn seen(&self, seen: &crate::activity::Seen, now_ms: u64) {
+        if !crate::activity::enabled() {
+            return;
+        }
+        // The window is read only when the summary is full (a lock of its own).
+        let window = || window_ms(self.settings().idle);
+        self.activity.lock().record(seen, now_ms, window);
     }
 
     pub fn settings(&self) -> Settings {
@@ -328,6 +364,10 @@ impl ServiceEntry {
             requests: self.requests.load(Ordering::Relaxed),
             last_request_ms: self.last_request_ms.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
+            activity: self
+                .activity
+                .lock()
+                .snapshot(crate::admit::now_ms(), window_ms(self.settings().idle)),
         }
     }
 }

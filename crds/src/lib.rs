@@ -48,6 +48,8 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
     printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.conditions[?(@.type==\"Active\")].status"}"#,
     printcolumn = r#"{"name":"Last Request","type":"date","jsonPath":".status.lastRequestTime"}"#,
     printcolumn = r#"{"name":"Needed By","type":"string","jsonPath":".status.neededBy"}"#,
+    printcolumn = r#"{"name":"Sleeps At","type":"string","jsonPath":".status.sleepsAt"}"#,
+    printcolumn = r#"{"name":"Awake Because","type":"string","priority":1,"jsonPath":".status.awakeBecause"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(cel, validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").field_path(".minReplicas"))]
@@ -293,6 +295,49 @@ pub struct ActivationSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub answer_while_asleep: Vec<AsleepAnswer>,
+
+    /// A page for browsers (opt-in): a page load (a GET that accepts `text/html`, not a
+    /// script's `fetch`) still waiting for a pod after `after` gets a small HTML page,
+    /// 503 with `Retry-After`, that reloads itself every two seconds until a pod
+    /// answers. Other requests keep being held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_page: Option<WaitingPage>,
+}
+
+/// The page a browser is shown while the workload starts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingPage {
+    /// How long a page load is held before it gets the page (a fast start shows no
+    /// page at all).
+    #[serde(default = "default_waiting_page_after")]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new(concat!(r#"!self.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || "#, "(duration(self) >= duration('0s') && duration(self) <= duration('1m'))")).message("activation.waitingPage.after must be between 0s and 1m"))]
+    pub after: Duration,
+    /// The page's title and heading.
+    #[serde(default = "default_waiting_page_title")]
+    #[schemars(length(max = 200))]
+    pub title: String,
+    /// The text under the heading (plain text: it is escaped).
+    #[serde(default = "default_waiting_page_message")]
+    #[schemars(length(max = 2000))]
+    pub message: String,
+}
+
+fn default_waiting_page_after() -> Duration {
+    StdDuration::from_secs(1).into()
+}
+fn default_waiting_page_title() -> String {
+    "Starting up".into()
+}
+fn default_waiting_page_message() -> String {
+    "This service was asleep and is starting. The page reloads by itself when it is ready.".into()
+}
+
+impl WaitingPage {
+    pub fn after(&self) -> StdDuration {
+        self.after.into()
+    }
 }
 
 impl Default for ActivationSpec {
@@ -303,6 +348,7 @@ impl Default for ActivationSpec {
             pod_concurrency: 0,
             probe: None,
             answer_while_asleep: Vec::new(),
+            waiting_page: None,
         }
     }
 }
@@ -599,6 +645,82 @@ pub struct ScaledServiceStatus {
     /// activators that serve this service, rounded up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued_per_activator: Option<i32>,
+    /// Who kept it awake in the current idle window: the clients whose requests
+    /// counted as activity, most requests first (top 5, merged over the activators;
+    /// rewritten with `lastRequestTime`). `answerWhileAsleep` requests are never here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activity: Vec<ActivityEntry>,
+    /// When it goes to sleep if no request comes (the last request, or the end of a
+    /// `snooze.dev/wake-until`, plus `idleTimeout`). Absent while asleep or while
+    /// something other than requests holds it awake (see `awakeBecause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleeps_at: Option<Time>,
+    /// Why it is awake, in one line: the top client of `activity`, the ScaledServices
+    /// that need it, `minReplicas`, a `snooze.dev/wake-until`, or `paused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awake_because: Option<String>,
+    /// The `snooze.dev/paused` annotation is in effect: the operator does not change
+    /// the replicas.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// The `snooze.dev/wake-until` time in effect: awake until then, then the idle
+    /// clock runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awake_until: Option<Time>,
+    /// The last `snooze.dev/sleep` value acted on (the workload was put to sleep for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_sleep: Option<String>,
+}
+
+/// One client that kept a service awake.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityEntry {
+    /// The client's address; behind a trusted proxy (`--trusted-proxies`), the address
+    /// it forwarded in `X-Forwarded-For`.
+    pub client: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// The request method; `TCP` for connections to a TCP port.
+    pub method: String,
+    /// The request path, without the query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Requests (or connections) in the current idle window.
+    pub count: i64,
+    pub last_seen: Time,
+}
+
+impl ActivityEntry {
+    /// One line: `kube-probe/1.33 GET /healthz ×120 from 10.0.0.5`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        if let Some(a) = &self.user_agent {
+            s.push_str(a);
+            s.push(' ');
+        }
+        s.push_str(&self.method);
+        if let Some(p) = &self.path {
+            s.push(' ');
+            s.push_str(p);
+        }
+        format!("{s} ×{} from {}", self.count, self.client)
+    }
+}
+
+/// Annotations a user (or `kubectl snooze`, or a GitOps tool) sets on a ScaledService
+/// to steer it by hand; the status acknowledges each (`paused`, `awakeUntil`,
+/// `handledSleep`).
+pub mod annotations {
+    /// `"true"`: the operator leaves the workload's replicas as they are (it still
+    /// routes, holds and forwards requests).
+    pub const PAUSED: &str = "snooze.dev/paused";
+    /// An RFC 3339 time: awake until then (woken now if asleep), then the idle clock
+    /// runs from it.
+    pub const WAKE_UNTIL: &str = "snooze.dev/wake-until";
+    /// Any new value (by convention the time it was set): put to sleep now, as soon as
+    /// no request is in flight and nothing holds it; the next request wakes it.
+    pub const SLEEP: &str = "snooze.dev/sleep";
 }
 
 /// One port of the backend Service and the activator port that serves it.

@@ -56,4 +56,26 @@ pub struct ServiceStats {
     /// (a counter).
     #[serde(default)]
     pub timeouts: u64,
+    /// Who sent the requests that counted as activity within the idle window, most
+    /// requests first (bounded: see the activator's `activity` module).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activity: Vec<Waker>,
+}
+
+/// Requests (or TCP connections) of one client that counted as activity.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Waker {
+    /// The client's address (behind a trusted proxy, the one it forwarded).
+    pub client: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user_agent: String,
+    /// The request method; `TCP` for a TCP connection.
+    pub method: String,
+    /// The request path, without the query.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    pub count: u64,
+    /// Unix time in milliseconds of its last request.
+    pub last_ms: u64,
 }

@@ -104,6 +104,13 @@ kubeconfig() { # name, cert file prefix
 }
 
 write_image_map() { # bin folder (the add-ons' executables)
+  # The `postgres` image as the real one is to a pod: a shell with the PostgreSQL
+  # server's programs (initdb, postgres) on its PATH; here Debian's, of this machine.
+  local pgbin
+  pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  printf '#!/bin/sh\nPATH=%s:$PATH exec /bin/sh "$@"\n' "${pgbin:-/usr/lib/postgresql/missing/bin}" \
+    > "$STATE/postgres-image"
+  chmod 755 "$STATE/postgres-image"
   cat > "$STATE/images.json" <<EOF
 {
   "images": {
@@ -114,7 +121,8 @@ write_image_map() { # bin folder (the add-ons' executables)
     "ghcr.io/snooze-sh/activator": "$PROFILE_DIR/snooze-activator",
     "ghcr.io/snooze-sh/testapp": "$PROFILE_DIR/snooze-testapp",
     "redis": "$(command -v redis-server || echo /usr/bin/redis-server)",
-    "alpine/openssl": "$(command -v openssl || echo /usr/bin/openssl)"
+    "alpine/openssl": "$(command -v openssl || echo /usr/bin/openssl)",
+    "postgres": "$STATE/postgres-image"
   }
 }
 EOF

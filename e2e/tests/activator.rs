@@ -801,6 +801,61 @@ async fn a_stale_pooled_connection_never_gives_the_client_a_502() {
     assert!(r.starts_with("HTTP/1.1 502 "), "{r}");
 }
 
+/// Who keeps a service awake, as both paths record it: client, agent, method and path
+/// without the query; behind a trusted proxy the client it forwarded; an
+/// `answerWhileAsleep` request never listed.
+#[tokio::test]
+async fn each_path_records_who_sent_the_requests_that_count() {
+    let b = backend(&[]).await;
+    for (trusted, fast_path) in [(false, true), (false, false), (true, true), (true, false)] {
+        let limits = ServerLimits {
+            fast_path,
+            trusted_proxies: if trusted {
+                vec!["127.0.0.0/8".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            ..ServerLimits::default()
+        };
+        let a = activator_with(Settings::default(), limits, false, 20_000).await;
+        a.set_backends(&[&b]);
+        a.svc.set_answers(&[snooze_crds::AsleepAnswer {
+            path: "/healthz".into(),
+            method: None,
+            status: 200,
+            body: None,
+        }]);
+        for _ in 0..3 {
+            let (status, _, _) = get_with(
+                &a.url("/orders?token=secret"),
+                &[
+                    ("user-agent", "uptime-checker/1.0"),
+                    ("x-forwarded-for", "10.1.2.3"),
+                ],
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        get_with(&a.url("/healthz"), &[("user-agent", "lb-check")]).await;
+        let what = format!("trusted {trusted}, fast path {fast_path}");
+        let activity = a.svc.stats().activity;
+        assert_eq!(activity.len(), 1, "{what}: {activity:?}");
+        let w = &activity[0];
+        let client = if trusted { "10.1.2.3" } else { "127.0.0.1" };
+        assert_eq!(
+            (
+                w.client.as_str(),
+                w.user_agent.as_str(),
+                w.method.as_str(),
+                w.path.as_str(),
+                w.count
+            ),
+            (client, "uptime-checker/1.0", "GET", "/orders", 3),
+            "{what}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn host_header_is_kept_and_forwarded_headers_added() {
     let a = activator(Settings::default()).await;
@@ -1731,6 +1786,15 @@ async fn a_tcp_connection_wakes_on_its_first_byte_and_is_joined_to_the_pod_byte_
             .load(std::sync::atomic::Ordering::Relaxed)
             > before,
         "bytes are activity"
+    );
+    // Who opened it is in the summary of who keeps the service awake.
+    let who = a.svc.stats().activity;
+    assert_eq!(
+        who.iter()
+            .map(|w| (w.client.as_str(), w.method.as_str(), w.count))
+            .collect::<Vec<_>>(),
+        [("127.0.0.1", "TCP", 1)],
+        "{who:?}"
     );
 
     // Half-close: the client's end of writing reaches the pod, whose close comes back.

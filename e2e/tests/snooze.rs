@@ -445,7 +445,7 @@ async fn kubectl_shows_state_columns_conditions_and_events() {
             header,
             [
                 "NAME", "TARGET", "MIN", "MAX", "REPLICAS", "READY", "ACTIVE", "LAST", "REQUEST",
-                "NEEDED", "BY", "AGE"
+                "NEEDED", "BY", "SLEEPS", "AT", "AGE"
             ],
             "{out}"
         );

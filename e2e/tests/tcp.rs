@@ -2,9 +2,11 @@
 //! real Redis server (Debian's `redis-server`, mapped by the node agent from the image
 //! `redis:7`) asleep behind its managed Service, woken by `redis-cli`; a silent
 //! connection does not hold it awake and is closed when it sleeps; a connect-and-close
-//! health check wakes nothing; a TLS server (`openssl s_server`) asleep behind a port
-//! with `appProtocol: https`, woken by curl's ClientHello and answering it with its own
-//! certificate (passthrough). Run by ./test.sh; only these: `./test.sh tcp`.
+//! health check wakes nothing; a real PostgreSQL (Debian's server programs as the
+//! `postgres` image, initdb in the pod's start command) woken by `psql`; a TLS server
+//! (`openssl s_server`) asleep behind a port with `appProtocol: https`, woken by curl's
+//! ClientHello and answering it with its own certificate (passthrough). Run by
+//! ./test.sh; only these: `./test.sh tcp`.
 
 use std::time::{Duration, Instant};
 
@@ -433,6 +435,145 @@ async fn a_sleeping_tls_server_is_woken_through_passthrough_and_answers_the_hand
         .await;
         assert!(ok && cert.contains("tls.example.com"), "{cert}");
         assert_eq!(deployment_replicas(&deploys, "tls").await.unwrap(), 1);
+    })
+    .await;
+}
+
+/// The uid and gid of the machine's `postgres` user (the server refuses to run as root).
+fn postgres_user() -> (i64, i64) {
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("running id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .expect("a postgres user (the preflight installs postgresql)")
+    };
+    (id("-u"), id("-g"))
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: ./test.sh"]
+async fn a_sleeping_postgresql_is_woken_by_psql() {
+    ensure_snooze().await;
+    in_namespace("tcp-pg", |client, ns| async move {
+        let (uid, gid) = postgres_user();
+        // As the official image is used (POSTGRES_HOST_AUTH_METHOD=trust): initdb in
+        // the pod's start command, clients from any address, then the server.
+        let start = r#"export PGDATA=/var/lib/postgresql/data/pgdata && initdb -D "$PGDATA" -U postgres --auth=trust >/dev/null && echo "host all all all trust" >> "$PGDATA/pg_hba.conf" && exec postgres -D "$PGDATA" -k "$PGDATA" -c listen_addresses="$POD_IP" -p 5432"#;
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "db", "labels": {"app": "db"}},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": "db"}},
+                "template": {
+                    "metadata": {"labels": {"app": "db"}},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 5,
+                        "securityContext": {"runAsUser": uid, "runAsGroup": gid, "runAsNonRoot": true},
+                        "volumes": [{"name": "data", "emptyDir": {}}],
+                        "containers": [{
+                            "name": "postgres",
+                            "image": "postgres:15",
+                            "command": ["sh", "-c", start],
+                            "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                            "ports": [{"name": "postgres", "containerPort": 5432}],
+                            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+                            // PostgreSQL accepts connections before it can serve
+                            // them ("the database system is starting up"): a
+                            // tcpSocket probe would pass too early, for the kubelet
+                            // and the activator alike. pg_isready says when it can
+                            // (an exec probe: held connections wait for the kubelet).
+                            "readinessProbe": {
+                                "exec": {"command": ["sh", "-c", "pg_isready -q -h \"$POD_IP\" -p 5432"]},
+                                "periodSeconds": 1,
+                                "failureThreshold": 1,
+                            },
+                        }],
+                    },
+                },
+            },
+        }))
+        .unwrap();
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        deploys.create(&PostParams::default(), &d).await.unwrap();
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": "db"},
+            "spec": {
+                "selector": {"app": "db"},
+                "ports": [{"name": "postgres", "port": 5432, "targetPort": "postgres",
+                           "appProtocol": "postgresql"}],
+            },
+        }))
+        .unwrap();
+        services.create(&PostParams::default(), &s).await.unwrap();
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        ssvcs
+            .create(&PostParams::default(), &scaled("db", "8s"))
+            .await
+            .unwrap();
+        let ip = programmed(&client, &ns, "db", "postgres").await;
+        assert_eq!(deployment_replicas(&deploys, "db").await.unwrap(), 0);
+
+        // psql's first bytes (its SSL request, then the startup message) wake it; the
+        // query is answered once initdb and the server are done.
+        let t0 = Instant::now();
+        let args = [
+            "-h", &ip, "-p", "5432", "-U", "postgres", "-At", "-c", "select 40 + 2",
+        ];
+        let psql = run_tool("psql", &args);
+        let (ok, out) = tokio::time::timeout(Duration::from_secs(70), psql)
+            .await
+            .expect("psql finished within 70 s");
+        assert!(ok && out.trim() == "42", "psql through a sleeping PostgreSQL: {out}");
+        let db_alone = t0.elapsed();
+        eprintln!("cold psql answered in {db_alone:?}");
+        assert_eq!(deployment_replicas(&deploys, "db").await.unwrap(), 1);
+        // Idle: asleep again after its idle timeout.
+        wait_replicas(&deploys, "db", 0, Duration::from_secs(60)).await;
+
+        // A group: a web app that takes 4 s to start needs the database. One cold
+        // request to the web app wakes both at once: both are up in about the slowest
+        // member's time, not the sum of both.
+        app(&client, &ns, "web", 0, &["--startup-delay-ms", "4000"]).await;
+        let mut web = serde_json::to_value(scaled("web", "30s")).unwrap();
+        web["spec"]["needs"] = json!(["db"]);
+        ssvcs
+            .create(&PostParams::default(), &serde_json::from_value(web).unwrap())
+            .await
+            .unwrap();
+        wait_for("web's activators listening", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let web_ip = cluster_ip(&client, &ns, "web-snooze").await;
+        assert_eq!(deployment_replicas(&deploys, "db").await.unwrap(), 0);
+        let t0 = Instant::now();
+        let (status, _) = http_get(&format!("http://{web_ip}/"), Duration::from_secs(90))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let web_up = t0.elapsed();
+        let (ok, out) = tokio::time::timeout(Duration::from_secs(70), run_tool("psql", &args))
+            .await
+            .expect("psql finished within 70 s");
+        assert!(ok && out.trim() == "42", "psql after the group woke: {out}");
+        let group = t0.elapsed();
+        let sum = Duration::from_secs(4) + db_alone;
+        eprintln!(
+            "group cold start: web answered in {web_up:?}, both answered in {group:?}; members alone: web's start-up 4 s, db {db_alone:?} (sum {sum:?})"
+        );
+        // Woken together, the database is up by the time the slower web app answers;
+        // woken one after the other (by the web app's first query), it would take its
+        // own cold start after that.
+        let after_web = group.saturating_sub(web_up);
+        assert!(
+            after_web < db_alone / 2,
+            "the database answered {after_web:?} after the web app (alone it takes {db_alone:?}; the group {group:?}, the sum {sum:?}): woken one after the other"
+        );
     })
     .await;
 }

@@ -37,6 +37,14 @@ pub struct Policy {
     pub wake_replicas: i32,
     /// Most replicas removed per decision, going to sleep too.
     pub max_step: i32,
+    /// `snooze.dev/paused`: the replicas are left as they are.
+    pub paused: bool,
+    /// `snooze.dev/wake-until`: awake until then (woken if asleep); the idle clock
+    /// runs from it after.
+    pub awake_until: Option<SystemTime>,
+    /// A `snooze.dev/sleep` not yet acted on: down to `minReplicas` at once, as soon
+    /// as nothing holds the service (requests, needs, a wake-until).
+    pub sleep: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +59,8 @@ pub enum Reason {
     MaxReplicas,
     /// Following the load between 1 and `maxReplicas` (the autoscaler).
     Load,
+    /// Put to sleep by hand (`snooze.dev/sleep`).
+    Sleep,
     /// Nothing to change.
     Steady,
 }
@@ -63,6 +73,7 @@ impl Reason {
             Reason::MinReplicas => "MinReplicas",
             Reason::MaxReplicas => "MaxReplicas",
             Reason::Load => "Load",
+            Reason::Sleep => "Sleep",
             Reason::Steady => "Steady",
         }
     }
@@ -100,12 +111,23 @@ pub fn decide(
 ) -> Decision {
     let floor = policy.min_replicas.max(0);
     let ceiling = policy.max_replicas.max(floor).max(1);
-    let busy = load.in_flight > 0 || load.queued > 0 || load.wake || load.needed;
+    let held = policy.awake_until.filter(|t| *t > now);
+    let busy = load.in_flight > 0 || load.queued > 0 || load.wake || load.needed || held.is_some();
     let steady = |desired: i32, recheck_in| Decision {
         desired,
         reason: Reason::Steady,
         recheck_in,
     };
+    if policy.paused {
+        return steady(current, None);
+    }
+    if policy.sleep && !busy && current > floor {
+        return Decision {
+            desired: floor,
+            reason: Reason::Sleep,
+            recheck_in: None,
+        };
+    }
 
     if current <= 0 {
         if busy {
@@ -153,9 +175,17 @@ pub fn decide(
         _ => steady(current, recheck_in),
     };
     if busy {
-        return follow(Some(policy.idle_timeout));
+        let recheck = held.map_or(policy.idle_timeout, |t| {
+            t.duration_since(now)
+                .unwrap_or_default()
+                .min(policy.idle_timeout)
+        });
+        return follow(Some(recheck));
     }
-    let since = load.last_request.map_or(idle_since, |t| t.max(idle_since));
+    let since = load
+        .last_request
+        .map_or(idle_since, |t| t.max(idle_since))
+        .max(policy.awake_until.unwrap_or(idle_since));
     let idle_for = now.duration_since(since).unwrap_or_default();
     if idle_for >= policy.idle_timeout {
         if !load.complete {
@@ -213,7 +243,72 @@ mod tests {
             idle_timeout: Duration::from_secs(300),
             wake_replicas: 1,
             max_step: 1,
+            paused: false,
+            awake_until: None,
+            sleep: false,
         }
+    }
+
+    #[test]
+    fn by_hand_pause_sleep_and_wake_until() {
+        let idle = at(0);
+        // Paused: nothing changes, whatever the load or the idle clock.
+        let p = Policy {
+            paused: true,
+            ..policy(0, 5)
+        };
+        assert_eq!(
+            decide(&p, 0, &load(0, 3, None, true), at(1), idle).desired,
+            0
+        );
+        assert_eq!(
+            decide(&p, 3, &load(0, 0, Some(0), false), at(900), idle).desired,
+            3
+        );
+        // Sleep now: down to the floor at once, not step by step; held while requests
+        // are in flight or a needer is awake.
+        let p = Policy {
+            sleep: true,
+            ..policy(0, 5)
+        };
+        let d = decide(&p, 3, &load(0, 0, Some(0), false), at(10), idle);
+        assert_eq!((d.desired, d.reason), (0, Reason::Sleep));
+        assert_eq!(
+            decide(&p, 3, &load(1, 0, Some(10), false), at(10), idle).reason,
+            Reason::Steady
+        );
+        let needed = Load {
+            needed: true,
+            ..load(0, 0, Some(0), false)
+        };
+        assert_eq!(decide(&p, 1, &needed, at(10), idle).desired, 1);
+        let p = Policy {
+            sleep: true,
+            ..policy(1, 5)
+        };
+        assert_eq!(
+            decide(&p, 3, &load(0, 0, Some(0), false), at(10), idle).desired,
+            1
+        );
+        // Wake until: woken from zero, kept past the idle timeout until then, and the
+        // idle clock runs from it.
+        let p = Policy {
+            awake_until: Some(at(1000)),
+            ..policy(0, 5)
+        };
+        let d = decide(&p, 0, &load(0, 0, None, false), at(10), idle);
+        assert_eq!((d.desired, d.reason), (1, Reason::Wake));
+        let d = decide(&p, 1, &load(0, 0, Some(0), false), at(900), idle);
+        assert_eq!(
+            (d.desired, d.recheck_in),
+            (1, Some(Duration::from_secs(100)))
+        );
+        assert_eq!(
+            decide(&p, 1, &load(0, 0, Some(0), false), at(1200), idle).desired,
+            1
+        );
+        let d = decide(&p, 1, &load(0, 0, Some(0), false), at(1300), idle);
+        assert_eq!((d.desired, d.reason), (0, Reason::Idle));
     }
 
     fn load(in_flight: u64, queued: u64, last: Option<u64>, wake: bool) -> Load {

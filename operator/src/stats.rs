@@ -11,7 +11,7 @@ use bytes::{Buf, BytesMut};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use snooze_crds::stats::{Report, STATS_PATH, ServiceRef, ServiceStats};
+use snooze_crds::stats::{Report, STATS_PATH, ServiceRef, ServiceStats, Waker};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -173,6 +173,38 @@ impl StatsStore {
     }
 }
 
+impl StatsStore {
+    /// Who kept one service awake, merged over every activator that reported it (the
+    /// same client through two activators is one entry): most requests first, at most
+    /// `top`.
+    pub fn activity(&self, key: &ServiceRef, top: usize) -> Vec<Waker> {
+        let all = self.activators.lock();
+        let mut merged: Vec<Waker> = Vec::new();
+        for st in all.values() {
+            let Some(s) = st.services.get(key) else {
+                continue;
+            };
+            for w in &s.activity {
+                match merged.iter_mut().find(|m| {
+                    m.client == w.client
+                        && m.user_agent == w.user_agent
+                        && m.method == w.method
+                        && m.path == w.path
+                }) {
+                    Some(m) => {
+                        m.count += w.count;
+                        m.last_ms = m.last_ms.max(w.last_ms);
+                    }
+                    None => merged.push(w.clone()),
+                }
+            }
+        }
+        merged.sort_by(|a, b| b.count.cmp(&a.count).then(b.last_ms.cmp(&a.last_ms)));
+        merged.truncate(top);
+        merged
+    }
+}
+
 /// Keeps one stream open to each address in `targets`.
 pub async fn run(
     store: Arc<StatsStore>,
@@ -318,7 +350,34 @@ mod tests {
             requests: 1,
             last_request_ms: last,
             timeouts: 0,
+            activity: vec![],
         }
+    }
+
+    #[test]
+    fn activity_is_merged_over_activators() {
+        let (tx, _rx) = mpsc::channel(8);
+        let s = StatsStore::new(tx);
+        let w = |client: &str, count, last_ms| Waker {
+            client: client.into(),
+            user_agent: "probe".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            count,
+            last_ms,
+        };
+        let mut a = st("web", 0, 1);
+        a.activity = vec![w("10.0.0.1", 3, 100), w("10.0.0.2", 1, 50)];
+        let mut b = st("web", 0, 1);
+        b.activity = vec![w("10.0.0.1", 4, 200), w("10.0.0.3", 5, 10)];
+        s.apply("10.1.0.1:9090".parse().unwrap(), report(1, true, vec![a]));
+        s.apply("10.1.0.2:9090".parse().unwrap(), report(2, true, vec![b]));
+        let key = ServiceRef {
+            namespace: "ns".into(),
+            name: "web".into(),
+        };
+        let m = s.activity(&key, 2);
+        assert_eq!(m, vec![w("10.0.0.1", 7, 200), w("10.0.0.3", 5, 10)]);
     }
 
     #[test]

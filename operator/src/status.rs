@@ -178,14 +178,41 @@ pub fn active(ready_replicas: i32, replicas: i32) -> Verdict {
     }
 }
 
-/// How stale `status.lastRequestTime` may be: it is rewritten at most once a minute per
-/// service (each write is an API call and a reconcile: at 1,000 busy services, 17 a
-/// second instead of 100), at once when it was never set.
+/// How stale `status.lastRequestTime` may be while requests keep coming: it is
+/// rewritten at most once a minute per service (each write is an API call and a
+/// reconcile: at 1,000 busy services, 17 a second instead of 100), at once when it was
+/// never set, and once the service has been quiet for [`quiet`] (so `sleepsAt`, computed
+/// from it, is exact before the service sleeps). `activity` and `awakeBecause` are
+/// rewritten with it.
 pub const LAST_REQUEST_RESOLUTION: Duration = Duration::from_secs(60);
 
-/// Whether `status.lastRequestTime` is rewritten (see [`LAST_REQUEST_RESOLUTION`]).
-pub fn show_last_request(shown: Option<SystemTime>, last: SystemTime) -> bool {
-    shown.is_none_or(|s| last >= s + LAST_REQUEST_RESOLUTION)
+/// How long without a request before the shown last request is made exact: half the
+/// idle timeout, at most 30 s.
+pub fn quiet(idle: Duration) -> Duration {
+    (idle / 2).min(Duration::from_secs(30))
+}
+
+/// Whether `status.lastRequestTime` is rewritten (see [`LAST_REQUEST_RESOLUTION`]). The
+/// status keeps whole seconds: a newer request within the shown second is not news.
+pub fn show_last_request(
+    shown: Option<SystemTime>,
+    last: SystemTime,
+    now: SystemTime,
+    idle: Duration,
+) -> bool {
+    let secs = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    };
+    match shown {
+        None => true,
+        Some(s) if secs(last) <= secs(s) => false,
+        Some(s) => {
+            last >= s + LAST_REQUEST_RESOLUTION
+                || now.duration_since(last).unwrap_or_default() >= quiet(idle)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -200,6 +227,31 @@ mod tests {
             "spec": {"scaleTargetRef": {"name": "web"}, "service": "web-svc", "schedules": schedules},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_spec_port_the_service_lacks_is_unknown_port() {
+        let with_ports = |ports: serde_json::Value| -> ScaledService {
+            serde_json::from_value(json!({
+                "apiVersion": "snooze.dev/v1alpha1", "kind": "ScaledService",
+                "metadata": {"name": "db", "namespace": "shop"},
+                "spec": {"scaleTargetRef": {"name": "db"}, "service": "db", "ports": ports},
+            }))
+            .unwrap()
+        };
+        let backend = [(Some("postgres"), 5432), (None, 9187)];
+        let ok = with_ports(
+            json!([{"name": "postgres", "protocol": "TCP"}, {"name": "9187", "protocol": "HTTP"}]),
+        );
+        assert_eq!(ports_problem(&ok, &backend), None);
+        let bad = with_ports(json!([{"name": "postgress", "protocol": "TCP"}]));
+        let p = ports_problem(&bad, &backend).expect("a problem");
+        assert_eq!(p.reason, "UnknownPort");
+        assert!(
+            p.message.contains("postgress") && p.message.contains("postgres, 9187"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]
@@ -344,11 +396,21 @@ mod tests {
     }
 
     #[test]
-    fn last_request_is_shown_at_most_once_a_minute() {
+    fn last_request_is_shown_at_most_once_a_minute_and_exact_once_quiet() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        assert!(show_last_request(None, t));
-        assert!(!show_last_request(Some(t), t + Duration::from_secs(59)));
-        assert!(show_last_request(Some(t), t + Duration::from_secs(60)));
-        assert!(!show_last_request(Some(t), t - Duration::from_secs(1)));
+        let idle = Duration::from_secs(300);
+        let s = |n| Duration::from_secs(n);
+        // Busy (the last request just now): once a minute.
+        assert!(show_last_request(None, t, t, idle));
+        assert!(!show_last_request(Some(t), t + s(59), t + s(59), idle));
+        assert!(show_last_request(Some(t), t + s(60), t + s(60), idle));
+        assert!(!show_last_request(Some(t), t - s(1), t, idle));
+        // Quiet for 30 s (half the idle timeout, at most 30 s): made exact.
+        assert!(!show_last_request(Some(t), t + s(5), t + s(34), idle));
+        assert!(show_last_request(Some(t), t + s(5), t + s(35), idle));
+        assert!(show_last_request(Some(t), t + s(5), t + s(15), s(20)));
+        // Within the shown second: nothing new.
+        let ms = t + Duration::from_millis(900);
+        assert!(!show_last_request(Some(t), ms, t + s(100), idle));
     }
 }

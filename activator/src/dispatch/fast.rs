@@ -29,6 +29,7 @@ use tracing::debug;
 
 use super::hyper_path::HOP_BY_HOP;
 use super::{Peer, Proxy, Route};
+use crate::activity::Seen;
 use crate::admit::{InFlight, Ticket};
 use crate::answer::{self, Answer};
 use crate::rules::MAX_HEADERS;
@@ -77,6 +78,39 @@ struct RequestInfo {
     /// when a reused connection turned out closed before any answer.
     idempotent: bool,
     close: bool,
+    /// Where the parts the activity summary keeps are in the head.
+    spans: Spans,
+}
+
+/// Byte ranges into a request head.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Spans {
+    method: std::ops::Range<usize>,
+    target: std::ops::Range<usize>,
+    agent: std::ops::Range<usize>,
+    forwarded_for: Option<std::ops::Range<usize>>,
+}
+
+impl Spans {
+    /// Who sent the request in `head`, for the activity summary.
+    fn seen<'a>(&self, head: &'a [u8], peer: &Peer) -> Seen<'a> {
+        Seen {
+            client: Seen::client_of(
+                peer.ip,
+                peer.trusted,
+                self.forwarded_for.clone().map(|r| &head[r]),
+            ),
+            agent: &head[self.agent.clone()],
+            method: &head[self.method.clone()],
+            path: crate::rules::target_path_bytes(&head[self.target.clone()]),
+        }
+    }
+}
+
+/// The range of `part` (a slice of `buf`) in `buf`.
+fn span(buf: &[u8], part: &[u8]) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(buf.as_ptr() as usize);
+    start..start + part.len()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -157,10 +191,17 @@ fn parse_request(buf: &[u8], peer: (&[u8], bool), out: &mut Vec<u8>) -> ParsedRe
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let (mut body_len, mut close) = (None, false);
     let (mut xff, mut proto, mut hosts) = (false, false, 0);
+    let mut spans = Spans {
+        method: span(buf, method.as_bytes()),
+        target: span(buf, path.as_bytes()),
+        ..Spans::default()
+    };
     for h in req.headers.iter() {
         let (name, value) = (h.name, h.value);
         if is(name, "host") {
             hosts += 1;
+        } else if is(name, "user-agent") {
+            spans.agent = span(buf, value);
         }
         if is(name, "content-length") {
             if body_len.is_some() {
@@ -185,6 +226,7 @@ fn parse_request(buf: &[u8], peer: (&[u8], bool), out: &mut Vec<u8>) -> ParsedRe
                 return ParsedRequest::Other;
             }
             xff = true;
+            spans.forwarded_for = Some(span(buf, value));
             // Extended when a trusted proxy sent it; otherwise replaced (below).
             if trusted {
                 header(
@@ -228,6 +270,7 @@ fn parse_request(buf: &[u8], peer: (&[u8], bool), out: &mut Vec<u8>) -> ParsedRe
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         ),
         close,
+        spans,
     })
 }
 
@@ -683,7 +726,8 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
         // (A parked connection's ticket ends here: its request has its pod.)
         let start = c.ticket.take().map_or_else(Instant::now, |t| t.since);
         let counted = !(svc.has_answers() && asleep_answer(svc, &buf[..req.head_len]));
-        let in_flight = InFlight::start(svc.clone(), counted);
+        let seen = req.spans.seen(&buf[..req.head_len], c.peer);
+        let in_flight = InFlight::start(svc.clone(), counted, Some(&seen));
         out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
         // The request stays in `buf` until an answer has begun (see `may_resend`).
         let consumed = req.head_len + req.body_len;
@@ -861,7 +905,13 @@ mod tests {
                 body_len: 0,
                 is_head: false,
                 idempotent: true,
-                close: false
+                close: false,
+                spans: Spans {
+                    method: 0..3,
+                    target: 4..10,
+                    agent: 0..0,
+                    forwarded_for: Some(115..122),
+                },
             })
         );
         assert_eq!(

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 
 use super::pool::{Conn, Lease};
 use super::{Peer, Proxy, Route};
+use crate::activity::Seen;
 use crate::admit::{InFlight, SlotGuard, Ticket};
 use crate::answer::{self, Answer, Body, BoxError};
 
@@ -190,7 +191,18 @@ impl Proxy {
         let resp = match self.judge(&route, &req) {
             Err(answer) => answer.response(&svc.display),
             Ok(counted) => {
-                let in_flight = InFlight::start(svc.clone(), counted);
+                let h = req.headers();
+                let seen = Seen {
+                    client: Seen::client_of(
+                        peer.ip,
+                        peer.trusted,
+                        h.get("x-forwarded-for").map(|v| v.as_bytes()),
+                    ),
+                    agent: h.get(header::USER_AGENT).map_or(b"", |v| v.as_bytes()),
+                    method: req.method().as_str().as_bytes(),
+                    path: req.uri().path().as_bytes(),
+                };
+                let in_flight = InFlight::start(svc.clone(), counted, Some(&seen));
                 self.serve(&route, in_flight, req, peer, &mut ticket).await
             }
         };
@@ -238,6 +250,11 @@ impl Proxy {
         let svc = &route.service;
         let head = req.method() == http::Method::HEAD;
         let upgrade = is_upgrade(&req);
+        // A browser's page load gets the service's waiting page, if it has one, after
+        // waiting its `after` for a pod.
+        let page = svc
+            .waiting_page()
+            .filter(|_| crate::waiting::is_page_load(req.method(), req.headers()));
         let h2 = route.h2c || (req.version() == Version::HTTP_2 && !upgrade);
         rewrite_request(&mut req, peer, upgrade, h2);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -256,7 +273,7 @@ impl Proxy {
             let (slot, conn) = loop {
                 let guard = match self
                     .admit
-                    .acquire(svc, &route.port_name, ticket, &tried)
+                    .acquire(svc, &route.port_name, ticket, &tried, page.as_ref())
                     .await
                 {
                     Ok(s) => s,

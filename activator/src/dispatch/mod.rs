@@ -30,6 +30,8 @@ pub struct Route {
 
 /// The client of a connection, as the pod is told of it.
 pub struct Peer {
+    /// The client's address (the connection's peer).
+    pub ip: std::net::IpAddr,
     /// The client's address as an `X-Forwarded-For` value.
     pub forwarded_for: http::HeaderValue,
     /// The client is a trusted proxy (`--trusted-proxies`): the `X-Forwarded-For` it

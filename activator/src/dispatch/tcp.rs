@@ -67,14 +67,24 @@ pub async fn serve(
             t
         }
     };
+    let peer = client
+        .peer_addr()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| {
+            a.ip().to_canonical()
+        });
     let activity = Arc::new(Connection::start(
         svc.clone(),
         mode.activity == TcpActivity::Connections,
+        &crate::activity::Seen::tcp(peer),
     ));
     let mut refused = Vec::new();
     for _ in 0..MAX_TRIES {
         // A timeout is counted there; the client sees a close.
-        let Ok(slot) = proxy.admit.acquire(svc, port, &mut ticket, &refused).await else {
+        let Ok(slot) = proxy
+            .admit
+            .acquire(svc, port, &mut ticket, &refused, None)
+            .await
+        else {
             return;
         };
         let addr = slot.addr();

@@ -813,8 +813,8 @@ fn resolve_port(port: &IntOrString, c: &Container) -> Result<u16, String> {
     }
 }
 
-/// One probe attempt with the probe's timeout: an HTTP GET answered 200–399, or a TCP
-/// connection accepted.
+/// One probe attempt with the probe's timeout: an HTTP GET answered 200–399, a TCP
+/// connection accepted, or a command that exits 0.
 async fn probe_once(p: &Probe, pod_ip: &str, c: &Container) -> Result<(), String> {
     let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(1).max(1) as u64);
     let attempt = async {
@@ -866,8 +866,47 @@ async fn probe_once(p: &Probe, pod_ip: &str, c: &Container) -> Result<(), String
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("dial tcp {host}:{port}: {e}"))
+        } else if let Some(e) = &p.exec {
+            // Run on the node, as the container's command would see it in part: the
+            // default PATH, the pod's address in POD_IP and the container's literal
+            // env values (not those from fields, ConfigMaps or Secrets).
+            let argv = e.command.clone().unwrap_or_default();
+            let (cmd, args) = argv.split_first().ok_or("exec probe without a command")?;
+            let mut command = tokio::process::Command::new(cmd);
+            command
+                .args(args)
+                .env_clear()
+                .env(
+                    "PATH",
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                )
+                .env("POD_IP", pod_ip)
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            for v in c.env.iter().flatten() {
+                if let Some(value) = &v.value {
+                    command.env(&v.name, value);
+                }
+            }
+            let out = command
+                .output()
+                .await
+                .map_err(|e| format!("exec probe {cmd}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "exec probe {cmd} failed ({}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
         } else {
-            Err("only httpGet and tcpSocket probes are supported by the snooze node agent".into())
+            Err(
+                "only httpGet, tcpSocket and exec probes are supported by the snooze node agent"
+                    .into(),
+            )
         }
     };
     match tokio::time::timeout(timeout, attempt).await {

@@ -113,6 +113,9 @@ fn policies(target: u32) -> Vec<Named> {
         idle_timeout: Duration::from_secs(300),
         wake_replicas: 1,
         max_step: 1,
+        paused: false,
+        awake_until: None,
+        sleep: false,
     };
     let snooze = Autoscale {
         target: f64::from(target),

@@ -58,6 +58,7 @@ pub(crate) async fn namespace_routes(ctx: &Context, ns: &str) -> Arc<Vec<bypass:
     let lp = ListParams::default();
     let mut routes = Vec::new();
     let ingresses: Api<Ingress> = Api::namespaced(ctx.client.clone(), ns);
+    ctx.metrics.read("routes");
     match timed(ctx, ingresses.list(&lp)).await {
         Ok(l) => routes.extend(l.items.iter().map(bypass::from_ingress)),
         Err(e) => debug!(namespace = %ns, "listing Ingresses: {e}"),
@@ -66,6 +67,7 @@ pub(crate) async fn namespace_routes(ctx: &Context, ns: &str) -> Arc<Vec<bypass:
         let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind);
         let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+        ctx.metrics.read("routes");
         match timed(ctx, api.list(&lp)).await {
             Ok(l) => routes.extend(l.items.iter().map(|r| bypass::from_route(kind, r))),
             Err(e) => debug!(namespace = %ns, "listing {kind}s: {e}"),

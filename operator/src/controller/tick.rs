@@ -5,15 +5,20 @@
 use super::*;
 
 /// The policy now: `minReplicas` raised by an active schedule (an invalid schedule
-/// raises nothing; the reconcile reports it).
+/// raises nothing; the reconcile reports it), and what the annotations ask for
+/// (`crate::manual`).
 pub fn policy(ss: &ScaledService) -> Policy {
     let floor = crate::schedule::floor_at(&ss.spec.schedules, SystemTime::now()).unwrap_or(0);
+    let m = crate::manual::read(ss);
     Policy {
         min_replicas: ss.spec.min_replicas.max(floor.min(ss.spec.max_replicas)),
         max_replicas: ss.spec.max_replicas,
         idle_timeout: ss.spec.idle_timeout(),
         wake_replicas: ss.spec.scaling.wake_replicas,
         max_step: ss.spec.scaling.max_scale_down_step,
+        paused: m.paused,
+        awake_until: m.awake_until,
+        sleep: m.sleep.is_some(),
     }
 }
 
@@ -132,8 +137,8 @@ pub async fn autoscale_tick(
         }
         let d = decision::decide(&pol, current, &load, now, idle_since(ctx, &ss));
         if d.desired == current {
-            // The status shows the last request within a couple of seconds (the
-            // reconcile writes it at most once a minute, `status::LAST_REQUEST_RESOLUTION`).
+            // The reconcile rewrites the last request (and who sent the requests, and
+            // when it sleeps) by the rule of `status::show_last_request`.
             let shown = ss
                 .status
                 .as_ref()
@@ -148,7 +153,7 @@ pub async fn autoscale_tick(
             if timed_out
                 || load
                     .last_request
-                    .is_some_and(|t| status::show_last_request(shown, t))
+                    .is_some_and(|t| status::show_last_request(shown, t, now, pol.idle_timeout))
             {
                 let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
             }

@@ -24,6 +24,7 @@ pub async fn change_replicas(
         })?;
     ctx.metrics.scale_conflicts.inc_by(u64::from(conflicts));
     if let Applied::Changed { from, to, why } = applied {
+        ctx.state(&key_of(ss), |st| st.written = Some((to, Instant::now())));
         record_change(ctx, ss, from, to, why, woken_at).await;
     }
     Ok(applied)
@@ -76,6 +77,7 @@ pub(crate) async fn record_change(
         Reason::MaxReplicas => "ScaledToMax",
         Reason::Load if to > from => "ScaledUp",
         Reason::Load => "ScaledDown",
+        Reason::Sleep => "PutToSleep",
         Reason::Steady => "Restored",
     };
     publish(
