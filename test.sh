@@ -18,6 +18,8 @@ step() { printf '\n==> %s\n' "$*"; }
 t_start=$SECONDS
 if [ "$mode" = unit ]; then preflight unit; else preflight cluster; fi
 mkdir -p "$SNOOZE_BUILD_LOGS"
+# What tests leave to look at (the waiting page's screenshots), kept after the run.
+export SNOOZE_ARTIFACTS=${SNOOZE_ARTIFACTS:-$SNOOZE_CACHE/artifacts}
 
 if [ "$mode" != unit ]; then
   step "control plane, add-ons and helm from Go modules, in the background (cached under $SNOOZE_CACHE)"
@@ -44,7 +46,7 @@ bin=$(tail -n 1 "$SNOOZE_BUILD_LOGS/build-go.out")
 export PATH="$bin:$PATH"
 echo "everything built $((SECONDS - t_start)) s after the start"
 
-step "the activator's data path with a real gRPC client (grpc-go) and h2spec, built above; no cluster"
+step "the activator's data path with a real gRPC client (grpc-go), h2spec and a real browser (the waiting page), built above; no cluster"
 cargo test --offline -p snooze-e2e --test activator -- --ignored
 
 step "cluster up"

@@ -19,6 +19,8 @@ use snooze_runtime::admin::text;
 pub use snooze_runtime::admin::{Body, BoxError};
 
 use crate::table::ServiceEntry;
+use crate::waiting::Page;
+use std::sync::Arc;
 
 /// An answer of the activator's own.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,12 +45,15 @@ pub enum Answer {
     PodTimeout { addr: SocketAddr, after: Duration },
     /// An `answerWhileAsleep` health check, answered while no pod is ready.
     Asleep { status: u16, body: String },
+    /// A browser's page load that waited `activation.waitingPage.after` (503, an HTML
+    /// page that reloads itself; see `crate::waiting`).
+    WaitingPage(Arc<Page>),
 }
 
 impl Answer {
     pub fn status(&self) -> u16 {
         match self {
-            Answer::NoService { .. } | Answer::QueueFull { .. } => 503,
+            Answer::NoService { .. } | Answer::QueueFull { .. } | Answer::WaitingPage(_) => 503,
             Answer::BadRequest(_) | Answer::BadBody(_) => 400,
             Answer::ActivationTimeout { .. } | Answer::PodTimeout { .. } => 504,
             Answer::ConnectFailed { .. } | Answer::PodFailed { .. } => 502,
@@ -82,6 +87,14 @@ impl Answer {
                 after.as_secs()
             ),
             Answer::Asleep { body, .. } => body.clone(),
+            Answer::WaitingPage(p) => String::from_utf8_lossy(&p.html).into_owned(),
+        }
+    }
+
+    fn content_type(&self) -> &'static str {
+        match self {
+            Answer::WaitingPage(_) => "text/html; charset=utf-8",
+            _ => "text/plain; charset=utf-8",
         }
     }
 
@@ -90,6 +103,12 @@ impl Answer {
     fn fields(&self) -> &'static [(&'static str, &'static str)] {
         match self {
             Answer::QueueFull { .. } => &[("retry-after", "1")],
+            // Never cached: the next load must reach the app once it is up.
+            Answer::WaitingPage(_) => &[
+                ("retry-after", "2"),
+                ("refresh", "2"),
+                ("cache-control", "no-store"),
+            ],
             Answer::NoService { .. } | Answer::BadRequest(_) => &[("connection", "close")],
             _ => &[],
         }
@@ -103,7 +122,14 @@ impl Answer {
     /// The answer for hyper's server.
     pub fn response(&self, service: &str) -> Response<Body> {
         let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::OK);
-        let mut r = text(status, self.text(service));
+        let mut r = match self {
+            Answer::WaitingPage(p) => text(status, p.html.clone()),
+            _ => text(status, self.text(service)),
+        };
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(self.content_type()),
+        );
         for (name, value) in self.fields() {
             r.headers_mut()
                 .insert(*name, HeaderValue::from_static(value));
@@ -118,7 +144,12 @@ impl Answer {
         if close && !self.closes() {
             fields.push(("connection", "close"));
         }
-        render(self.status(), &self.text(service), &fields)
+        render(
+            self.status(),
+            self.content_type(),
+            &self.text(service),
+            &fields,
+        )
     }
 }
 
@@ -129,15 +160,15 @@ pub fn record(svc: &ServiceEntry, status: u16, start: Instant) {
     svc.metrics.latency.observe(start.elapsed().as_secs_f64());
 }
 
-/// An answer as HTTP/1.1 bytes: the status line with the status's reason phrase, a
-/// text/plain body, `extra` fields.
-fn render(status: u16, body: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+/// An answer as HTTP/1.1 bytes: the status line with the status's reason phrase, the
+/// body of type `content_type`, `extra` fields.
+fn render(status: u16, content_type: &str, body: &str, extra: &[(&str, &str)]) -> Vec<u8> {
     let reason = StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
         body.len()
     );
     for (name, value) in extra {
@@ -180,11 +211,14 @@ mod tests {
             let a = String::from_utf8(answer.raw("ns/web", true)).unwrap();
             assert!(a.starts_with(&format!("HTTP/1.1 {line}\r\n")), "{a}");
             let body = answer.text("ns/web");
+            // The length says the body, and the body ends the answer right after the
+            // head.
             assert!(
-                a.ends_with(&format!("content-length: {}\r\n\r\n{body}", body.len()))
-                    || a.contains(&format!("content-length: {}\r\n", body.len())),
+                a.contains(&format!("\r\ncontent-length: {}\r\n", body.len())),
                 "{a}"
             );
+            assert!(a.ends_with(&format!("\r\n\r\n{body}")), "{a}");
+            assert_eq!(a.matches("\r\n\r\n").count(), 1, "{a}");
             assert!(a.contains("connection: close\r\n"), "{a}");
         }
     }
@@ -198,6 +232,11 @@ mod tests {
                 waited: Duration::from_millis(1500),
             },
             Answer::BadRequest("missing Host"),
+            Answer::WaitingPage(Arc::new(Page::new(&snooze_crds::WaitingPage {
+                after: Duration::from_secs(1).into(),
+                title: "t".into(),
+                message: "m".into(),
+            }))),
         ];
         for a in answers {
             let r = a.response("ns/web");

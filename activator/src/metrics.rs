@@ -38,6 +38,7 @@ pub struct Metrics {
     in_flight: Family<ServiceLabels, Gauge>,
     wakes: Family<ServiceLabels, Counter>,
     asleep_answers: Family<ServiceLabels, Counter>,
+    waiting_pages: Family<ServiceLabels, Counter>,
     activation_timeouts: Family<ServiceLabels, Counter>,
     queue_full: Family<ServiceLabels, Counter>,
     pub shed_global: Counter,
@@ -90,6 +91,7 @@ impl Metrics {
         let in_flight = Family::<ServiceLabels, Gauge>::default();
         let wakes = Family::<ServiceLabels, Counter>::default();
         let asleep_answers = Family::<ServiceLabels, Counter>::default();
+        let waiting_pages = Family::<ServiceLabels, Counter>::default();
         let activation_timeouts = Family::<ServiceLabels, Counter>::default();
         let queue_full = Family::<ServiceLabels, Counter>::default();
         let shed_global = Counter::default();
@@ -182,6 +184,11 @@ impl Metrics {
             asleep_answers.clone(),
         );
         registry.register(
+            "waiting_pages",
+            "Page loads answered with the waiting page after activation.waitingPage.after without a pod",
+            waiting_pages.clone(),
+        );
+        registry.register(
             "activation_timeouts",
             "Requests answered 504 because no pod became ready within activation.timeout",
             activation_timeouts.clone(),
@@ -206,6 +213,7 @@ impl Metrics {
             in_flight,
             wakes,
             asleep_answers,
+            waiting_pages,
             activation_timeouts,
             queue_full,
             shed_global,
@@ -259,6 +267,7 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&l).clone(),
             wakes: self.wakes.get_or_create(&l).clone(),
             asleep_answers: self.asleep_answers.get_or_create(&l).clone(),
+            waiting_pages: self.waiting_pages.get_or_create(&l).clone(),
             activation_timeouts: self.activation_timeouts.get_or_create(&l).clone(),
             queue_full: self.queue_full.get_or_create(&l).clone(),
             tcp_received: bytes("received"),
@@ -285,6 +294,7 @@ impl Metrics {
         self.in_flight.remove(&l);
         self.wakes.remove(&l);
         self.asleep_answers.remove(&l);
+        self.waiting_pages.remove(&l);
         self.activation_timeouts.remove(&l);
         self.queue_full.remove(&l);
         for direction in ["received", "sent"] {
@@ -322,6 +332,7 @@ pub struct ServiceMetrics {
     pub in_flight: Gauge,
     pub wakes: Counter,
     pub asleep_answers: Counter,
+    pub waiting_pages: Counter,
     pub activation_timeouts: Counter,
     pub queue_full: Counter,
     pub tcp_received: Counter,

@@ -44,6 +44,7 @@ fn settings(ss: &ScaledService) -> Settings {
         timeout: a.timeout(),
         max_queued: share,
         pod_concurrency: a.pod_concurrency as usize,
+        idle: ss.spec.idle_timeout(),
     }
 }
 
@@ -83,6 +84,7 @@ impl Routes {
         };
         let svc = table.upsert(key.clone(), &ss.spec.service, settings(ss));
         svc.set_answers(&ss.spec.activation.answer_while_asleep);
+        svc.set_waiting_page(ss.spec.activation.waiting_page.as_ref());
         svc.set_probe(
             ss.status
                 .as_ref()

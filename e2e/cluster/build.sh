@@ -25,6 +25,7 @@ COREDNS_VERSION=v1.15.0   # keep in step with addons/coredns/go.mod
 TRAEFIK_VERSION=v3.6.12   # keep in step with addons/traefik/go.mod
 PROMETHEUS_VERSION=v0.316.0
 GATEWAY_API_VERSION=v1.7.0   # the standard channel's CRDs
+PLAYWRIGHT_VERSION=1.65.2   # PyPI; drives Debian's chromium-headless-shell
 cache=$SNOOZE_CACHE
 bin="$cache/k8s-$K8S_VERSION/bin"
 helm_bin="$cache/helm-$HELM_VERSION/bin"
@@ -136,6 +137,16 @@ h2spec_dir="$cache/tools/h2spec-$(sha256sum "$here/../h2spec/go.sum" | cut -c1-1
 if wants test-tools; then
   component h2spec "$h2spec_dir/snooze-h2spec" h2spec_build "$h2spec_dir"
 fi
+# A real browser for the waiting page's test: Playwright from PyPI in a venv (it drives
+# Debian's chromium-headless-shell, which the preflight installs).
+playwright_build() {
+  rm -rf "$1" && python3 -m venv "$1" && "$1/bin/pip" install -q "playwright==$PLAYWRIGHT_VERSION" &&
+    if ! command -v chromium-headless-shell >/dev/null; then "$1/bin/playwright" install chromium-headless-shell; fi
+}
+playwright_dir="$cache/tools/playwright-$PLAYWRIGHT_VERSION"
+if wants test-tools; then
+  component playwright "$playwright_dir/bin/playwright" playwright_build "$playwright_dir"
+fi
 if wants monitoring; then
   component prometheus "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" \
     addon_build prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
@@ -189,5 +200,7 @@ fi
 if wants test-tools; then
   ln -sf "$grpc_dir/snooze-grpc-client" "$bin/snooze-grpc-client"
   ln -sf "$h2spec_dir/snooze-h2spec" "$bin/snooze-h2spec"
+  printf '#!/bin/sh\nexec %q "$@"\n' "$playwright_dir/bin/python" >"$bin/snooze-browser-python"
+  chmod +x "$bin/snooze-browser-python"
 fi
 echo "$bin"

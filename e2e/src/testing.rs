@@ -557,3 +557,69 @@ pub fn junk() -> Vec<(&'static str, Vec<u8>)> {
         ("an oversized head", oversized),
     ]
 }
+
+/// A headless Chromium (Debian's chromium-headless-shell driven by Playwright,
+/// `e2e/browser/waiting_page.py`, run by `snooze-browser-python` from
+/// `e2e/cluster/build.sh`) loading a cold service with a waiting page. It says `PAGE
+/// ...` once it shows the page and `APP <first line>` once the page's own reload landed
+/// on the app; screenshots of both go to `$SNOOZE_ARTIFACTS/NAME` (default: the
+/// system's temp dir, `snooze-artifacts/NAME`).
+pub struct Browser {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    pub artifacts: std::path::PathBuf,
+}
+
+impl Browser {
+    pub fn open(url: &str, name: &str) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let artifacts = std::env::var("SNOOZE_ARTIFACTS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir().join("snooze-artifacts"))
+            .join(name);
+        std::fs::create_dir_all(&artifacts).unwrap();
+        let mut child = tokio::process::Command::new("snooze-browser-python")
+            .arg(repo_path("e2e/browser/waiting_page.py"))
+            .arg(url)
+            .arg(&artifacts)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("run snooze-browser-python (is it on the PATH? e2e/cluster/build.sh)");
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Self {
+            child,
+            lines,
+            artifacts,
+        }
+    }
+
+    /// The browser's next line (`PAGE ...`, `APP ...`), within `timeout`.
+    pub async fn said(&mut self, what: &str, timeout: Duration) -> String {
+        let line = tokio::time::timeout(timeout, self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("the browser did not say {what} within {timeout:?}"))
+            .unwrap()
+            .unwrap_or_default();
+        eprintln!("browser: {line}");
+        assert!(
+            line.starts_with(what),
+            "expected {what}, the browser said {line:?}"
+        );
+        line
+    }
+
+    /// Waits for the script's end, checks it succeeded and left both screenshots.
+    pub async fn finish(mut self) {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the browser did not end within 30 s")
+            .unwrap();
+        assert!(status.success(), "the browser script failed: {status}");
+        for shot in ["waiting-page.png", "app.png"] {
+            let p = self.artifacts.join(shot);
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            assert!(len > 1000, "{}: {len} bytes", p.display());
+        }
+    }
+}

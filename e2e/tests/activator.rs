@@ -1874,3 +1874,117 @@ async fn a_tcp_port_that_wakes_on_connect_holds_open_connections_and_closes_refu
         0
     );
 }
+
+fn waiting_page(after: Duration) -> snooze_crds::WaitingPage {
+    snooze_crds::WaitingPage {
+        after: after.into(),
+        title: "Waking web".into(),
+        message: "One moment <please>".into(),
+    }
+}
+
+/// What Chrome sends when it loads a page.
+const BROWSER_ACCEPT: &str =
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8";
+
+/// `activation.waitingPage`: a browser's page load that waited `after` gets the page
+/// (503, HTML, reloading itself), on HTTP/1.1 and HTTP/2; a plain GET and a script's
+/// fetch keep being held and are answered by the pod; without the page a page load is
+/// held like any request.
+#[tokio::test]
+async fn a_page_load_gets_the_waiting_page_and_every_other_request_keeps_waiting() {
+    let a = activator(Settings::default()).await;
+    let url = a.url("/");
+    let page_load = [("accept", BROWSER_ACCEPT), ("sec-fetch-mode", "navigate")];
+    // Off (the default): held like any request.
+    let held = tokio::time::timeout(Duration::from_millis(1500), get_with(&url, &page_load)).await;
+    assert!(
+        held.is_err(),
+        "without a waiting page a page load is held: {held:?}"
+    );
+
+    a.svc
+        .set_waiting_page(Some(&waiting_page(Duration::from_millis(500))));
+    let u = url.clone();
+    let plain = tokio::spawn(async move { get_with(&u, &[("accept", "*/*")]).await });
+    let u = url.clone();
+    let fetch = tokio::spawn(async move {
+        get_with(
+            &u,
+            &[("accept", BROWSER_ACCEPT), ("sec-fetch-mode", "cors")],
+        )
+        .await
+    });
+    let t0 = Instant::now();
+    let (status, headers, body) = get_with(&url, &page_load).await;
+    let waited = t0.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
+        "the page came after {waited:?}"
+    );
+    assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+    assert_eq!(headers["refresh"], "2");
+    assert_eq!(headers["retry-after"], "2");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert!(body.contains("<title>Waking web</title>"), "{body}");
+    assert!(body.contains("One moment &lt;please&gt;"), "{body}");
+    assert!(body.contains(r#"<meta http-equiv="refresh" content="2">"#));
+    // The same over HTTP/2 (prior knowledge).
+    let mut req = Request::get(&url);
+    for (k, v) in page_load {
+        req = req.header(k, v);
+    }
+    let r = h2c_client()
+        .request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(a.svc.metrics.waiting_pages.get(), 2);
+
+    // The others are still held, and the pod answers them once it is there.
+    assert!(!plain.is_finished() && !fetch.is_finished());
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    for held in [plain, fetch] {
+        let (status, _, body) = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(body.starts_with("hello from backend-"), "{body}");
+    }
+    // With a pod, a page load is the app's.
+    let (status, _, body) = get_with(&url, &page_load).await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("hello from backend-"), "{body}");
+    assert_eq!(a.svc.metrics.waiting_pages.get(), 2);
+}
+
+/// The waiting page in a real browser: headless Chromium (Debian's
+/// chromium-headless-shell, driven by Playwright, `e2e/browser/waiting_page.py`) loads a
+/// cold service, is shown the page after `after`, and — once the service has a pod —
+/// the page's own reload lands it on the app's answer. Screenshots of both are kept
+/// (see `snooze_e2e::testing::Browser`).
+#[tokio::test]
+#[ignore = "needs chromium-headless-shell and snooze-browser-python (e2e/cluster/build.sh); ./test.sh runs it"]
+async fn a_real_browser_is_shown_the_waiting_page_and_lands_on_the_app() {
+    let a = activator(Settings::default()).await;
+    a.svc
+        .set_waiting_page(Some(&waiting_page(Duration::from_secs(1))));
+    let mut browser = snooze_e2e::testing::Browser::open(&a.url("/"), "waiting-page-activator");
+    browser
+        .said("PAGE 503 'Waking web'", Duration::from_secs(60))
+        .await;
+    // Held still: the page is shown and reloads, the app is not there yet.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    browser
+        .said("APP hello from backend-", Duration::from_secs(30))
+        .await;
+    browser.finish().await;
+    // The first load and each reload before the pod came got the page.
+    assert!(a.svc.metrics.waiting_pages.get() >= 2);
+}

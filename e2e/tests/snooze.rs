@@ -183,6 +183,10 @@ async fn kubectl_apply_rejects_invalid_specs_with_readable_messages() {
                 "  scaleTargetRef: {name: web}\n  service: web\n  schedules: [{cron: every day, duration: 1h, minReplicas: 1}]\n",
                 "cron must have five fields",
             ),
+            (
+                "  scaleTargetRef: {name: web}\n  service: web\n  activation: {waitingPage: {after: 2m}}\n",
+                "activation.waitingPage.after must be between 0s and 1m",
+            ),
         ];
         for (spec, want) in cases {
             std::fs::write(&file, bad(spec)).unwrap();
@@ -204,6 +208,65 @@ async fn kubectl_apply_rejects_invalid_specs_with_readable_messages() {
             assert!(!out.contains("conversion"), "a second, confusing message for {spec:?}: {out}");
         }
         let _ = std::fs::remove_file(&file);
+    })
+    .await;
+}
+
+/// `activation.waitingPage` end to end: a browser (headless Chromium) loading a sleeping
+/// service through its managed Service's ClusterIP is shown the waiting page after
+/// `after`, and the page's own reloads land it on the app once the woken pod answers; a
+/// plain GET sent meanwhile is held and answered by the app.
+#[tokio::test]
+#[ignore = "needs the local cluster and snooze-browser-python: run ./test.sh"]
+async fn a_browser_is_shown_the_waiting_page_while_the_app_wakes_and_lands_on_it() {
+    ensure_snooze().await;
+    in_namespace("page", |client, ns| async move {
+        // A start-up slow enough for the page to show (the activator's probe releases
+        // the held requests as soon as the pod answers).
+        app(&client, &ns, "web", 1, &["--startup-delay-ms", "4000"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let mut ss = scaled_service("web", 0, 1, "3s");
+        ss.spec.activation.waiting_page = Some(snooze_crds::WaitingPage {
+            after: Duration::from_secs(1).into(),
+            title: "Waking web".into(),
+            message: "One moment".into(),
+        });
+        ssvcs.create(&PostParams::default(), &ss).await.unwrap();
+        wait_for("Ready=True", T, || async {
+            let (s, r, m) = ready_condition(&ssvcs, "web").await?;
+            (s == "True").then_some(()).ok_or(format!("{s} {r} {m}"))
+        })
+        .await;
+        wait_replicas(&deploys, "web", 0, T).await;
+        wait_no_pods(&pods, "web").await;
+        let svc: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let ip = svc
+            .get("web-snooze")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .cluster_ip
+            .unwrap();
+        let url = format!("http://{ip}/");
+
+        let mut browser = Browser::open(&url, "waiting-page-cluster");
+        let page = browser
+            .said("PAGE 503 'Waking web'", Duration::from_secs(60))
+            .await;
+        // A plain client is held, not shown the page.
+        let u = url.clone();
+        let plain = tokio::spawn(async move { http_get(&u, Duration::from_secs(60)).await });
+        browser
+            .said("APP hello from web-", Duration::from_secs(60))
+            .await;
+        browser.finish().await;
+        let (status, body) = plain.await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("hello from web-"), "{body}");
+        eprintln!("{page}; the plain GET got {status}");
     })
     .await;
 }
