@@ -240,7 +240,15 @@ pub(crate) async fn apply(ss: Arc<ScaledService>, ctx: &Context) -> Result<Actio
         .last_request
         .is_some_and(|last| status::show_last_request(shown_last, last, now_sys, pol.idle_timeout));
     if rewrite && let Some(last) = load.last_request {
-        status.last_request_time = to_time(last);
+        // In whole seconds, as the API server keeps it: what follows (sleepsAt) is
+        // computed from the same value the next reconcile reads back, so that one finds
+        // nothing to rewrite (with the fraction kept here, sleepsAt moved by a second
+        // and back: two status writes a minute per busy service instead of one).
+        let secs = last
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        status.last_request_time = to_time(UNIX_EPOCH + Duration::from_secs(secs));
     }
     // 5. Why it is awake, and when it sleeps (`manual`): who sent the requests is
     // rewritten with the last request (or at once when it was empty); nothing while
