@@ -228,6 +228,7 @@ pub async fn lead(
         api_timeout: Duration::from_secs(args.api_timeout_seconds),
         services: Mutex::new(HashMap::new()),
         routes: Mutex::new(HashMap::new()),
+        routes_listing: Mutex::new(HashMap::new()),
         max_queued_per_service: args.max_queued_per_service,
     });
 

@@ -84,6 +84,8 @@ pub struct Context {
     /// The routes of a namespace as last listed, shared by its ScaledServices for
     /// `ROUTES_FRESH` (`check_routes`).
     pub routes: Mutex<HashMap<String, ListedRoutes>>,
+    /// One listing of a namespace's routes at a time (`namespace_routes`).
+    pub routes_listing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The activators' ceiling on one service's held requests (`queue_share` is
     /// clamped to it).
     pub max_queued_per_service: u32,
