@@ -9,6 +9,7 @@
 #
 #   bench/scale.sh --api                       # N=1000 W=100 L=5000, 60 s windows
 #   SCALE_BEFORE=2c81f7b bench/scale.sh --api  # with a "before" operator
+#   SCALE_PHASES=busy SCALE_REUSE=1 SCALE_KEEP=1 bench/scale.sh --api   # one phase again
 #   SCALE_N=20 SCALE_WAKE=5 SCALE_LARGE=40 SCALE_MEASURE_SECONDS=10 SCALE_SETTLE_SECONDS=5 bench/scale.sh --api
 # Needs the cluster up with release binaries (SNOOZE_PROFILE=release) and Snooze
 # installed; run as root. Takes about 40 minutes at the defaults.
@@ -33,14 +34,29 @@ limit=$(k get deploy -n snooze-system snooze-operator -o jsonpath='{.spec.templa
 # The operators, as images the node agent maps to executables (copies: a build during
 # the run changes nothing).
 versions=after
-cp "$PROFILE_DIR/snooze-operator" "$STATE_DIR/operator-after"
+# (cp then mv: a copy still running from an earlier run stays as it is)
+cp "$PROFILE_DIR/snooze-operator" "$STATE_DIR/operator-after.tmp" && mv "$STATE_DIR/operator-after.tmp" "$STATE_DIR/operator-after"
 if [ -n "$BEFORE" ]; then
   src=$HOME/.cache/snooze/bench-before/src
   rm -rf "$src" && mkdir -p "$src"
   git archive "$BEFORE" | tar -x -C "$src"
   echo "building the operator of $BEFORE (release) ..."
   (cd "$src" && CARGO_TARGET_DIR=$HOME/.cache/snooze/bench-before/target cargo build --release --offline -q -p snooze-operator)
-  cp "$HOME/.cache/snooze/bench-before/target/release/snooze-operator" "$STATE_DIR/operator-before"
+  cp "$HOME/.cache/snooze/bench-before/target/release/snooze-operator" "$STATE_DIR/operator-before.tmp"
+  mv "$STATE_DIR/operator-before.tmp" "$STATE_DIR/operator-before.bin"
+  # This tree's chart may pass flags the older build does not have (it would exit at
+  # start): the older one runs behind a wrapper that drops them, saying which.
+  cat > "$STATE_DIR/operator-before" <<WRAP
+#!/bin/bash
+PATH=/usr/bin:/bin
+known=\$("$STATE_DIR/operator-before.bin" --help | grep -o -- '--[a-z0-9-]*' | sort -u)
+args=()
+for a in "\$@"; do
+  if [[ \$a != --* ]] || grep -qx -- "\${a%%=*}" <<<"\$known"; then args+=("\$a"); else echo "dropped \$a: unknown to this build" >&2; fi
+done
+exec "$STATE_DIR/operator-before.bin" "\${args[@]}"
+WRAP
+  chmod 755 "$STATE_DIR/operator-before"
   versions="before after"
 fi
 python3 - "$STATE_DIR" <<'PY'
@@ -113,16 +129,22 @@ phase() { # phase LABEL: window per version
   for v in $versions; do use "$v"; window "$1" "$v"; done
 }
 
-k delete ns $NS --ignore-not-found --wait=true >/dev/null
-k create ns $NS >/dev/null
+# SCALE_PHASES: which of the phases run (all by default); SCALE_REUSE=1 keeps the
+# namespace of an earlier run (SCALE_KEEP=1) instead of creating it again.
+phases=" ${SCALE_PHASES:-idle wake busy large} "
+runs() { [[ $phases == *" $1 "* ]]; }
 gen=$(mktemp)
-echo "creating $N ScaledServices (+ Deployments at zero, Services) ..."
-gen_apps $NS 1 "$N" > "$gen"
-k apply -f "$gen" --server-side >/dev/null
+if [ "${SCALE_REUSE:-0}" != 1 ]; then
+  k delete ns $NS --ignore-not-found --wait=true >/dev/null
+  k create ns $NS >/dev/null
+  echo "creating $N ScaledServices (+ Deployments at zero, Services) ..."
+  gen_apps $NS 1 "$N" > "$gen"
+  k apply -f "$gen" --server-side >/dev/null
+fi
 wait_ready $NS "$N"
 
 # 1. N idle.
-phase "$N idle"
+runs idle && phase "$N idle"
 
 # 2. W woken at once, per version (its own W services): the window starts as they are sent.
 urls_of() { # urls_of FROM TO: the activator address of app-FROM … app-TO
@@ -137,7 +159,7 @@ for s in json.load(sys.stdin)["items"]:
 ' "$1" "$2"
 }
 first=1
-for v in $versions; do
+runs wake && for v in $versions; do
   use "$v"
   urls=$(mktemp); urls_of "$first" $((first + W - 1)) > "$urls"
   send() { in_ns xargs -P "$W" -n 1 curl -s -o /dev/null --max-time 120 -w '%{http_code}\n' < "$urls" | sort | uniq -c | tr '\n' ' ' > "$urls.codes"; }
@@ -150,6 +172,7 @@ done
 
 # 3. All N busy: every Deployment at one replica (set directly, not woken: a thousand
 # wakes at once is phase 2's question), then one request every INTERVAL seconds to each.
+if runs busy; then
 echo "scaling all $N to one replica and waiting for $N ready pods ..."
 k scale deploy -n $NS --all --replicas=1 >/dev/null
 until [ "$(k get pods -n $NS -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -c True || true)" -ge "$N" ]; do sleep 5; done
@@ -163,8 +186,10 @@ kill -TERM "$traffic" 2>/dev/null || true   # steady.py stops and prints its sum
 wait "$traffic" 2>/dev/null || true
 echo "    traffic: $(cat "$urls.out" 2>/dev/null || echo stopped before its summary)"
 rm -f "$urls" "$urls.out"
+fi
 
 # 4. L idle: all back at zero, L - N more created.
+if runs large; then
 echo "scaling all back to zero; creating $((L - N)) more ScaledServices ..."
 k scale deploy -n $NS --all --replicas=0 >/dev/null
 gen_apps $NS $((N + 1)) "$L" > "$gen"
@@ -172,7 +197,8 @@ k apply -f "$gen" --server-side >/dev/null
 wait_ready $NS "$L"
 phase "$L idle"
 for v in $versions; do
-  echo "leader RSS ($v): $((${rss[$N idle/$v]} / 1024)) MB with $N, $((${rss[$L idle/$v]} / 1024)) MB with $L: $(( (${rss[$L idle/$v]} - ${rss[$N idle/$v]}) * 1024 / (L - N) )) bytes per added service"
+  runs idle && echo "leader RSS ($v): $((${rss[$N idle/$v]} / 1024)) MB with $N, $((${rss[$L idle/$v]} / 1024)) MB with $L: $(( (${rss[$L idle/$v]} - ${rss[$N idle/$v]}) * 1024 / (L - N) )) bytes per added service"
 done
+fi
 rm -f "$gen"
 [ "${SCALE_KEEP:-0}" = 1 ] || k delete ns $NS --wait=false >/dev/null
