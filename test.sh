@@ -22,10 +22,12 @@ mkdir -p "$SNOOZE_BUILD_LOGS"
 export SNOOZE_ARTIFACTS=${SNOOZE_ARTIFACTS:-$SNOOZE_CACHE/artifacts}
 
 if [ "$mode" != unit ]; then
-  step "control plane, add-ons and helm from Go modules, in the background (cached under $SNOOZE_CACHE)"
+  step "control plane, CoreDNS, helm and the test tools from Go modules, in the background (cached under $SNOOZE_CACHE)"
   # Side by side with the Rust build below: the cores stay busy through each build's
-  # downloads and single-threaded link steps.
-  e2e/cluster/build.sh >"$SNOOZE_BUILD_LOGS/build-go.out" &
+  # downloads and single-threaded link steps. Traefik and Prometheus, the two longest
+  # builds and needed only by the last suites, are built later beside the first
+  # suites (SNOOZE_FOR=test-first: preflight.sh, wants).
+  SNOOZE_FOR=test-first e2e/cluster/build.sh >"$SNOOZE_BUILD_LOGS/build-go.out" &
   go_builds=$!
   trap 'kill $go_builds 2>/dev/null || true' EXIT
 fi
@@ -49,12 +51,28 @@ echo "everything built $((SECONDS - t_start)) s after the start"
 step "the activator's data path with a real gRPC client (grpc-go), h2spec and a real browser (the waiting page), built above; no cluster"
 cargo test --offline -p snooze-e2e --test activator -- --ignored
 
-step "cluster up"
+step "Traefik and Prometheus from Go modules, in the background beside the first suites"
+# At the lowest priority: the suites come first, the build takes the idle time.
+nice -n 19 e2e/cluster/build.sh >"$SNOOZE_BUILD_LOGS/build-go-rest.out" 2>&1 &
+go_rest=$!
+trap 'kill $go_rest 2>/dev/null || true' EXIT
+
+step "cluster up (Traefik and Prometheus join it before the suites that use them)"
 t0=$SECONDS
-e2e/cluster/cluster.sh up >/dev/null
+SNOOZE_FOR=test-first e2e/cluster/cluster.sh up >/dev/null
 echo "cluster up took $((SECONDS - t0))s"
-trap 'e2e/cluster/cluster.sh down' EXIT
+trap 'kill $go_rest 2>/dev/null || true; e2e/cluster/cluster.sh down' EXIT
 eval "$(e2e/cluster/cluster.sh env)"
+# Waits for the rest of the Go builds, then adds Traefik and Prometheus to the cluster.
+rest_done=
+rest() {
+  [ -z "$rest_done" ] || return 0
+  step "waiting for the Traefik and Prometheus builds, then adding them to the cluster"
+  wait "$go_rest" || { cat "$SNOOZE_BUILD_LOGS/build-go-rest.out" >&2; echo "test.sh: the Go builds failed (logs in $SNOOZE_BUILD_LOGS)" >&2; exit 1; }
+  e2e/cluster/cluster.sh addons
+  echo "everything built and in the cluster $((SECONDS - t_start)) s after the start"
+  rest_done=1
+}
 
 # Inside the cluster's network namespace: pod IPs are only reachable there.
 e2e() {
@@ -62,6 +80,7 @@ e2e() {
     cargo test --offline -p snooze-e2e --test "$1" -- --ignored --nocapture --test-threads=${E2E_THREADS:-4} ${E2E_FILTER:-}
 }
 if [ "$mode" != all ]; then
+  rest
   step "end-to-end: only the suite e2e/tests/$mode.rs"
   e2e "$mode"
   exit 0
@@ -70,14 +89,15 @@ step "end-to-end: the local cluster itself"
 e2e cluster
 step "end-to-end: Snooze installed with helm"
 e2e snooze
-step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
-e2e paths
 step "end-to-end: tenancy (what one tenant must not do to another through Snooze)"
 e2e tenancy
 step "end-to-end: TCP services (Redis woken by redis-cli, PostgreSQL by psql, TLS passthrough)"
 e2e tcp
 step "end-to-end: why it is awake, when it sleeps, and by hand (kubectl snooze)"
 e2e awake
+rest
+step "end-to-end: traffic paths (kube-proxy, CoreDNS, Traefik Ingress and Gateway API)"
+e2e paths
 step "end-to-end: Prometheus scrapes Snooze; the dashboard's and alerts' queries, an alert firing"
 e2e monitoring
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"

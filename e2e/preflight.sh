@@ -17,12 +17,18 @@ GO_MIN=1.26   # the local cluster's Go modules
 # Which add-ons of the local cluster a command needs, in one place for build.sh and
 # cluster.sh: the tests need all; the demo (SNOOZE_FOR=demo) only the control plane and
 # helm, plus CoreDNS and Traefik when it goes through the ingress
-# (SNOOZE_DEMO_INGRESS=traefik).
-wants() { # ingress | dns | monitoring | test-tools
-  if [ "${SNOOZE_FOR:-test}" != demo ]; then return 0; fi
-  case $1 in
-    ingress | dns) [ "${SNOOZE_DEMO_INGRESS:-}" = traefik ] ;;
-    *) return 1 ;;
+# (SNOOZE_DEMO_INGRESS=traefik). SNOOZE_FOR=test-first is what the test suites before
+# the traffic paths need (all but Traefik and Prometheus, the two longest builds):
+# test.sh starts them on it while those two still build (cluster.sh addons adds them).
+wants() { # ingress | gateway-api | dns | monitoring | test-tools
+  case ${SNOOZE_FOR:-test} in
+    demo)
+      case $1 in
+        ingress | gateway-api | dns) [ "${SNOOZE_DEMO_INGRESS:-}" = traefik ] ;;
+        *) return 1 ;;
+      esac ;;
+    test-first) [ "$1" != ingress ] && [ "$1" != monitoring ] ;;
+    *) return 0 ;;
   esac
 }
 

@@ -52,7 +52,10 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
     printcolumn = r#"{"name":"Awake Because","type":"string","priority":1,"jsonPath":".status.awakeBecause"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(cel, validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").field_path(".minReplicas"))]
+// The client-side validator (`validate_cel`) only for the unit tests: the `cel` feature
+// (a CEL interpreter) stays out of the binaries (`kube/cel` is a dev-dependency).
+#[cfg_attr(test, x_kube(cel))]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be less than or equal to maxReplicas").field_path(".minReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScaledServiceSpec {
     /// The workload to scale: any object with a `/scale` subresource in this namespace

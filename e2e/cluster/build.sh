@@ -12,6 +12,7 @@
 #   e2e/cluster/build.sh                        # prints the bin folder on its last line
 #   SNOOZE_FOR=demo e2e/cluster/build.sh        # what the demo needs: control plane and helm
 #   SNOOZE_FOR=demo SNOOZE_DEMO_INGRESS=traefik e2e/cluster/build.sh   # and CoreDNS, Traefik
+#   SNOOZE_FOR=test-first e2e/cluster/build.sh  # all the tests need but Traefik and Prometheus
 #   SNOOZE_CACHE=/some/dir e2e/cluster/build.sh
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -108,11 +109,6 @@ component() { # name, "cached" test file, command...
 gw="$cache/tools/gateway-api-$GATEWAY_API_VERSION"
 component control_plane "$bin/kube-proxy" control_plane
 component helm "$helm_bin/helm" helm_build
-if wants ingress; then
-  component traefik "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" \
-    addon_build traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
-    "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
-fi
 if wants dns; then
   component coredns "$cache/tools/coredns-$COREDNS_VERSION/coredns" \
     addon_build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns "-s -w"
@@ -147,13 +143,20 @@ playwright_dir="$cache/tools/playwright-$PLAYWRIGHT_VERSION"
 if wants test-tools; then
   component playwright "$playwright_dir/bin/playwright" playwright_build "$playwright_dir"
 fi
+# Traefik and Prometheus last: the longest builds, needed by the last test suites only
+# (test.sh starts the others before they are built).
+if wants ingress; then
+  component traefik "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" \
+    addon_build traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik \
+    "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION"
+fi
 if wants monitoring; then
   component prometheus "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" \
     addon_build prometheus "$PROMETHEUS_VERSION" "" github.com/prometheus/prometheus/cmd/prometheus "-s -w"
 fi
 
 failed=0
-if ! wants ingress; then
+if ! wants gateway-api; then
   :
 elif [ ! -s "$gw/standard-crds.yaml" ]; then
   step_run gateway-api-crds "$SNOOZE_BUILD_LOGS/build-gateway-api-crds.log" gateway_crds "$gw" || failed=1
@@ -186,21 +189,27 @@ if [ ${#pending[@]} -gt 0 ]; then
 fi
 [ $failed = 0 ] || { echo "build.sh: a component failed to build (its log is named above)" >&2; exit 1; }
 
-ln -sf "$helm_bin/helm" "$bin/helm"
+# A link is replaced only when it changes: test.sh runs this again while the suites use
+# the links (ln -sf leaves a moment without one).
+link() { [ "$(readlink "$2" 2>/dev/null)" = "$1" ] || ln -sf "$1" "$2"; }
+link "$helm_bin/helm" "$bin/helm"
 if wants dns; then
-  ln -sf "$cache/tools/coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
+  link "$cache/tools/coredns-$COREDNS_VERSION/coredns" "$bin/coredns"
 fi
 if wants ingress; then
-  ln -sf "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" "$bin/traefik"
-  ln -sf "$gw/standard-crds.yaml" "$bin/gateway-api-crds.yaml"
+  link "$cache/tools/traefik-$TRAEFIK_VERSION/traefik" "$bin/traefik"
+fi
+if wants gateway-api; then
+  link "$gw/standard-crds.yaml" "$bin/gateway-api-crds.yaml"
 fi
 if wants monitoring; then
-  ln -sf "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" "$bin/prometheus"
+  link "$cache/tools/prometheus-$PROMETHEUS_VERSION/prometheus" "$bin/prometheus"
 fi
 if wants test-tools; then
-  ln -sf "$grpc_dir/snooze-grpc-client" "$bin/snooze-grpc-client"
-  ln -sf "$h2spec_dir/snooze-h2spec" "$bin/snooze-h2spec"
-  printf '#!/bin/sh\nexec %q "$@"\n' "$playwright_dir/bin/python" >"$bin/snooze-browser-python"
-  chmod +x "$bin/snooze-browser-python"
+  link "$grpc_dir/snooze-grpc-client" "$bin/snooze-grpc-client"
+  link "$h2spec_dir/snooze-h2spec" "$bin/snooze-h2spec"
+  printf '#!/bin/sh\nexec %q "$@"\n' "$playwright_dir/bin/python" >"$bin/.snooze-browser-python.$$"
+  chmod +x "$bin/.snooze-browser-python.$$"
+  mv "$bin/.snooze-browser-python.$$" "$bin/snooze-browser-python"
 fi
 echo "$bin"

@@ -5,6 +5,7 @@
 # controller and Gateway, Prometheus (e2e/cluster/addons/).
 #
 #   e2e/cluster/cluster.sh up      # build what is missing, start (idempotent), print usage
+#   e2e/cluster/cluster.sh addons  # add the add-ons wanted now (see addons below)
 #   e2e/cluster/cluster.sh down    # stop everything, remove the namespace and the data
 #   e2e/cluster/cluster.sh env     # print the variables to use the cluster
 #   e2e/cluster/cluster.sh status
@@ -192,6 +193,40 @@ apiserver_start() {
   log "kube-apiserver started"
 }
 
+# The add-ons the command wants (preflight.sh: wants), applied and waited for; again
+# with more wanted, it adds those (`SNOOZE_FOR=test-first cluster.sh up`, then
+# `cluster.sh addons` once Traefik and Prometheus are built: test.sh).
+addons() { # bin folder
+  local bin=$1
+  if wants dns; then
+    "$STATE/kubectl" apply -f "$here/addons/coredns.yaml" >/dev/null
+  fi
+  if wants gateway-api; then
+    "$STATE/kubectl" apply --server-side -f "$bin/gateway-api-crds.yaml" >/dev/null
+    "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
+  fi
+  # The ingress controller (Ingress and Gateway API).
+  if wants ingress; then
+    "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
+  fi
+  # Prometheus, with Snooze's plain alert rules file (the chart's files/alerts.yaml);
+  # not for the demo, which never queries it.
+  if wants monitoring; then
+    "$STATE/kubectl" apply -f "$here/addons/prometheus.yaml" >/dev/null
+    "$STATE/kubectl" create configmap snooze-alerts -n monitoring --dry-run=client -o yaml \
+      --from-file=alerts.yaml="$repo/charts/snooze/files/alerts.yaml" | "$STATE/kubectl" apply -f - >/dev/null
+  fi
+  if wants dns; then
+    wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
+  fi
+  if wants ingress; then
+    wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
+  fi
+  if wants monitoring; then
+    wait_for "prometheus" 90 "$STATE/kubectl" rollout status deployment/prometheus -n monitoring --timeout=1s
+  fi
+}
+
 up() {
   need_root
   if api_healthy && [ -f "$STATE/node-agent.pid" ] && kill -0 "$(cat "$STATE/node-agent.pid")" 2>/dev/null; then
@@ -273,33 +308,9 @@ EOF
     --conntrack-max-per-core=0 --metrics-bind-address=127.0.0.1:10249 \
     --healthz-bind-address=127.0.0.1:10256 --v=1
   wait_for kube-proxy 60 in_ns curl -fsS http://127.0.0.1:10256/healthz
-  if wants dns; then
-    "$STATE/kubectl" apply -f "$here/addons/coredns.yaml" >/dev/null
-  fi
-  # The Gateway API CRDs, then the ingress controller (Ingress and Gateway API).
-  if wants ingress; then
-    "$STATE/kubectl" apply --server-side -f "$bin/gateway-api-crds.yaml" >/dev/null
-    "$STATE/kubectl" wait --for=condition=Established crd --all --timeout=60s >/dev/null
-    "$STATE/kubectl" apply -f "$here/addons/traefik.yaml" >/dev/null
-  fi
-  # Prometheus, with Snooze's plain alert rules file (the chart's files/alerts.yaml);
-  # not for the demo, which never queries it (preflight.sh: wants).
-  if wants monitoring; then
-    "$STATE/kubectl" apply -f "$here/addons/prometheus.yaml" >/dev/null
-    "$STATE/kubectl" create configmap snooze-alerts -n monitoring \
-      --from-file=alerts.yaml="$repo/charts/snooze/files/alerts.yaml" >/dev/null
-  fi
   wait_for "default service account" 60 "$STATE/kubectl" get serviceaccount default -n default
   wait_for "kube-root-ca.crt" 60 "$STATE/kubectl" get configmap kube-root-ca.crt -n default
-  if wants dns; then
-    wait_for "cluster DNS" 90 "$STATE/kubectl" rollout status deployment/coredns -n kube-system --timeout=1s
-  fi
-  if wants ingress; then
-    wait_for "ingress controller" 90 "$STATE/kubectl" rollout status deployment/traefik -n traefik --timeout=1s
-  fi
-  if wants monitoring; then
-    wait_for "prometheus" 90 "$STATE/kubectl" rollout status deployment/prometheus -n monitoring --timeout=1s
-  fi
+  addons "$bin"
   log "up in $((SECONDS - t0))s"
   print_env
 }
@@ -341,10 +352,11 @@ status() {
 
 case "${1:-}" in
   up) up ;;
+  addons) need_root; api_healthy || die "the cluster is not up"; addons "$("$here/build.sh" | tail -n 1)" ;;
   down) down ;;
   env) print_env ;;
   status) status ;;
   apiserver-stop) apiserver_stop ;;
   apiserver-start) apiserver_start ;;
-  *) echo "usage: $0 up|down|env|status|apiserver-stop|apiserver-start" >&2; exit 2 ;;
+  *) echo "usage: $0 up|addons|down|env|status|apiserver-stop|apiserver-start" >&2; exit 2 ;;
 esac
