@@ -46,7 +46,7 @@ wait "$go_builds" || { echo "test.sh: the Go builds failed (logs in $SNOOZE_BUIL
 trap - EXIT
 bin=$(tail -n 1 "$SNOOZE_BUILD_LOGS/build-go.out")
 export PATH="$bin:$PATH"
-echo "everything built $((SECONDS - t_start)) s after the start"
+echo "the builds the first suites need done $((SECONDS - t_start)) s after the start"
 
 step "the activator's data path with a real gRPC client (grpc-go), h2spec and a real browser (the waiting page), built above; no cluster"
 cargo test --offline -p snooze-e2e --test activator -- --ignored

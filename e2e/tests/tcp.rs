@@ -103,13 +103,26 @@ async fn programmed(client: &kube::Client, ns: &str, name: &str, port: &str) -> 
     })
     .await;
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    services
-        .get(&managed)
-        .await
-        .unwrap()
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("a ClusterIP")
+    let spec = services.get(&managed).await.unwrap().spec.unwrap_or_default();
+    let ip = spec.cluster_ip.expect("a ClusterIP");
+    let number = spec
+        .ports
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(port))
+        .map(|p| p.port)
+        .expect("the port on the managed Service");
+    // kube-proxy programs the new ClusterIP a moment after the activators listen
+    // (refused until then; seen on a loaded machine). A connect-and-close wakes nothing
+    // on these ports (wakeOn: FirstByte, checked in the Redis test).
+    wait_for("kube-proxy forwarding the ClusterIP", T, || async {
+        tokio::net::TcpStream::connect((ip.as_str(), number as u16))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    ip
 }
 
 async fn redis_cli(ip: &str, args: &[&str]) -> (bool, String) {
