@@ -103,7 +103,12 @@ async fn programmed(client: &kube::Client, ns: &str, name: &str, port: &str) -> 
     })
     .await;
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let spec = services.get(&managed).await.unwrap().spec.unwrap_or_default();
+    let spec = services
+        .get(&managed)
+        .await
+        .unwrap()
+        .spec
+        .unwrap_or_default();
     let ip = spec.cluster_ip.expect("a ClusterIP");
     let number = spec
         .ports
