@@ -1667,6 +1667,29 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
 
 /// The one writer of replicas (issue 28), with the operator's own deciders: a wake
 /// and the autoscaler's tick at once, wanting different numbers. The workload sleeps at
+/// Waits until the Deployment controller has caught up with the Deployment's spec
+/// (observed generation, all replicas there and ready): from then on it writes nothing
+/// to the object, so the resourceVersion a decider read changes only by the other
+/// decider. The race tests below need that: the controller's own status writes are
+/// conflicts too, and made them flaky.
+async fn settled(deploys: &Api<Deployment>, name: &str) {
+    wait_for(
+        &format!("{name} settled"),
+        Duration::from_secs(60),
+        || async {
+            let d = deploys.get(name).await.map_err(|e| e.to_string())?;
+            let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let st = d.status.clone().unwrap_or_default();
+            let ok = st.observed_generation >= d.metadata.generation
+                && st.replicas.unwrap_or(0) == want
+                && st.ready_replicas.unwrap_or(0) == want
+                && st.updated_replicas.unwrap_or(0) == want;
+            ok.then_some(()).ok_or(format!("{st:?}"))
+        },
+    )
+    .await;
+}
+
 /// 0 when a schedule's floor of 2 begins: the tick, with the new floor, decides 0 → 2
 /// (MinReplicas) just as a request arrives and the wake path, with the policy read a
 /// moment before, decides 0 → 1. Both decided on the same read. Whichever writes
@@ -1724,6 +1747,7 @@ async fn a_wake_racing_the_autoscalers_tick_loses_neither_decision() {
             replicas::apply(&api, "web", None, t, |_| Some((0, ())))
                 .await
                 .unwrap();
+            settled(&deploys, "web").await;
             let r = replicas::read(&api, "web", t).await.unwrap();
             assert_eq!(r.replicas, 0);
             r
@@ -1757,6 +1781,21 @@ async fn a_wake_racing_the_autoscalers_tick_loses_neither_decision() {
                 replicas::apply(&api, "web", Some(seen.clone()), t, wake),
                 replicas::apply(&api, "web", Some(seen), t, tick),
             );
+            // The first write starts the controller's status writes, which can refuse
+            // the other's retries up to its bound (Contended): that decider decides
+            // again on a fresh read, as the operator's next tick or wake does.
+            let a = match a {
+                Err(replicas::WriteError::Contended(_)) => {
+                    replicas::apply(&api, "web", None, t, wake).await
+                }
+                a => a,
+            };
+            let b = match b {
+                Err(replicas::WriteError::Contended(_)) => {
+                    replicas::apply(&api, "web", None, t, tick).await
+                }
+                b => b,
+            };
             let (a, b) = (a.unwrap(), b.unwrap());
             assert_eq!(
                 deployment_replicas(&deploys, "web").await.unwrap(),
@@ -1784,6 +1823,7 @@ async fn a_replica_decision_made_on_a_stale_read_is_made_again_not_written() {
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("apps", "v1", "Deployment"));
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
         let t = Duration::from_secs(10);
+        settled(&deploys, "web").await;
         let seen = replicas::read(&api, "web", t).await.unwrap();
         assert_eq!(seen.replicas, 3);
         let (b, _) = replicas::apply(&api, "web", None, t, |_| Some((5, "load")))
@@ -1797,6 +1837,7 @@ async fn a_replica_decision_made_on_a_stale_read_is_made_again_not_written() {
                 why: "load"
             }
         );
+        settled(&deploys, "web").await;
         let mut shown = Vec::new();
         let (a, conflicts) = replicas::apply(&api, "web", Some(seen), t, |now| {
             shown.push(now);
