@@ -1665,8 +1665,6 @@ async fn chart_switches_render_validate_and_helm_test_passes() {
     assert!(out.contains("Phase:          Succeeded"), "{out}");
 }
 
-/// The one writer of replicas (issue 28), with the operator's own deciders: a wake
-/// and the autoscaler's tick at once, wanting different numbers. The workload sleeps at
 /// Waits until the Deployment controller has caught up with the Deployment's spec
 /// (observed generation, all replicas there and ready): from then on it writes nothing
 /// to the object, so the resourceVersion a decider read changes only by the other
@@ -1690,6 +1688,8 @@ async fn settled(deploys: &Api<Deployment>, name: &str) {
     .await;
 }
 
+/// The one writer of replicas (issue 28), with the operator's own deciders: a wake
+/// and the autoscaler's tick at once, wanting different numbers. The workload sleeps at
 /// 0 when a schedule's floor of 2 begins: the tick, with the new floor, decides 0 → 2
 /// (MinReplicas) just as a request arrives and the wake path, with the policy read a
 /// moment before, decides 0 → 1. Both decided on the same read. Whichever writes
