@@ -528,6 +528,29 @@ pub async fn listening_targets(
     Ok(targets)
 }
 
+/// The ClusterIP of Service `name`, once kube-proxy forwards `port` on it. kube-proxy
+/// programs a new ClusterIP a moment after the Service appears (refused until then,
+/// seen in CI on a loaded machine). A connect-and-close wakes nothing: HTTP ports wake on
+/// a request, TCP ports on the first byte.
+pub async fn forwarded_cluster_ip(client: &Client, ns: &str, name: &str, port: u16) -> String {
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let ip = services
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    let addr = format!("{ip}:{port}");
+    wait_for(
+        "kube-proxy forwarding the ClusterIP",
+        Duration::from_secs(90),
+        || accepts(&addr),
+    )
+    .await;
+    ip
+}
+
 /// Whether `addr` accepts a TCP connection within 2 s (a connect only, no request).
 pub async fn accepts(addr: &str) -> Result<(), String> {
     match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use snooze_crds::ScaledService;
 use snooze_e2e::testing::*;
@@ -56,14 +55,7 @@ async fn programmed(client: &kube::Client, ns: &str) -> String {
         listening_targets(client, ns, "web", "http")
     })
     .await;
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    services
-        .get("web-snooze")
-        .await
-        .unwrap()
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("a ClusterIP")
+    forwarded_cluster_ip(client, ns, "web-snooze", 80).await
 }
 
 /// One request with curl, as an uptime checker sends it.

@@ -241,15 +241,7 @@ async fn a_browser_is_shown_the_waiting_page_while_the_app_wakes_and_lands_on_it
         .await;
         wait_replicas(&deploys, "web", 0, T).await;
         wait_no_pods(&pods, "web").await;
-        let svc: Api<Service> = Api::namespaced(client.clone(), &ns);
-        let ip = svc
-            .get("web-snooze")
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .cluster_ip
-            .unwrap();
+        let ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
         let url = format!("http://{ip}/");
 
         let mut browser = Browser::open(&url, "waiting-page-cluster");

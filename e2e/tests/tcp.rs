@@ -103,31 +103,19 @@ async fn programmed(client: &kube::Client, ns: &str, name: &str, port: &str) -> 
     })
     .await;
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let spec = services
+    let number = services
         .get(&managed)
         .await
         .unwrap()
         .spec
-        .unwrap_or_default();
-    let ip = spec.cluster_ip.expect("a ClusterIP");
-    let number = spec
+        .unwrap_or_default()
         .ports
         .unwrap_or_default()
         .iter()
         .find(|p| p.name.as_deref() == Some(port))
         .map(|p| p.port)
         .expect("the port on the managed Service");
-    // kube-proxy programs the new ClusterIP a moment after the activators listen
-    // (refused until then; seen on a loaded machine). A connect-and-close wakes nothing
-    // on these ports (wakeOn: FirstByte, checked in the Redis test).
-    wait_for("kube-proxy forwarding the ClusterIP", T, || async {
-        tokio::net::TcpStream::connect((ip.as_str(), number as u16))
-            .await
-            .map(drop)
-            .map_err(|e| e.to_string())
-    })
-    .await;
-    ip
+    forwarded_cluster_ip(client, ns, &managed, number as u16).await
 }
 
 async fn redis_cli(ip: &str, args: &[&str]) -> (bool, String) {
@@ -208,18 +196,6 @@ async fn a_sleeping_redis_is_woken_by_redis_cli_and_a_silent_connection_does_not
     .await;
 }
 
-/// The ClusterIP of Service `name`.
-async fn cluster_ip(client: &kube::Client, ns: &str, name: &str) -> String {
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    services
-        .get(name)
-        .await
-        .unwrap()
-        .spec
-        .and_then(|s| s.cluster_ip)
-        .expect("a ClusterIP")
-}
-
 /// The `Needs` condition of ScaledService `name`.
 async fn needs_condition(
     ssvcs: &Api<ScaledService>,
@@ -272,7 +248,7 @@ async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
             listening_targets(&client, &ns, "web", "http")
         })
         .await;
-        let web_ip = cluster_ip(&client, &ns, "web-snooze").await;
+        let web_ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
         wait_for("web's Needs condition", T, || async {
             let c = needs_condition(&ssvcs, "web").await?;
             (c.status == "True" && c.message.contains("redis"))
@@ -567,7 +543,7 @@ async fn a_sleeping_postgresql_is_woken_by_psql() {
             listening_targets(&client, &ns, "web", "http")
         })
         .await;
-        let web_ip = cluster_ip(&client, &ns, "web-snooze").await;
+        let web_ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
         assert_eq!(deployment_replicas(&deploys, "db").await.unwrap(), 0);
         let t0 = Instant::now();
         let (status, _) = http_get(&format!("http://{web_ip}/"), Duration::from_secs(90))
