@@ -8,22 +8,24 @@ use http::{HeaderValue, Response, header};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use snooze_runtime::admin::{Admin, BoxError};
+use snooze_runtime::auth::TokenCheck;
 use tokio::sync::watch;
 
-use crate::auth::{StatsAuth, bearer};
 use crate::dispatch::pool::Pool;
 use crate::metrics::Metrics;
 use crate::stats::StatsHub;
 
 /// The admin server: ready while `ready` is true; `/metrics` reads the pool's idle
 /// connections at scrape time; the stats stream is for the operator alone when `auth`
-/// is set (always in the chart).
+/// is set (always in the chart); `/metrics` for the readers `metrics_auth` allows, when
+/// set (`metrics.authorization` in the chart).
 pub fn admin(
     metrics: Arc<Metrics>,
     pool: Arc<Pool>,
     stats: Arc<StatsHub>,
     ready: watch::Receiver<bool>,
-    auth: Option<Arc<StatsAuth>>,
+    auth: Option<Arc<TokenCheck>>,
+    metrics_auth: Option<Arc<TokenCheck>>,
 ) -> Arc<Admin> {
     let streams = metrics.stats_streams.clone();
     Arc::new(Admin {
@@ -32,15 +34,16 @@ pub fn admin(
             metrics.pooled_connections.set(pool.idle_count(None) as i64);
             metrics.encode()
         }),
+        metrics_auth,
         routes: Some(Box::new(move |req| {
             if req.uri().path() != snooze_crds::stats::STATS_PATH {
                 return None;
             }
             let (stats, auth, streams) = (stats.clone(), auth.clone(), streams.clone());
-            let token = bearer(req.headers());
+            let headers = req.headers().clone();
             Some(Box::pin(async move {
                 if let Some(auth) = auth
-                    && let Err(refused) = auth.check(token).await
+                    && let Err(refused) = auth.check(&headers).await
                 {
                     return refused;
                 }

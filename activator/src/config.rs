@@ -38,6 +38,11 @@ pub struct Args {
         default_value = "snooze-activator"
     )]
     pub stats_audience: String,
+    /// When set, `/metrics` needs a Bearer token made for this audience (a projected
+    /// ServiceAccount token) whose user may `get` the non-resource URL `/metrics`
+    /// (TokenReview + SubjectAccessReview). Empty: `/metrics` is open.
+    #[arg(long, env = "SNOOZE_METRICS_AUDIENCE", default_value = "")]
+    pub metrics_audience: String,
     /// This pod's name, reported to the operator.
     #[arg(long, env = "POD_NAME", default_value = "activator")]
     pub pod_name: String,

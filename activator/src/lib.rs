@@ -15,7 +15,6 @@ pub mod dispatch;
 
 pub mod activity;
 pub mod admin;
-pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod probe;

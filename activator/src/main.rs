@@ -5,7 +5,6 @@ use std::sync::Arc;
 use clap::Parser;
 use snooze_activator::accept::{Listeners, ServerLimits};
 use snooze_activator::admit::Admission;
-use snooze_activator::auth::StatsAuth;
 use snooze_activator::config::{self, Args};
 use snooze_activator::dispatch::Proxy;
 use snooze_activator::dispatch::pool::Pool;
@@ -13,6 +12,7 @@ use snooze_activator::metrics::Metrics;
 use snooze_activator::stats::StatsHub;
 use snooze_activator::table::Table;
 use snooze_activator::{admin, watch};
+use snooze_runtime::auth::{Allowed, TokenCheck};
 use snooze_runtime::supervisor::Supervisor;
 use tracing::{error, info, warn};
 
@@ -74,10 +74,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Some(kube::Client::try_default().await?),
     };
     let auth = match (&client, args.stats_reader.as_str()) {
-        (Some(c), reader) if !reader.is_empty() => Some(Arc::new(StatsAuth::new(
+        (Some(c), reader) if !reader.is_empty() => Some(Arc::new(TokenCheck::new(
             c.clone(),
-            args.stats_audience.clone(),
-            reader.to_string(),
+            &args.stats_audience,
+            Allowed::User(reader.to_string()),
+            "the stats stream",
         ))),
         (Some(_), _) => {
             warn!("--stats-reader is not set: any client may read the stats stream");
@@ -85,7 +86,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         (None, _) => None,
     };
-    let admin = admin::admin(metrics.clone(), pool.clone(), stats, ready_rx, auth);
+    let metrics_auth = match (&client, args.metrics_audience.as_str()) {
+        (Some(c), aud) if !aud.is_empty() => Some(Arc::new(TokenCheck::new(
+            c.clone(),
+            aud,
+            Allowed::MayGet("/metrics".into()),
+            "/metrics",
+        ))),
+        _ => None,
+    };
+    let admin = admin::admin(
+        metrics.clone(),
+        pool.clone(),
+        stats,
+        ready_rx,
+        auth,
+        metrics_auth,
+    );
     let admin_listener = tokio::net::TcpListener::bind(args.admin_address).await?;
     tasks.spawn("admin server", admin.serve(admin_listener));
     info!(admin = %args.admin_address, listen = %args.listen_address, "activator starting");

@@ -24,7 +24,7 @@ use serde_json::json;
 use std::sync::Mutex as StdMutex;
 
 use crate::testing::{
-    SNOOZE_NAMESPACE, http_get, ingress_targets, testapp_deployment, testapp_service,
+    SNOOZE_NAMESPACE, http_get, ingress_targets, scrape, testapp_deployment, testapp_service,
     with_readiness_period,
 };
 
@@ -52,7 +52,7 @@ async fn wake_to_patch(client: &Client) -> anyhow::Result<(f64, u64)> {
         .status
         .and_then(|s| s.pod_ip)
         .context("leader has no IP")?;
-    let (_, text) = http_get(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5))
+    let (_, text) = scrape(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5))
         .await
         .map_err(anyhow::Error::msg)?;
     let value = |name: &str| {

@@ -15,7 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::testing::{SNOOZE_NAMESPACE, http_get, ingress_targets};
+use crate::testing::{SNOOZE_NAMESPACE, http_get, ingress_targets, scrape};
 
 /// One failed request: when (since the load started), where, and what happened.
 #[derive(Debug, Clone)]
@@ -295,7 +295,7 @@ pub async fn operator_leadership(client: &Client) -> Vec<(String, bool)> {
             continue;
         };
         if let Ok((200, body)) =
-            http_get(&format!("http://{ip}:9091/metrics"), Duration::from_secs(1)).await
+            scrape(&format!("http://{ip}:9091/metrics"), Duration::from_secs(1)).await
         {
             let leader = body.lines().any(|l| l.trim() == "snooze_operator_leader 1");
             out.push((p.name_any(), leader));

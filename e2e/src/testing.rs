@@ -210,6 +210,58 @@ pub async fn http_get_as(
     host_header: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, http::HeaderMap, String), String> {
+    http_get_full(url, host_header, None, timeout).await
+}
+
+/// The ServiceAccount the tests read `/metrics` as (the tests' install turns
+/// `metrics.authorization` on), bound to the chart's metrics-reader ClusterRole.
+const SCRAPER: &str = "snooze-e2e-scraper";
+static SCRAPER_TOKEN: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+/// A token of [`SCRAPER`]'s made for the metrics audience, as a Prometheus pod would
+/// mount it (made once per test binary).
+pub async fn metrics_token() -> String {
+    SCRAPER_TOKEN
+        .get_or_init(|| async {
+            let ns = SNOOZE_NAMESPACE;
+            // "already exists" is fine: another test binary made them.
+            kubectl(&["create", "serviceaccount", SCRAPER, "-n", ns]).await;
+            let role = format!("--clusterrole={SNOOZE_RELEASE}-metrics-reader");
+            let sa = format!("--serviceaccount={ns}:{SCRAPER}");
+            kubectl(&["create", "clusterrolebinding", SCRAPER, &role, &sa]).await;
+            let (ok, token) = kubectl(&[
+                "create",
+                "token",
+                SCRAPER,
+                "-n",
+                ns,
+                "--audience",
+                "snooze-metrics",
+                "--duration",
+                "3h",
+            ])
+            .await;
+            assert!(ok, "kubectl create token: {token}");
+            token.trim().to_string()
+        })
+        .await
+        .clone()
+}
+
+/// `GET url` (a component's `/metrics`) with the tests' metrics reader's token.
+pub async fn scrape(url: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let token = metrics_token().await;
+    http_get_full(url, None, Some(&token), timeout)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+async fn http_get_full(
+    url: &str,
+    host_header: Option<&str>,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, http::HeaderMap, String), String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let host = uri.host().ok_or("no host")?.to_string();
     let port = uri.port_u16().unwrap_or(80);
@@ -226,8 +278,12 @@ pub async fn http_get_as(
             Some(h) => h.to_string(),
             None => format!("{host}:{port}"),
         };
-        let req = http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-            .header("host", host_value)
+        let mut req = http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header("host", host_value);
+        if let Some(t) = bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
@@ -326,7 +382,7 @@ pub async fn leader_metrics(client: &Client) -> Result<String, String> {
         .status
         .and_then(|s| s.pod_ip)
         .ok_or("the leader has no IP")?;
-    let (_, body) = http_get(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
+    let (_, body) = scrape(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
     Ok(body)
 }
 
@@ -358,6 +414,10 @@ pub async fn ensure_snooze() {
                     // NodePort for paths.rs; LoadBalancer stays refused (tenancy.rs).
                     "--set",
                     "admissionPolicy.allowedServiceTypes={ClusterIP,NodePort}",
+                    // /metrics for authorized readers (tenancy.rs; the tests read it
+                    // with `scrape`, Prometheus with its own projected token).
+                    "--set",
+                    "metrics.authorization.enabled=true",
                 ],
             )
             .await;

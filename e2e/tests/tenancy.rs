@@ -218,8 +218,8 @@ async fn the_stats_stream_is_for_the_operator_alone() {
                 "{addr} with {ns}/default's token: {other}"
             );
             let junk = status_of(&addr, "/v1/stats", Some("not-a-token")).await;
-            assert!(junk.starts_with("HTTP/1.1 403"), "{addr} with junk: {junk}");
-            for open in ["/readyz", "/livez", "/metrics"] {
+            assert!(junk.starts_with("HTTP/1.1 401"), "{addr} with junk: {junk}");
+            for open in ["/readyz", "/livez"] {
                 let st = status_of(&addr, open, None).await;
                 assert!(st.starts_with("HTTP/1.1 200"), "{addr}{open}: {st}");
             }
@@ -232,7 +232,7 @@ async fn the_stats_stream_is_for_the_operator_alone() {
             let mut best = 0.0f64;
             for (_, ip) in &ops {
                 let (_, body) =
-                    http_get(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
+                    scrape(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
                 for l in body
                     .lines()
                     .filter(|l| l.starts_with("snooze_operator_stats_streams"))
@@ -254,6 +254,80 @@ async fn the_stats_stream_is_for_the_operator_alone() {
                 ))
         })
         .await;
+    })
+    .await;
+}
+
+/// `/metrics` names every tenant's services and counts too: with `metrics.authorization`
+/// on (the tests' install), both components serve it only to a token made for the
+/// metrics audience whose user may `get` /metrics (the chart's metrics-reader role):
+/// none or junk is 401, a tenant's token for another audience 401, a tenant's token for
+/// the metrics audience without the role 403, the tests' reader (bound to the role) 200.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn metrics_are_for_the_readers_rbac_allows() {
+    ensure_snooze().await;
+    in_namespace("peek", |client, ns| async move {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        let mut admins = Vec::new();
+        for (component, port) in [("activator", 9090), ("operator", 9091)] {
+            let p = wait_for("ready pods", T, || async {
+                let p =
+                    ready_pods(&pods, &format!("app.kubernetes.io/component={component}")).await?;
+                (!p.is_empty()).then_some(p).ok_or("none".to_string())
+            })
+            .await;
+            admins.extend(p.into_iter().map(|(_, ip)| format!("{ip}:{port}")));
+        }
+        let token = |audience: &'static str| {
+            let ns = ns.clone();
+            async move {
+                let (ok, t) = kubectl(&[
+                    "create",
+                    "token",
+                    "default",
+                    "-n",
+                    &ns,
+                    "--audience",
+                    audience,
+                ])
+                .await;
+                assert!(ok, "{t}");
+                t.trim().to_string()
+            }
+        };
+        let tenant_metrics = token("snooze-metrics").await;
+        let tenant_stats = token("snooze-activator").await;
+        let reader = metrics_token().await;
+        for addr in &admins {
+            let cases = [
+                (None, "401", "without a token"),
+                (Some("not-a-token"), "401", "with junk"),
+                (
+                    Some(tenant_stats.as_str()),
+                    "401",
+                    "with a tenant's token for the stats audience",
+                ),
+                (
+                    Some(tenant_metrics.as_str()),
+                    "403",
+                    "with a tenant's token, no role",
+                ),
+                (Some(reader.as_str()), "200", "with the reader's token"),
+            ];
+            for (bearer, want, what) in cases {
+                let st = status_of(addr, "/metrics", bearer).await;
+                assert!(
+                    st.starts_with(&format!("HTTP/1.1 {want}")),
+                    "{addr}/metrics {what}: {st}"
+                );
+            }
+            for open in ["/readyz", "/livez"] {
+                let st = status_of(addr, open, None).await;
+                assert!(st.starts_with("HTTP/1.1 200"), "{addr}{open}: {st}");
+            }
+        }
     })
     .await;
 }

@@ -54,6 +54,11 @@ pub struct Args {
     /// Admin server address: /livez, /readyz, /metrics.
     #[arg(long, env = "SNOOZE_ADMIN_ADDRESS", default_value = "0.0.0.0:9091")]
     pub admin_address: SocketAddr,
+    /// When set, `/metrics` needs a Bearer token made for this audience (a projected
+    /// ServiceAccount token) whose user may `get` the non-resource URL `/metrics`
+    /// (TokenReview + SubjectAccessReview). Empty: `/metrics` is open.
+    #[arg(long, env = "SNOOZE_METRICS_AUDIENCE", default_value = "")]
+    pub metrics_audience: String,
     /// A ServiceAccount token for the activators' stats stream (a projected token with
     /// the activators' audience; read at every connection, as the kubelet rotates it).
     /// Empty: none is sent.

@@ -12,6 +12,7 @@ use snooze_operator::lead::{Elector, Settings};
 use snooze_operator::metrics::Metrics;
 use snooze_operator::run::lead;
 use snooze_runtime::admin::Admin;
+use snooze_runtime::auth::{Allowed, TokenCheck};
 use snooze_runtime::supervisor::Supervisor;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ready: ready_rx,
         metrics: Box::new(move || m.encode()),
         routes: None,
+        metrics_auth: (!args.metrics_audience.is_empty()).then(|| {
+            Arc::new(TokenCheck::new(
+                client.clone(),
+                &args.metrics_audience,
+                Allowed::MayGet("/metrics".into()),
+                "/metrics",
+            ))
+        }),
     });
     let mut tasks = Supervisor::new();
     let listener = tokio::net::TcpListener::bind(args.admin_address).await?;

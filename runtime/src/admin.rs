@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::auth::TokenCheck;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 /// The answer of a binary's own route, made asynchronously (it may ask the API server).
@@ -44,6 +46,8 @@ pub struct Admin {
     /// The metrics in OpenMetrics text.
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
     pub routes: Option<Routes>,
+    /// When set, `/metrics` is for the readers it allows (`--metrics-audience`).
+    pub metrics_auth: Option<Arc<TokenCheck>>,
 }
 
 impl Admin {
@@ -56,6 +60,11 @@ impl Admin {
             "/readyz" if *self.ready.borrow() => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             "/metrics" => {
+                if let Some(auth) = &self.metrics_auth
+                    && let Err(refused) = auth.check(req.headers()).await
+                {
+                    return refused;
+                }
                 let mut r = text(StatusCode::OK, (self.metrics)());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -236,6 +245,7 @@ mod tests {
         let admin = Arc::new(Admin {
             ready: rx,
             metrics: Box::new(String::new),
+            metrics_auth: None,
             routes: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

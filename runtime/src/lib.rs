@@ -4,6 +4,7 @@
 //! that never end on an error.
 
 pub mod admin;
+pub mod auth;
 pub mod shutdown;
 pub mod supervisor;
 pub mod watch;
