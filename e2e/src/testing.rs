@@ -418,6 +418,9 @@ pub async fn ensure_snooze() {
                     // with `scrape`, Prometheus with its own projected token).
                     "--set",
                     "metrics.authorization.enabled=true",
+                    // A stalled reader is cut sooner than the default 60 s (tenancy.rs).
+                    "--set",
+                    "activator.sendTimeout=10s",
                 ],
             )
             .await;

@@ -509,3 +509,190 @@ async fn authors_cannot_do_through_snooze_what_they_may_not_do_themselves() {
     })
     .await;
 }
+
+/// A client that stops reading holds neither an activator nor its service for ever:
+/// the activator cuts it after the send timeout (10 s in the tests' install,
+/// `activator.sendTimeout`; 60 s by default), its request ends, and the service sleeps
+/// an idle timeout later although the client never closed its connection.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_client_that_stops_reading_is_cut_and_its_service_sleeps() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ensure_snooze().await;
+    in_namespace("stall", |client, ns| async move {
+        let _ssvcs = scaled_app(&client, &ns, 0, 0, 1, "10s", &[]).await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        wait_for("the activators listening", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
+        // A client with a small receive window, asking for 64 MiB.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut s = sock
+            .connect(format!("{ip}:80").parse().unwrap())
+            .await
+            .unwrap();
+        let want: usize = 64 << 20;
+        s.write_all(format!("GET /bytes?n={want} HTTP/1.1\r\nhost: web\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        // The first bytes of the answer (the service was woken), then no more reading.
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("the first bytes within 90 s")
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        let stalled = t0.elapsed();
+        // Asleep while the connection is still open on the client's side.
+        wait_replicas(&deploys, "web", 0, T).await;
+        let asleep = t0.elapsed() - stalled;
+        // What is left to read ends short of the body: the activator cut it.
+        let mut got = n;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(k)) => got += k,
+                Err(_) => panic!("the connection is still open after {got} bytes"),
+            }
+        }
+        eprintln!(
+            "stalled reader: answer started {stalled:.1?} after the request, service asleep \
+             {asleep:.1?} after the client stopped reading (send timeout 10 s + idle 10 s), \
+             {got} of {want} bytes read, then the connection ended"
+        );
+        assert!(got < want, "the whole body arrived: nothing was cut");
+        assert!(
+            asleep >= Duration::from_secs(18),
+            "asleep {asleep:?} after the stall: before the send timeout and the idle timeout"
+        );
+    })
+    .await;
+}
+
+/// One service's flood leaves room for another cold service on the same activator: its
+/// share of held requests is clamped to the per-service ceiling
+/// (`activator.maxQueuedPerService`, 5,000 by default, a quarter of the activator-wide
+/// 20,000) and reported in its status; past it, its requests get 503 at once, and a
+/// cold request for another service through the same activator is held and answered.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_flood_on_one_service_leaves_room_for_another_cold_service() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ensure_snooze().await;
+    in_namespace("flood", |client, ns| async move {
+        // `flood` never becomes ready: everything sent to it is held.
+        app(&client, &ns, "flood", 0, &["--ready-delay-ms", "3600000"]).await;
+        let mut flood = serde_json::to_value(scaled_service("flood", 0, 1, "30s")).unwrap();
+        flood["spec"]["activation"] =
+            serde_json::json!({"timeout": "120s", "maxQueuedRequests": 100000});
+        let ssvcs = scaled_app(&client, &ns, 0, 0, 1, "30s", &[]).await;
+        ssvcs
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(flood).unwrap(),
+            )
+            .await
+            .unwrap();
+        let ceiling = 5000usize;
+        // The share asked for (100,000 over the activators) is clamped to the ceiling.
+        wait_for("flood's clamped share in its status", T, || async {
+            let ss = ssvcs.get("flood").await.map_err(|e| e.to_string())?;
+            let share = ss.status.and_then(|s| s.max_queued_per_activator);
+            (share == Some(ceiling as i32))
+                .then_some(())
+                .ok_or(format!("maxQueuedPerActivator {share:?}"))
+        })
+        .await;
+        let flood_targets = wait_for("flood's activators listening", T, || {
+            listening_targets(&client, &ns, "flood", "http")
+        })
+        .await;
+        let web_targets = wait_for("web's activators listening", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        // One activator: flood's port and web's port on the same pod.
+        let target = flood_targets[0].clone();
+        let pod_ip = target.rsplit_once(':').unwrap().0.to_string();
+        let web_target = web_targets
+            .iter()
+            .find(|t| t.rsplit_once(':').unwrap().0 == pod_ip)
+            .expect("web served by the same activator")
+            .clone();
+        // The flood: the ceiling and 100 more, all at once, each a new connection.
+        let extra = 100usize;
+        let t0 = std::time::Instant::now();
+        let mut conns = Vec::new();
+        for _ in 0..ceiling + extra {
+            let target = target.clone();
+            conns.push(tokio::spawn(async move {
+                let c0 = std::time::Instant::now();
+                let mut s = tokio::net::TcpStream::connect(&target).await.unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nhost: flood\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut buf = vec![0u8; 256];
+                // A refusal comes at once; a held request answers nothing here.
+                match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        let line = head.lines().next().unwrap_or("").to_string();
+                        (Some((line, c0.elapsed())), s)
+                    }
+                    _ => (None, s),
+                }
+            }));
+        }
+        // Meanwhile, web (asleep) through the same activator.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let w0 = std::time::Instant::now();
+        let (status, body) = http_get(&format!("http://{web_target}/"), T).await.unwrap();
+        let web_took = w0.elapsed();
+        assert_eq!(status, 200, "web's cold request during the flood: {body}");
+        let mut refused = Vec::new();
+        let mut held = 0usize;
+        let mut other = Vec::new();
+        let mut sockets = Vec::new();
+        for c in conns {
+            let (line, s) = c.await.unwrap();
+            match line {
+                Some((l, took)) if l.starts_with("HTTP/1.1 503") => refused.push(took),
+                None => held += 1,
+                Some((l, _)) => other.push(l),
+            }
+            sockets.push(s);
+        }
+        refused.sort();
+        let at = |q: f64| {
+            refused
+                .get(((refused.len() as f64 * q) as usize).min(refused.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "flood: {} requests at one activator for one service (ceiling {ceiling}) in \
+             {:.1?}: {held} held, {} refused with 503 (from connect: p50 {:.1?}, max {:.1?}), \
+             {} other; another service's cold request through the same activator answered \
+             200 in {web_took:.1?}",
+            ceiling + extra,
+            t0.elapsed(),
+            refused.len(),
+            at(0.5),
+            at(1.0),
+            other.len(),
+        );
+        let refused = refused.len();
+        assert!(other.is_empty(), "{other:?}");
+        assert_eq!((held, refused), (ceiling, extra));
+        drop(sockets);
+    })
+    .await;
+}
