@@ -105,6 +105,7 @@ COLD_ROUNDS=2 bench/coldstart.sh
 SCALE_N=10 SCALE_IDLE_SECONDS=3 SCALE_WAKE=5 bench/scale.sh
 BENCH_DURATION=1s BENCH_ROUNDS=1 BENCH_HELD=500 bench/datapath.sh
 TCP_DURATION=1s TCP_ROUNDS=1 bench/tcp.sh
+ADMIN_CONNECTIONS=500 ADMIN_SOURCES=20 bench/admin.sh
 STARTUP_N=20 STARTUP_SLICES=200 STARTUP_RUNS=1 bench/startup.sh
 step "end-to-end: faults, one at a time (API server restart, leader kill, activator and pod kills)"
 E2E_THREADS=1 e2e faults

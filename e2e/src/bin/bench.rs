@@ -109,6 +109,22 @@ enum Cmd {
         #[arg(long, default_value = "")]
         label: String,
     },
+    /// A flood of slow clients on an admin port (bench/admin.sh): `connections`
+    /// connections from `sources` loopback addresses (127.0.2.1 on), each sending a
+    /// head it never finishes, while /readyz is asked from 127.0.0.1 every 100 ms.
+    SlowAdmin {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 200)]
+        sources: usize,
+        #[arg(long, default_value_t = 20)]
+        probes: usize,
+        /// A process whose open file descriptors are counted during the flood.
+        #[arg(long)]
+        pid: Option<u32>,
+    },
     Release {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
@@ -117,6 +133,98 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+}
+
+/// /readyz latencies in µs, `probes` of them 100 ms apart, from 127.0.0.1.
+async fn readyz_probes(target: std::net::SocketAddr, probes: usize) -> anyhow::Result<Vec<u32>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut lat = Vec::new();
+    for _ in 0..probes {
+        let t0 = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(target).await?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut buf = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        let head = String::from_utf8_lossy(&buf[..n]);
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "/readyz: {head}");
+        lat.push(t0.elapsed().as_micros() as u32);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lat.sort_unstable();
+    Ok(lat)
+}
+
+fn open_fds(pid: Option<u32>) -> Option<usize> {
+    Some(
+        std::fs::read_dir(format!("/proc/{}/fd", pid?))
+            .ok()?
+            .count(),
+    )
+}
+
+async fn slow_admin(
+    target: std::net::SocketAddr,
+    connections: usize,
+    sources: usize,
+    probes: usize,
+    pid: Option<u32>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = readyz_probes(target, probes).await?;
+    let fds_before = open_fds(pid);
+    // The flood: connections opened one after another, each sends a head it never
+    // finishes; kept by this process until the end.
+    let t0 = std::time::Instant::now();
+    let mut flood = Vec::with_capacity(connections);
+    let mut failed = 0usize;
+    for i in 0..connections {
+        let n = 1 + i % sources.max(1);
+        let from = std::net::Ipv4Addr::new(127, 0, 2 + (n / 250) as u8, (n % 250) as u8 + 1);
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind((from, 0).into())?;
+        match s.connect(target).await {
+            Ok(mut c) => {
+                let _ = c.write_all(b"GET /readyz HTTP/1.1\r\nhost: x").await;
+                flood.push(c);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let opened_in = t0.elapsed();
+    let during = readyz_probes(target, probes).await?;
+    let fds_during = open_fds(pid);
+    // Which flood connections the server closed (a read that ends at once).
+    let mut closed = 0usize;
+    for c in &mut flood {
+        let mut b = [0u8; 1];
+        if matches!(
+            tokio::time::timeout(Duration::from_millis(1), c.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ) {
+            closed += 1;
+        }
+    }
+    // When the last of them is cut (the header timeout).
+    let mut last_cut = Duration::ZERO;
+    for c in &mut flood {
+        let mut b = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(30), c.read(&mut b)).await;
+        last_cut = t0.elapsed();
+    }
+    println!(
+        "{}",
+        json!({
+            "connections": connections, "sources": sources, "connect_failed": failed,
+            "opened_in_s": opened_in.as_secs_f64(),
+            "readyz_before_ms": {"p50": percentile(&before, 0.5), "max": percentile(&before, 1.0)},
+            "readyz_during_ms": {"p50": percentile(&during, 0.5), "max": percentile(&during, 1.0), "answered_200": during.len()},
+            "closed_at_once": closed, "held_open": flood.len() - closed,
+            "fds_before": fds_before, "fds_during": fds_during,
+            "all_cut_after_s": last_cut.as_secs_f64(),
+        })
+    );
+    Ok(())
 }
 
 async fn tcp_echo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -602,6 +710,13 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            Cmd::SlowAdmin {
+                target,
+                connections,
+                sources,
+                probes,
+                pid,
+            } => slow_admin(target, connections, sources, probes, pid).await,
             Cmd::TcpEcho { listen } => tcp_echo(listen).await,
             Cmd::TcpLoad {
                 target,
