@@ -109,5 +109,5 @@ ADMIN_CONNECTIONS=500 ADMIN_SOURCES=20 bench/admin.sh
 STARTUP_N=20 STARTUP_SLICES=200 STARTUP_RUNS=1 bench/startup.sh
 step "end-to-end: faults, one at a time (API server restart, leader kill, activator and pod kills)"
 E2E_THREADS=1 e2e faults
-step "end-to-end: activator churn, then helm uninstall (one at a time)"
+step "end-to-end: activator churn, the connection cap, then helm uninstall (one at a time)"
 E2E_THREADS=1 e2e zz_disruptive

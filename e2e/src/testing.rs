@@ -390,43 +390,47 @@ pub async fn leader_metrics(client: &Client) -> Result<String, String> {
 /// ready.
 pub async fn ensure_snooze() {
     INSTALLED
-        .get_or_init(|| async {
-            let chart = repo_path("charts/snooze");
-            let (ok, out) = run_tool(
-                "helm",
-                &[
-                    "upgrade",
-                    "--install",
-                    SNOOZE_RELEASE,
-                    &chart,
-                    "-n",
-                    SNOOZE_NAMESPACE,
-                    "--create-namespace",
-                    "--wait",
-                    "--timeout",
-                    "180s",
-                    "--set",
-                    "logFormat=text",
-                    // Low, so that tenancy.rs can reach it (no other test uses more
-                    // than 6 ports in a namespace).
-                    "--set",
-                    "operator.maxPortsPerNamespace=10",
-                    // NodePort for paths.rs; LoadBalancer stays refused (tenancy.rs).
-                    "--set",
-                    "admissionPolicy.allowedServiceTypes={ClusterIP,NodePort}",
-                    // /metrics for authorized readers (tenancy.rs; the tests read it
-                    // with `scrape`, Prometheus with its own projected token).
-                    "--set",
-                    "metrics.authorization.enabled=true",
-                    // A stalled reader is cut sooner than the default 60 s (tenancy.rs).
-                    "--set",
-                    "activator.sendTimeout=10s",
-                ],
-            )
-            .await;
-            assert!(ok, "helm install failed:\n{out}");
-        })
+        .get_or_init(|| async { install_snooze(&[]).await })
         .await;
+}
+
+/// `helm upgrade --install` of the chart with the tests' values and `extra` (`KEY=VALUE`
+/// each, after them), waiting until it is rolled out.
+pub async fn install_snooze(extra: &[&str]) {
+    let chart = repo_path("charts/snooze");
+    let mut args = vec![
+        "upgrade",
+        "--install",
+        SNOOZE_RELEASE,
+        &chart,
+        "-n",
+        SNOOZE_NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "180s",
+        "--set",
+        "logFormat=text",
+        // Low, so that tenancy.rs can reach it (no other test uses more than 6 ports
+        // in a namespace).
+        "--set",
+        "operator.maxPortsPerNamespace=10",
+        // NodePort for paths.rs; LoadBalancer stays refused (tenancy.rs).
+        "--set",
+        "admissionPolicy.allowedServiceTypes={ClusterIP,NodePort}",
+        // /metrics for authorized readers (tenancy.rs; the tests read it with
+        // `scrape`, Prometheus with its own projected token).
+        "--set",
+        "metrics.authorization.enabled=true",
+        // A stalled reader is cut sooner than the default 60 s (tenancy.rs).
+        "--set",
+        "activator.sendTimeout=10s",
+    ];
+    for e in extra {
+        args.extend(["--set", e]);
+    }
+    let (ok, out) = run_tool("helm", &args).await;
+    assert!(ok, "helm install failed:\n{out}");
 }
 
 /// Where an ingress controller would send traffic for the managed Service of a

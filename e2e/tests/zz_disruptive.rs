@@ -91,6 +91,62 @@ async fn a_routing_follows_the_activator_pods() {
     .await;
 }
 
+/// A tenant cannot take every connection an activator has: at its cap
+/// (`activator.maxConnections`, here 50; by default half the open-file limit less
+/// 2,048) it stops accepting, a new client waits in the kernel's accept queue and is
+/// served as soon as a connection closes. Here because it rolls the activators with
+/// another value (the next test uninstalls the release).
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn ab_at_an_activators_connection_cap_a_new_client_waits_and_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ensure_snooze().await;
+    install_snooze(&["activator.maxConnections=50"]).await;
+    in_namespace("cap", |client, ns| async move {
+        scaled_app(&client, &ns, 1, 1, 1, "1h", &[]).await;
+        let targets = wait_for("web's activators listening", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let target = targets[0].clone();
+        // 50 connections with a request each, answered and kept alive (the fast path
+        // keeps a kept-alive connection for the header timeout, 10 s).
+        let mut kept = Vec::new();
+        for _ in 0..50 {
+            let mut s = tokio::net::TcpStream::connect(&target).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("answered within 5 s (under the cap)")
+                .unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            kept.push(s);
+        }
+        // The 51st: connected (the kernel's queue) but not served while the 50 stay.
+        let url = format!("http://{target}/");
+        let t0 = Instant::now();
+        let next = tokio::spawn(async move { http_get(&url, Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!next.is_finished(), "served over the cap");
+        // One closes: it is served.
+        drop(kept.pop());
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("served within 5 s of a free place")
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200);
+        eprintln!(
+            "connection cap 50: the 51st client waited and was served {:.1?} after it connected",
+            t0.elapsed()
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 #[ignore = "needs the local cluster: run ./test.sh"]
 async fn b_helm_uninstall_leaves_nothing_behind() {
