@@ -4,5 +4,6 @@
 pub mod agent;
 pub mod coldstart;
 pub mod faults;
+pub mod slow;
 pub mod startup;
 pub mod testing;

@@ -177,6 +177,26 @@ async fn status_of(addr: &str, path: &str, bearer: Option<&str>) -> String {
     head.lines().next().unwrap_or_default().to_string()
 }
 
+/// The most stats streams any operator pod says it has open (the leader's: one per
+/// activator).
+async fn stats_streams(system: &Api<k8s_openapi::api::core::v1::Pod>) -> Result<f64, String> {
+    let ops = ready_pods(system, "app.kubernetes.io/component=operator").await?;
+    let mut best = 0.0f64;
+    for (_, ip) in &ops {
+        let (_, body) =
+            scrape(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
+        for l in body
+            .lines()
+            .filter(|l| l.starts_with("snooze_operator_stats_streams"))
+        {
+            if let Some(v) = l.split_whitespace().last().and_then(|v| v.parse().ok()) {
+                best = best.max(v);
+            }
+        }
+    }
+    Ok(best)
+}
+
 /// Only the operator reads the activators' stats stream (every tenant's services,
 /// counts and ports): no token is 401, another ServiceAccount's token made for the
 /// activators' audience is 403; the probes' paths stay open; and the operator's own
@@ -225,27 +245,8 @@ async fn the_stats_stream_is_for_the_operator_alone() {
             }
         }
         // The operator leader streams from every activator.
-        let ops = ready_pods(&pods, "app.kubernetes.io/component=operator")
-            .await
-            .unwrap();
         wait_for("the leader's stats streams", T, || async {
-            let mut best = 0.0f64;
-            for (_, ip) in &ops {
-                let (_, body) =
-                    scrape(&format!("http://{ip}:9091/metrics"), Duration::from_secs(5)).await?;
-                for l in body
-                    .lines()
-                    .filter(|l| l.starts_with("snooze_operator_stats_streams"))
-                {
-                    if let Some(v) = l
-                        .split_whitespace()
-                        .last()
-                        .and_then(|v| v.parse::<f64>().ok())
-                    {
-                        best = best.max(v);
-                    }
-                }
-            }
+            let best = stats_streams(&pods).await?;
             (best as usize >= activators.len())
                 .then_some(())
                 .ok_or(format!(
@@ -328,6 +329,82 @@ async fn metrics_are_for_the_readers_rbac_allows() {
                 assert!(st.starts_with("HTTP/1.1 200"), "{addr}{open}: {st}");
             }
         }
+    })
+    .await;
+}
+
+/// A tenant's pod floods an activator's admin port with clients that never finish a
+/// request head: the per-address bound (64) closes the rest at once, `/readyz` stays
+/// answered at once for everyone else, and the activators stay Ready (the kubelet
+/// probes from the node's address) and serve the operator's stats streams.
+#[tokio::test]
+#[ignore = "needs the local cluster: run ./test.sh"]
+async fn a_tenants_flood_of_slow_clients_leaves_the_admin_port_answering() {
+    ensure_snooze().await;
+    in_namespace("slowloris", |client, ns| async move {
+        app(&client, &ns, "attacker", 1, &[]).await;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+        let attacker = wait_for("the attacker's pod ready", T, || async {
+            let p = ready_pods(&pods, "app=attacker").await?;
+            p.first()
+                .map(|(_, ip)| ip.clone())
+                .ok_or("none".to_string())
+        })
+        .await;
+        let system: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(client.clone(), SNOOZE_NAMESPACE);
+        let activators = wait_for("two ready activators", T, || async {
+            let p = ready_pods(&system, "app.kubernetes.io/component=activator").await?;
+            (p.len() == 2).then_some(p.clone()).ok_or(format!("{p:?}"))
+        })
+        .await;
+        let target = format!("{}:9090", activators[0].1);
+        // 2,000 slow clients from the attacker's pod, held 3 s (under the 5 s head
+        // timeout, which cuts them all after).
+        let url = format!("http://{attacker}:8080/slow-clients?addr={target}&n=2000&hold_ms=3000");
+        let flood = tokio::spawn(async move { http_get(&url, Duration::from_secs(60)).await });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Meanwhile: /readyz from here, 20 times, and the activators' Ready condition.
+        let mut lat = Vec::new();
+        for _ in 0..20 {
+            let t0 = std::time::Instant::now();
+            let st = status_of(&target, "/readyz", None).await;
+            lat.push(t0.elapsed());
+            assert!(
+                st.starts_with("HTTP/1.1 200"),
+                "/readyz during the flood: {st}"
+            );
+            let ready = ready_pods(&system, "app.kubernetes.io/component=activator")
+                .await
+                .unwrap();
+            assert_eq!(ready.len(), 2, "an activator went unready during the flood");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, body) = flood.await.unwrap().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        let (opened, closed) = (
+            v["opened"].as_u64().unwrap(),
+            v["closed_by_server"].as_u64().unwrap(),
+        );
+        lat.sort();
+        eprintln!(
+            "admin flood from a tenant's pod: {opened} slow clients, {closed} closed at once by \
+             the server; /readyz from elsewhere 20/20 200, p50 {:.1?} max {:.1?}; both \
+             activators Ready throughout",
+            lat[10], lat[19]
+        );
+        assert_eq!(opened, 2000, "{body}");
+        assert!(
+            closed >= opened - 64,
+            "only {closed} of {opened} closed: the per-address bound did not hold ({body})"
+        );
+        // The operator's stats streams are still up on every activator.
+        wait_for("the leader's stats streams", T, || async {
+            let best = stats_streams(&system).await?;
+            (best >= 2.0).then_some(()).ok_or(format!("{best} streams"))
+        })
+        .await;
     })
     .await;
 }

@@ -170,41 +170,20 @@ async fn slow_admin(
     probes: usize,
     pid: Option<u32>,
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let before = readyz_probes(target, probes).await?;
     let fds_before = open_fds(pid);
-    // The flood: connections opened one after another, each sends a head it never
-    // finishes; kept by this process until the end.
+    // The flood, from `sources` addresses 127.0.2.1 on; kept by this process until the end.
     let t0 = std::time::Instant::now();
-    let mut flood = Vec::with_capacity(connections);
-    let mut failed = 0usize;
-    for i in 0..connections {
+    let (mut flood, failed) = snooze_e2e::slow::open(target, connections, |i| {
         let n = 1 + i % sources.max(1);
-        let from = std::net::Ipv4Addr::new(127, 0, 2 + (n / 250) as u8, (n % 250) as u8 + 1);
-        let s = tokio::net::TcpSocket::new_v4()?;
-        s.bind((from, 0).into())?;
-        match s.connect(target).await {
-            Ok(mut c) => {
-                let _ = c.write_all(b"GET /readyz HTTP/1.1\r\nhost: x").await;
-                flood.push(c);
-            }
-            Err(_) => failed += 1,
-        }
-    }
+        Some(std::net::Ipv4Addr::new(127, 0, 2 + (n / 250) as u8, (n % 250) as u8 + 1).into())
+    })
+    .await;
     let opened_in = t0.elapsed();
     let during = readyz_probes(target, probes).await?;
     let fds_during = open_fds(pid);
-    // Which flood connections the server closed (a read that ends at once).
-    let mut closed = 0usize;
-    for c in &mut flood {
-        let mut b = [0u8; 1];
-        if matches!(
-            tokio::time::timeout(Duration::from_millis(1), c.read(&mut b)).await,
-            Ok(Ok(0)) | Ok(Err(_))
-        ) {
-            closed += 1;
-        }
-    }
+    let closed = snooze_e2e::slow::closed(&mut flood).await;
     // When the last of them is cut (the header timeout).
     let mut last_cut = Duration::ZERO;
     for c in &mut flood {

@@ -16,7 +16,11 @@
 //! - `/fetch?host=H&port=P&path=/x` makes one GET to `http://H:P/x` from the pod, the way
 //!   an in-cluster client does (the name resolved with the pod's resolv.conf), and
 //!   answers that response's status and body, with the address it connected to in
-//!   `x-fetch-addr` (502 when the name does not resolve or the connection fails).
+//!   `x-fetch-addr` (502 when the name does not resolve or the connection fails);
+//! - `/slow-clients?addr=IP:PORT&n=N&hold_ms=M` opens N connections (at most 10,000) to
+//!   `addr` from the pod, each sending a request head it never finishes, holds them M ms
+//!   (at most 30 s) and answers how many it opened and how many the server had closed
+//!   (a tenant's flood of slow clients, for the tenancy tests).
 //!
 //! HTTP/1.1 and h2c (prior knowledge) are served on the same port.
 
@@ -128,6 +132,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
         "/snooze.test.Echo/Stream" => grpc_echo(req, 3).await,
         "/api-check" => api_check().await,
         "/fetch" => fetch(&req).await,
+        "/slow-clients" => slow_clients(&req).await,
         "/redis" => redis_ping(&req).await,
         "/bytes" => {
             // A body of n bytes (benchmarks: 8 KB, 1 MB), capped at 64 MiB.
@@ -291,6 +296,27 @@ async fn redis_ping(req: &Request<Incoming>) -> Response<Body> {
             "redis: no answer within 60 s\n",
         ),
     }
+}
+
+async fn slow_clients(req: &Request<Incoming>) -> Response<Body> {
+    let Some(addr) = query_str(req, "addr").and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            "slow-clients: addr=IP:PORT is required\n",
+        );
+    };
+    let n = query_u64(req, "n").unwrap_or(100).min(10_000) as usize;
+    let hold = Duration::from_millis(query_u64(req, "hold_ms").unwrap_or(1000).min(30_000));
+    let (mut open, refused) = snooze_e2e::slow::open(addr, n, |_| None).await;
+    tokio::time::sleep(hold).await;
+    let closed = snooze_e2e::slow::closed(&mut open).await;
+    full(
+        StatusCode::OK,
+        format!(
+            "{{\"opened\":{},\"refused\":{refused},\"closed_by_server\":{closed}}}\n",
+            open.len()
+        ),
+    )
 }
 
 async fn fetch(req: &Request<Incoming>) -> Response<Body> {
