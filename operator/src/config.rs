@@ -76,6 +76,13 @@ pub struct Args {
     /// Timeout of every API call.
     #[arg(long, env = "SNOOZE_API_TIMEOUT_SECONDS", default_value_t = 10)]
     pub api_timeout_seconds: u64,
+    /// Reconciles run at once, at most (one object is never reconciled twice at once).
+    /// Bounded so that thousands of ScaledServices appearing together (an install, a
+    /// restart, `kubectl apply` of many) queue instead of sending thousands of API calls
+    /// at once: 5,000 at once timed the API calls out and starved the operator's own
+    /// liveness probe into a crash loop. Wakes do not wait for it (their own path).
+    #[arg(long, env = "SNOOZE_MAX_CONCURRENT_RECONCILES", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
     /// `json` or `text`.
     #[arg(long, env = "SNOOZE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -156,7 +156,8 @@ pub async fn lead(
     .inspect(move |s| index.index_slice(s))
     .map(Ok::<_, watcher::Error>);
 
-    let controller = Controller::new(ss_api, watcher::Config::default());
+    let controller = Controller::new(ss_api, watcher::Config::default())
+        .with_config(kcontroller::Config::default().concurrency(args.max_concurrent_reconciles));
     let store = controller.store();
     let by_service = {
         let store = store.clone();
