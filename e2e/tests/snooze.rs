@@ -1753,7 +1753,10 @@ async fn a_wake_racing_the_autoscalers_tick_loses_neither_decision() {
             .await
             .unwrap();
         eprintln!("tick then wake: {a:?}, {b:?} ({conflicts} conflict)");
-        assert_eq!(conflicts, 1, "the wake's write was not refused");
+        // At least once: the Deployment controller's own status write after the first
+        // write can refuse the retry too (seen in a cold run: 2), which it then makes
+        // on a fresh read; what must hold is that the stale write never lands.
+        assert!(conflicts >= 1, "the wake's write was not refused");
         assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
         // The wake writes first, then the tick decided on the same read.
         let seen = reset().await;
@@ -1764,7 +1767,7 @@ async fn a_wake_racing_the_autoscalers_tick_loses_neither_decision() {
             .await
             .unwrap();
         eprintln!("wake then tick: {a:?}, {b:?} ({conflicts} conflict)");
-        assert_eq!(conflicts, 1, "the tick's write was not refused");
+        assert!(conflicts >= 1, "the tick's write was not refused");
         assert_eq!(deployment_replicas(&deploys, "web").await.unwrap(), 2);
         // Both at once, as they run in the operator (the order is the API server's).
         for round in 0..5 {
