@@ -361,7 +361,12 @@ async fn a_tenants_flood_of_slow_clients_leaves_the_admin_port_answering() {
         let target = format!("{}:9090", activators[0].1);
         // 2,000 slow clients from the attacker's pod, held 3 s (under the 5 s head
         // timeout, which cuts them all after).
-        let url = format!("http://{attacker}:8080/slow-clients?addr={target}&n=2000&hold_ms=3000");
+        // From the pod's own address, as a pod's traffic is in a real cluster (the local
+        // cluster's pods share one network namespace, where the kernel would pick the
+        // activator's own address as the source for every local client alike).
+        let url = format!(
+            "http://{attacker}:8080/slow-clients?addr={target}&n=2000&hold_ms=3000&from={attacker}"
+        );
         let flood = tokio::spawn(async move { http_get(&url, Duration::from_secs(60)).await });
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Meanwhile: /readyz from here, 20 times, and the activators' Ready condition.

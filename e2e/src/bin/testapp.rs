@@ -17,8 +17,8 @@
 //!   an in-cluster client does (the name resolved with the pod's resolv.conf), and
 //!   answers that response's status and body, with the address it connected to in
 //!   `x-fetch-addr` (502 when the name does not resolve or the connection fails);
-//! - `/slow-clients?addr=IP:PORT&n=N&hold_ms=M` opens N connections (at most 10,000) to
-//!   `addr` from the pod, each sending a request head it never finishes, holds them M ms
+//! - `/slow-clients?addr=IP:PORT&n=N&hold_ms=M[&from=IP]` opens N connections (at most
+//!   10,000) to `addr` from the pod (bound to `from` when given), each sending a request head it never finishes, holds them M ms
 //!   (at most 30 s) and answers how many it opened and how many the server had closed
 //!   (a tenant's flood of slow clients, for the tenancy tests).
 //!
@@ -307,7 +307,10 @@ async fn slow_clients(req: &Request<Incoming>) -> Response<Body> {
     };
     let n = query_u64(req, "n").unwrap_or(100).min(10_000) as usize;
     let hold = Duration::from_millis(query_u64(req, "hold_ms").unwrap_or(1000).min(30_000));
-    let (mut open, refused) = snooze_e2e::slow::open(addr, n, |_| None).await;
+    // `from`: the source address to bind (the local cluster's pods share one network
+    // namespace, where the kernel would otherwise pick the same source for every pod).
+    let from = query_str(req, "from").and_then(|a| a.parse::<std::net::IpAddr>().ok());
+    let (mut open, refused) = snooze_e2e::slow::open(addr, n, |_| from).await;
     tokio::time::sleep(hold).await;
     let closed = snooze_e2e::slow::closed(&mut open).await;
     full(
