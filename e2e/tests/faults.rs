@@ -702,7 +702,7 @@ async fn scrape(client: &Client, component: &str, port: u16) -> Vec<(String, Str
         let Some(ip) = p.status.and_then(|s| s.pod_ip) else {
             continue;
         };
-        if let Ok((200, body)) = http_get(
+        if let Ok((200, body)) = snooze_e2e::testing::scrape(
             &format!("http://{ip}:{port}/metrics"),
             Duration::from_secs(2),
         )
