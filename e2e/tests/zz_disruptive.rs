@@ -37,10 +37,11 @@ async fn a_routing_follows_the_activator_pods() {
         .await;
         wait_for("slice lists the activators", T, || async {
             let t = ingress_targets(&client, &ns, "web", "http").await?;
-            let got: Vec<String> = t
+            let mut got: Vec<String> = t
                 .iter()
                 .map(|a| a.rsplit_once(':').unwrap().0.to_string())
                 .collect();
+            got.sort();
             (got == want)
                 .then_some(())
                 .ok_or(format!("{got:?} != {want:?}"))
@@ -64,10 +65,12 @@ async fn a_routing_follows_the_activator_pods() {
                 return Err(format!("activators {now:?}"));
             }
             let t = ingress_targets(&client, &ns, "web", "http").await?;
-            let got: Vec<String> = t
+            let mut got: Vec<String> = t
                 .iter()
                 .map(|a| a.rsplit_once(':').unwrap().0.to_string())
                 .collect();
+            // Sorted like `now`: the slice's order is not the strings' (….16 and ….160).
+            got.sort();
             (got == now)
                 .then_some(())
                 .ok_or(format!("{got:?} != {now:?}"))
