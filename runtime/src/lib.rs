@@ -1,7 +1,7 @@
 //! What both Snooze binaries need around their own logic, written once: logging set-up,
 //! signals and shutdown, a supervisor for long-running tasks, the admin server
-//! (`/livez`, `/readyz`, `/metrics` and routes of the binary's own), and watch streams
-//! that never end on an error.
+//! (`/livez`, `/readyz`, `/metrics` and routes of the binary's own), the Bearer-token
+//! check of its protected routes, and watch streams that never end on an error.
 
 pub mod admin;
 pub mod auth;
