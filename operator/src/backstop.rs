@@ -3,8 +3,8 @@
 //! their wake signals too. It waits `delay` (the leader patches within milliseconds),
 //! then reads the workload's replicas: still at zero means no leader acted (it crashed
 //! and its lease has not expired yet), and the follower wakes it — and the services it
-//! needs — through the one door (`replicas::apply`: the write carries the version read,
-//! so a leader's or another follower's wake meanwhile turns this one into a no-op).
+//! needs — through the one door (`replicas::apply`: the write holds only while the replicas
+//! are the zero read, so a leader's or another follower's wake meanwhile turns this one into a no-op).
 //! A cold request during a leader's crash is so answered about `delay` later than with
 //! a leader, not a lease duration later.
 //!

@@ -150,7 +150,7 @@ fn already_said(old: &ScaledServiceStatus, gen_: Option<i64>, reason: &str) -> b
             .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == reason)
 }
 
-/// The replicas of the workload and the version they were read at: from the workload
+/// The replicas of the workload: from the workload
 /// cache for the built-in kinds, else (or while it has not synced, or the workload is
 /// not in it yet) from `/scale`. Also the cached workload, whose pod template the
 /// probe is resolved from. `None`: the workload does not exist (confirmed once by the
@@ -179,7 +179,6 @@ async fn read_workload(
         Ok(scale) => Ok(Some((
             replicas::Read {
                 replicas: scale.spec.and_then(|s| s.replicas).unwrap_or(0),
-                version: scale.metadata.resource_version,
             },
             None,
         ))),
@@ -188,7 +187,7 @@ async fn read_workload(
     }
 }
 
-/// The workload's replicas and version as the workload cache has them (built-in kinds,
+/// The workload's replicas as the workload cache has them (built-in kinds,
 /// once synced), and the cached object.
 pub(crate) fn cached_read(
     ctx: &Context,
@@ -213,9 +212,5 @@ pub(crate) fn cached_read(
     if behind {
         return None;
     }
-    let read = replicas::Read {
-        replicas,
-        version: o.metadata.resource_version.clone(),
-    };
-    Some((read, o))
+    Some((replicas::Read { replicas }, o))
 }
