@@ -4,11 +4,13 @@
 //! kinds (their replicas, version and pod template). Each is a reflector store fed by
 //! one watch, whose stream also triggers the reconciles (`run.rs`); objects are trimmed
 //! before they are stored (managed fields, annotations; a workload keeps only what is
-//! read). A lookup answers `Unsynced` while its store has not listed yet, and the
+//! read; a ScaledService, the controller's own store in `run.rs`, its managed fields and
+//! `kubectl apply`'s copy of the spec). A lookup answers `Unsynced` while its store has not listed yet, and the
 //! caller then asks the API server (counted by what in `snooze_operator_api_reads_total`).
 //!
 //! Must not: write, decide, or be read for what must be exact at the moment of a write
-//! (a replica write carries the version it was decided on, and a stale one is refused).
+//! (a replica write holds only on the replicas it was decided on: decided on the cache's
+//! stale number, it is refused and decided again on a fresh read).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::metrics::Metrics;
+use snooze_crds::ScaledService;
 
 /// What a cache knows of one object.
 #[derive(Debug)]
@@ -212,6 +215,18 @@ impl Caches {
     }
 }
 
+/// Keeps of a ScaledService all but its managed fields and the copy of the last applied
+/// spec `kubectl apply` keeps in an annotation (the other annotations are the user's
+/// steering: `manual.rs`).
+pub fn trim_scaled_service(s: &mut ScaledService) {
+    s.metadata.managed_fields = None;
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Keeps of a Service what is read: its spec, and the metadata that says who made it.
 pub fn trim_service(s: &mut Service) {
     s.metadata.managed_fields = None;
@@ -293,6 +308,28 @@ mod tests {
         // What the probe is resolved from is still there.
         let (probe, source) = crate::probe::resolve(None, Some(&d.data));
         assert!(probe.is_some(), "{source}");
+    }
+
+    #[test]
+    fn a_trimmed_scaled_service_keeps_its_spec_status_and_steering() {
+        let mut ss: ScaledService = serde_json::from_value(json!({
+            "apiVersion": "snooze.dev/v1alpha1", "kind": "ScaledService",
+            "metadata": {"name": "web", "namespace": "shop", "generation": 2,
+                "annotations": {LAST_APPLIED: "x".repeat(4096), "snooze.dev/paused": "true"},
+                "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"scaleTargetRef": {"name": "web"}, "service": "web", "idleTimeout": "1h"},
+            "status": {"replicas": 1},
+        }))
+        .unwrap();
+        let before = ss.clone();
+        trim_scaled_service(&mut ss);
+        assert!(ss.metadata.managed_fields.is_none());
+        let a = ss.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(a["snooze.dev/paused"], "true");
+        assert_eq!(ss.spec, before.spec);
+        assert_eq!(ss.status, before.status);
+        assert_eq!(ss.metadata.generation, Some(2));
     }
 
     #[test]

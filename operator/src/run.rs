@@ -156,9 +156,16 @@ pub async fn lead(
     .inspect(move |s| index.index_slice(s))
     .map(Ok::<_, watcher::Error>);
 
-    let controller = Controller::new(ss_api, watcher::Config::default())
+    // The ScaledServices, trimmed before they are stored (`caches::trim_scaled_service`):
+    // the controller's store holds every one for the leader's whole term.
+    let (store, ss_writer) = reflector::store::<ScaledService>();
+    let ss_stream = watcher(ss_api, watcher::Config::default())
+        .default_backoff()
+        .modify(caches::trim_scaled_service)
+        .reflect(ss_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(ss_stream, store.clone())
         .with_config(kcontroller::Config::default().concurrency(args.max_concurrent_reconciles));
-    let store = controller.store();
     let by_service = {
         let store = store.clone();
         move |ns: Option<String>, svc: Option<String>| scaled_services_of(&store, ns, svc)
