@@ -12,6 +12,19 @@ rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 leader() { k get lease -n snooze-system snooze-operator -o jsonpath='{.spec.holderIdentity}'; }
+# scrape URL: a component's /metrics as an authorized reader (a ServiceAccount bound to
+# the chart's metrics-reader ClusterRole, its token made for the metrics audience), so
+# it works whether the install turned metrics.authorization on or not. The token is
+# made once per script (call scrape_token before any scrape in a subshell).
+scrape_token() {
+  [ -z "${SCRAPE_TOKEN:-}" ] || return 0
+  k create serviceaccount snooze-bench-scraper -n snooze-system >/dev/null 2>&1 || true
+  k create clusterrolebinding snooze-bench-scraper --clusterrole="${SNOOZE_RELEASE:-snooze}-metrics-reader" \
+    --serviceaccount=snooze-system:snooze-bench-scraper >/dev/null 2>&1 || true
+  SCRAPE_TOKEN=$(k create token snooze-bench-scraper -n snooze-system \
+    --audience "${SNOOZE_METRICS_AUDIENCE:-snooze-metrics}" --duration 3h)
+}
+scrape() { scrape_token; in_ns curl -s -H "Authorization: Bearer $SCRAPE_TOKEN" "$1"; }
 
 # gen_apps NS FROM TO: a Deployment at zero, its Service and its ScaledService
 # (idleTimeout 1h) for app-FROM … app-TO, as YAML on stdout.

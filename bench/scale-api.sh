@@ -82,7 +82,8 @@ use() { # use VERSION: the operators run that build; returns once one leads, set
   done
   sleep "$SETTLE"
 }
-metrics() { in_ns curl -s "http://$(k get pod -n snooze-system "$(leader)" -o jsonpath='{.status.podIP}'):9091/metrics"; }
+scrape_token
+metrics() { scrape "http://$(k get pod -n snooze-system "$(leader)" -o jsonpath='{.status.podIP}'):9091/metrics"; }
 metric_sum() { awk -v m="$1" 'index($1, m) == 1 && (substr($1, length(m) + 1, 1) == "{" || substr($1, length(m) + 1, 1) == "") {s += $2} END {printf "%d", s}'; }
 
 declare -A rss

@@ -23,7 +23,8 @@ leader=$(k get lease -n snooze-system snooze-operator -o jsonpath='{.spec.holder
 op_pid=$(pid_of "$leader")
 op_ip=$(k get pod -n snooze-system "$leader" -o jsonpath='{.status.podIP}')
 act_pods=$(k get pods -n snooze-system -l app.kubernetes.io/component=activator -o jsonpath='{.items[*].metadata.name}')
-writes() { in_ns curl -s "http://$op_ip:9091/metrics" | awk '/^snooze_operator_api_writes_total/ {print $2}'; }
+scrape_token
+writes() { scrape "http://$op_ip:9091/metrics" | awk '/^snooze_operator_api_writes_total/ {print $2}'; }
 
 echo "operator leader $leader: RSS $(rss_mb "$op_pid") MB before"
 k delete ns $NS --ignore-not-found --wait=true >/dev/null
