@@ -104,6 +104,8 @@ pub async fn autoscale_tick(
             let _ = trigger.try_send(ObjectRef::from_obj(ss.as_ref()));
         }
         let ap = autoscale_policy(&ss);
+        // Recorded while asleep too (a wake finds its window filled); copied out only
+        // for the autoscaler, which follows running workloads.
         let samples: Vec<Sample> = ctx.state(&key, |st| {
             let q = &mut st.history;
             q.push_back(Sample {
@@ -120,7 +122,11 @@ pub async fn autoscale_tick(
             {
                 q.pop_front();
             }
-            q.iter().copied().collect()
+            if current > 0 {
+                q.iter().copied().collect()
+            } else {
+                Vec::new()
+            }
         });
         let pol = policy(&ss);
         if current > 0 {
