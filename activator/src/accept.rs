@@ -33,7 +33,7 @@ use crate::admit::{InFlight, Parked};
 use crate::answer;
 use crate::classify::{Class, FirstRequest, classify};
 use crate::dispatch::hyper_path::forwarded_for;
-use crate::dispatch::{Peer, Proxy, Route, fast};
+use crate::dispatch::{Peer, Proxy, Route, SendDeadline, fast};
 use crate::rules;
 
 #[derive(Clone, Debug)]
@@ -253,6 +253,7 @@ impl Listeners {
                 mode,
                 stream,
                 limit,
+                self.limits.send_timeout,
             ))
             .await;
             return;
@@ -395,9 +396,10 @@ impl Listeners {
         let io = TokioIo::new(Rewind {
             read,
             stream,
-            send_timeout: self.limits.send_timeout,
-            stalled: None,
-            send_timeouts: self.proxy.admit.table.metrics.send_timeouts.clone(),
+            deadline: SendDeadline::new(
+                self.limits.send_timeout,
+                self.proxy.admit.table.metrics.send_timeouts.clone(),
+            ),
         });
         let r = if h2 {
             let conn = builders.1.serve_connection(io, svc);
@@ -443,38 +445,11 @@ impl Listeners {
 }
 
 /// A client connection handed from the fast path to hyper: the bytes the fast path
-/// read are read again first.
+/// read are read again first; writes carry the send timeout.
 struct Rewind {
     read: Bytes,
     stream: TcpStream,
-    /// A write waiting on a client that reads nothing fails after this long.
-    send_timeout: Duration,
-    /// Since when writes have been waiting (the timer of the send timeout).
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-    send_timeouts: prometheus_client::metrics::counter::Counter,
-}
-
-impl Rewind {
-    /// Passes a write's outcome on; a write still pending after the send timeout is an
-    /// error, which ends the connection (and its requests).
-    fn deadline<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        if r.is_ready() {
-            self.stalled = None;
-            return r;
-        }
-        let limit = self.send_timeout;
-        let timer = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if timer.as_mut().poll(cx).is_ready() {
-            self.send_timeouts.inc();
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client read nothing within the send timeout",
-            )));
-        }
-        Poll::Pending
-    }
+    deadline: SendDeadline,
 }
 
 impl AsyncRead for Rewind {
@@ -500,7 +475,7 @@ impl AsyncWrite for Rewind {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.deadline(cx, r)
+        self.deadline.check(cx, r)
     }
 
     fn poll_write_vectored(
@@ -509,7 +484,7 @@ impl AsyncWrite for Rewind {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.deadline(cx, r)
+        self.deadline.check(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -518,7 +493,7 @@ impl AsyncWrite for Rewind {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let r = Pin::new(&mut self.stream).poll_flush(cx);
-        self.deadline(cx, r)
+        self.deadline.check(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1684,7 +1684,15 @@ async fn at_the_connection_cap_a_new_client_waits_for_a_free_place() {
 
 /// An activator serving its one port as TCP (`mode`).
 async fn tcp_activator(settings: Settings, mode: snooze_crds::TcpMode) -> Activator {
-    let a = activator(settings).await;
+    tcp_activator_with(settings, ServerLimits::default(), mode).await
+}
+
+async fn tcp_activator_with(
+    settings: Settings,
+    limits: ServerLimits,
+    mode: snooze_crds::TcpMode,
+) -> Activator {
+    let a = activator_with(settings, limits, false, 20_000).await;
     let r = Arc::new(Route {
         service: a.svc.clone(),
         port_name: "http".into(),
@@ -1873,6 +1881,64 @@ async fn a_tcp_port_that_wakes_on_connect_holds_open_connections_and_closes_refu
         a.svc.in_flight.load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+/// A TCP client that stops reading while its pod keeps sending is cut after the send
+/// timeout: the connection ends, its pod's side is closed, the cut is counted, and
+/// nothing stays in flight (with `activity: Connections` an open connection would
+/// otherwise hold the service awake for good).
+#[tokio::test]
+async fn a_tcp_client_that_stops_reading_is_cut_after_the_send_timeout() {
+    let mode = snooze_crds::TcpMode {
+        wake_on: snooze_crds::WakeOn::FirstByte,
+        activity: snooze_crds::TcpActivity::Connections,
+    };
+    let limits = ServerLimits {
+        send_timeout: Duration::from_millis(500),
+        ..ServerLimits::default()
+    };
+    let a = tcp_activator_with(Settings::default(), limits, mode).await;
+    // A pod that sends without end once a client connects; says when its side ends.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let pod = l.local_addr().unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut c, _) = l.accept().await.unwrap();
+        let block = vec![b'x'; 64 * 1024];
+        while c.write_all(&block).await.is_ok() {}
+        let _ = ended_tx.send(());
+    });
+    a.svc
+        .set_endpoints(vec![(pod.ip(), vec![("http".to_string(), pod.port())])]);
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+        .await
+        .unwrap();
+    c.write_all(b"subscribe").await.unwrap();
+    let in_flight = || a.svc.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    let start = Instant::now();
+    while in_flight() == 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(in_flight(), 1, "the connection was joined to the pod");
+    // Never read: the socket buffers fill, the relay's writes to the client wait.
+    tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the pod's side closed within 10 s of a client that reads nothing")
+        .unwrap();
+    let cut_after = start.elapsed();
+    assert!(
+        cut_after >= Duration::from_millis(500),
+        "cut before the send timeout ({cut_after:?})"
+    );
+    while in_flight() > 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "still in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        a.table.metrics.send_timeouts.get() >= 1,
+        "the cut is counted"
+    );
+    drop(c);
 }
 
 fn waiting_page(after: Duration) -> snooze_crds::WaitingPage {

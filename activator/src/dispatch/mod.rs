@@ -6,8 +6,14 @@
 //! relayed byte for byte on a connection of their own (no pool: a TCP connection is
 //! not reused).
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use crate::admit::Admission;
 use crate::table::ServiceEntry;
@@ -45,4 +51,49 @@ pub struct Proxy {
     pub pool: Arc<pool::Pool>,
     /// Longest wait for a pod's response headers.
     pub response_timeout: Duration,
+}
+
+/// The send timeout of a client connection (`--send-timeout`, like nginx's
+/// `send_timeout`): a write that waits on a client reading nothing fails once it has
+/// waited this long, which ends the connection and frees what it held (its request, a
+/// pod slot). Wraps the outcome of each write (and flush) to the client.
+pub struct SendDeadline {
+    limit: Duration,
+    /// Since when writes have been waiting (the timer), none while they go through.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    timeouts: Counter,
+}
+
+impl SendDeadline {
+    pub fn new(limit: Duration, timeouts: Counter) -> Self {
+        Self {
+            limit,
+            stalled: None,
+            timeouts,
+        }
+    }
+
+    /// Passes a write's outcome on; a write still pending after the limit is an error.
+    pub fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.timeouts.inc();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within the send timeout",
+            )));
+        }
+        Poll::Pending
+    }
 }

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Proxy, Route};
+use super::{Proxy, Route, SendDeadline};
 use crate::admit::{Connection, Parked, Ticket};
 
 /// Longest wait for a pod to accept the connection.
@@ -34,13 +34,15 @@ const BUFFER: usize = 64 * 1024;
 
 /// Serves one client connection of a TCP port. `first_byte_timeout` bounds how long a
 /// silent connection (a TCP health check) is kept while the service sleeps and the
-/// port wakes on the first byte.
+/// port wakes on the first byte; `send_timeout` how long the pod's bytes may wait on a
+/// client that reads nothing before the connection is closed (and its pod slot freed).
 pub async fn serve(
     proxy: &Proxy,
     route: Arc<Route>,
     mode: TcpMode,
     mut client: TcpStream,
     first_byte_timeout: Duration,
+    send_timeout: Duration,
 ) {
     let svc = &route.service;
     let port = route.port_name.as_str();
@@ -95,11 +97,17 @@ pub async fn serve(
                     stream: client,
                     bytes: svc.metrics.tcp_received.clone(),
                     activity: activity.clone(),
+                    deadline: Some(SendDeadline::new(
+                        send_timeout,
+                        proxy.admit.table.metrics.send_timeouts.clone(),
+                    )),
                 };
+                // A pod that reads nothing only holds back its own client.
                 let mut from_pod = Relayed {
                     stream: pod,
                     bytes: svc.metrics.tcp_sent.clone(),
                     activity: activity.clone(),
+                    deadline: None,
                 };
                 let r = tokio::io::copy_bidirectional_with_sizes(
                     &mut from_client,
@@ -150,11 +158,21 @@ async fn first_byte(client: &TcpStream, route: &Route, limit: Duration) -> Optio
 }
 
 /// One side of a relay: what is read from it is counted (bytes, and activity for the
-/// idle clock).
+/// idle clock); writes to it carry the send timeout when it is the client.
 struct Relayed {
     stream: TcpStream,
     bytes: Counter,
     activity: Arc<Connection>,
+    deadline: Option<SendDeadline>,
+}
+
+impl Relayed {
+    fn written<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match &mut self.deadline {
+            Some(d) => d.check(cx, r),
+            None => r,
+        }
+    }
 }
 
 impl AsyncRead for Relayed {
@@ -180,11 +198,13 @@ impl AsyncWrite for Relayed {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.written(cx, r)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let r = Pin::new(&mut self.stream).poll_flush(cx);
+        self.written(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
