@@ -24,7 +24,16 @@ pub async fn change_replicas(
         })?;
     ctx.metrics.scale_conflicts.inc_by(u64::from(conflicts));
     if let Applied::Changed { from, to, why } = applied {
-        ctx.state(&key_of(ss), |st| st.written = Some((to, Instant::now())));
+        ctx.state(&key_of(ss), |st| {
+            st.written = Some((to, Instant::now()));
+            // Asleep again: the next signal is a new cold start, not a repeat of the
+            // last one (with the mark kept, a service woken again within 5 s of its
+            // last wake left the signal to the tick, a second later and without the
+            // services it needs).
+            if to == 0 {
+                st.waking = None;
+            }
+        });
         record_change(ctx, ss, from, to, why, woken_at).await;
     }
     Ok(applied)
