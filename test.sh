@@ -100,6 +100,7 @@ e2e awake
 # waiting for them in a run from empty caches).
 step "benchmarks on a short setting (CI checks that they run; figures are not judged)"
 COLD_ROUNDS=2 bench/coldstart.sh
+GROUP_ROUNDS=1 bench/group-coldstart.sh
 SCALE_N=10 SCALE_IDLE_SECONDS=3 SCALE_WAKE=5 bench/scale.sh
 BENCH_DURATION=1s BENCH_ROUNDS=1 BENCH_HELD=500 bench/datapath.sh
 TCP_DURATION=1s TCP_ROUNDS=1 bench/tcp.sh
