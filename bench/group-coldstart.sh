@@ -15,14 +15,12 @@
 # Needs the cluster up and Snooze installed (./demo.sh does both; release pods for
 # figures worth comparing: SNOOZE_PROFILE=release e2e/cluster/cluster.sh up); as root.
 set -euo pipefail
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$repo"
 ROUNDS=${GROUP_ROUNDS:-10}
 WEB_MS=${GROUP_WEB_MS:-300}
 API_MS=${GROUP_API_MS:-600}
 PERIOD=${GROUP_READINESS_PERIOD:-10}
-eval "$(e2e/cluster/cluster.sh env)"
-k() { ip netns exec "$SNOOZE_NETNS" kubectl "$@"; }
 ns=group-coldstart
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -99,7 +97,7 @@ for r in $(seq 1 "$ROUNDS"); do
     needs "$mode"
     asleep
     sleep 1
-    out=$(ip netns exec "$SNOOZE_NETNS" curl -s --max-time 60 -o "$work/body" \
+    out=$(in_ns curl -s --max-time 60 -o "$work/body" \
       -w '%{http_code} %{time_total}' "http://$web_ip/fetch?host=$api_ip&port=80&path=/startup")
     code=${out% *}
     total=${out#* }
@@ -108,7 +106,7 @@ for r in $(seq 1 "$ROUNDS"); do
       exit 1
     fi
     api_us=$(cut -d' ' -f1 "$work/body")
-    web_us=$(ip netns exec "$SNOOZE_NETNS" curl -s --max-time 10 "http://$web_ip/startup" | cut -d' ' -f1)
+    web_us=$(in_ns curl -s --max-time 10 "http://$web_ip/startup" | cut -d' ' -f1)
     echo "$mode $total $web_us $api_us" >> "$work/results"
     printf 'round %d %-5s %7.1f ms (web started in %.0f ms, api in %.0f ms)\n' "$r" "$mode" \
       "$(awk "BEGIN {print $total * 1000}")" "$(awk "BEGIN {print $web_us / 1000}")" "$(awk "BEGIN {print $api_us / 1000}")"

@@ -4,7 +4,9 @@
 //! connections to pods ([`pool`]) that bounds the dials to a pod, HTTP/1 and HTTP/2
 //! alike. A TCP port's connections take [`tcp`] instead: admitted like a request, then
 //! relayed byte for byte on a connection of their own (no pool: a TCP connection is
-//! not reused).
+//! not reused). Writes to a client that reads nothing end at the send timeout
+//! ([`SendDeadline`], for hyper's connection I/O and the TCP relay; the fast path
+//! bounds its own writes).
 
 use std::future::Future;
 use std::io;

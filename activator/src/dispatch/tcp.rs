@@ -5,7 +5,8 @@
 //! request — the same queues, bounds and activation timeout; its bytes stay in the
 //! kernel's socket buffer meanwhile. Then it is joined to a ready pod byte for byte in
 //! both directions, each half closed when its side closes. A queue that is full or a
-//! timeout closes the connection: there is no answer to send.
+//! timeout closes the connection: there is no answer to send. A client that reads
+//! nothing of its pod's bytes is cut at the send timeout.
 //!
 //! Must not: read a byte of the client's before a pod takes it (what the client sent
 //! while it waited goes to the pod untouched).
