@@ -11,19 +11,14 @@
 //! Must not: read a byte of the client's before a pod takes it (what the client sent
 //! while it waited goes to the pod untouched).
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::counter::Counter;
 use snooze_crds::{TcpActivity, TcpMode, WakeOn};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Proxy, Route, SendDeadline};
+use super::{Io, Proxy, Route};
 use crate::admit::{Connection, Parked, Ticket};
 
 /// Longest wait for a pod to accept the connection.
@@ -94,22 +89,15 @@ pub async fn serve(
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(pod)) => {
                 let _ = pod.set_nodelay(true);
-                let mut from_client = Relayed {
-                    stream: client,
-                    bytes: svc.metrics.tcp_received.clone(),
-                    activity: activity.clone(),
-                    deadline: Some(SendDeadline::new(
+                let mut from_client = Io::new(client)
+                    .counting(svc.metrics.tcp_received.clone(), activity.clone())
+                    .send_timeout(
                         send_timeout,
                         proxy.admit.table.metrics.send_timeouts.clone(),
-                    )),
-                };
+                    );
                 // A pod that reads nothing only holds back its own client.
-                let mut from_pod = Relayed {
-                    stream: pod,
-                    bytes: svc.metrics.tcp_sent.clone(),
-                    activity: activity.clone(),
-                    deadline: None,
-                };
+                let mut from_pod =
+                    Io::new(pod).counting(svc.metrics.tcp_sent.clone(), activity.clone());
                 let r = tokio::io::copy_bidirectional_with_sizes(
                     &mut from_client,
                     &mut from_pod,
@@ -155,60 +143,5 @@ async fn first_byte(client: &TcpStream, route: &Route, limit: Duration) -> Optio
         },
         _ = ready => Some(()),
         _ = tokio::time::sleep(limit) => None,
-    }
-}
-
-/// One side of a relay: what is read from it is counted (bytes, and activity for the
-/// idle clock); writes to it carry the send timeout when it is the client.
-struct Relayed {
-    stream: TcpStream,
-    bytes: Counter,
-    activity: Arc<Connection>,
-    deadline: Option<SendDeadline>,
-}
-
-impl Relayed {
-    fn written<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
-        match &mut self.deadline {
-            Some(d) => d.check(cx, r),
-            None => r,
-        }
-    }
-}
-
-impl AsyncRead for Relayed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.bytes.inc_by(n as u64);
-            self.activity.traffic();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Relayed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.written(cx, r)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.stream).poll_flush(cx);
-        self.written(cx, r)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
