@@ -10,6 +10,8 @@
 //!   (see `snooze_e2e::coldstart`).
 //! - `burst --requests N --max-queued Q`: N simultaneous first requests at a cold
 //!   service that holds at most Q; the send → 503 time of the refused ones.
+//! - `refuse --listen A`: the floor for `burst --target`: a server that answers every
+//!   request's head with 503 and closes, doing nothing else.
 //! - `release --requests N --rounds R`: runs the activator's proxy in this process with
 //!   one service and no pod, holds N requests, then makes a pod appear and measures,
 //!   for each request, the time from the endpoint event to its answer; R cold starts.
@@ -79,6 +81,21 @@ enum Cmd {
         /// timed from sending the request.
         #[arg(long)]
         from_connect: bool,
+    },
+    /// The floor of a burst's refusals (bench/burst.sh): accepts, reads one request head,
+    /// answers 503 and closes, on a runtime shaped like the activator's (0: a worker
+    /// per core). What a burst of new clients costs the kernel, the client and tokio
+    /// alone, without the activator's admission.
+    Refuse {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        worker_threads: usize,
+        /// The first `hold` connections are read and then held unanswered (until the
+        /// client closes, 10 s at most), as the activator holds a cold service's
+        /// queue-full of requests; the rest are refused.
+        #[arg(long, default_value_t = 0)]
+        hold: usize,
     },
     /// The objects of the activator start-up benchmark (bench/startup.sh): ScaledServices
     /// with their status ports, and EndpointSlices of Services none of them names.
@@ -572,7 +589,8 @@ fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(burst_clients(([127, 0, 0, 1], port).into(), n, false))
+        let refused = rt.block_on(burst_clients(([127, 0, 0, 1], port).into(), n, false))?;
+        Ok(refused.into_iter().map(|(_, total)| total).collect())
     });
     let refused = clients
         .join()
@@ -583,14 +601,15 @@ fn burst(n: usize, max_queued: u64) -> anyhow::Result<(Vec<u32>, usize)> {
     Ok((refused, held))
 }
 
-/// `n` first requests at once to `addr`; the times (µs) to the 503 of the refused ones:
-/// from sending (all connected first) or, with `from_connect`, from each client's
-/// connect (all connecting at the same moment).
+/// `n` first requests at once to `addr`; for each refused one, the times (µs) to its
+/// connection established and to its 503: from sending (all connected first: the
+/// connect time is 0) or, with `from_connect`, from each client's connect (all
+/// connecting at the same moment).
 async fn burst_clients(
     addr: std::net::SocketAddr,
     n: usize,
     from_connect: bool,
-) -> anyhow::Result<Vec<u32>> {
+) -> anyhow::Result<Vec<(u32, u32)>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut streams = Vec::with_capacity(n);
     if !from_connect {
@@ -617,13 +636,16 @@ async fn burst_clients(
                 .ok()?
                 .ok()?,
             };
+            let connected = t0.elapsed().as_micros() as u32;
             s.write_all(b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n")
                 .await
                 .ok()?;
             let mut buf = [0u8; 12];
             // A held request gets nothing until the activation timeout: not waited for.
             match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await {
-                Ok(Ok(_)) if &buf[9..12] == b"503" => Some(t0.elapsed().as_micros() as u32),
+                Ok(Ok(_)) if &buf[9..12] == b"503" => {
+                    Some((connected, t0.elapsed().as_micros() as u32))
+                }
                 _ => None,
             }
         });
@@ -633,6 +655,65 @@ async fn burst_clients(
         refused.extend(r.ok().flatten());
     }
     Ok(refused)
+}
+
+/// `snooze-bench refuse`: accept, read one head (up to 8 KiB), answer 503, close (the
+/// first `hold` connections: hold instead); on its own runtime of `workers` threads (0:
+/// one per core; 1: current-thread, as the activator's flag does), with the
+/// activator's accept queue (65,535 asked: a smaller one drops a burst's SYNs, which
+/// come back a second later). Runs until killed.
+fn refuse_server(listen: SocketAddr, workers: usize, hold: usize) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut rt = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    rt.enable_all().build()?.block_on(async move {
+        let socket = if listen.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(listen)?;
+        let l = socket.listen(65_535)?;
+        println!("refusing on {}", l.local_addr()?);
+        let mut accepted = 0usize;
+        loop {
+            let mut s = match l.accept().await {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Out of descriptors, say: wait, as a server would, not spin.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+            };
+            accepted += 1;
+            let held = accepted <= hold;
+            tokio::spawn(async move {
+                let mut head = Vec::with_capacity(512);
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                if held {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -672,22 +753,44 @@ fn main() -> anyhow::Result<()> {
                 target,
                 from_connect,
             } => {
-                let (mut refused, held) = match target {
+                let (times, held) = match target {
                     Some(addr) => (burst_clients(addr, requests, from_connect).await?, 0),
                     None => {
-                        tokio::task::spawn_blocking(move || burst(requests, max_queued)).await??
+                        let (refused, held) =
+                            tokio::task::spawn_blocking(move || burst(requests, max_queued))
+                                .await??;
+                        (refused.into_iter().map(|t| (0, t)).collect(), held)
                     }
                 };
-                refused.sort_unstable();
+                // The 503 times, the connect times, and what came after the connect
+                // (each sorted on its own: percentiles of each part).
+                let sorted = |f: &dyn Fn(&(u32, u32)) -> u32| {
+                    let mut v: Vec<u32> = times.iter().map(f).collect();
+                    v.sort_unstable();
+                    v
+                };
+                let refused = sorted(&|t| t.1);
+                let connect = sorted(&|t| t.0);
+                let after = sorted(&|t| t.1 - t.0);
                 println!(
                     "{}",
                     json!({
                         "requests": requests, "max_queued": max_queued, "held": held, "refused_503": refused.len(),
                         "503_p50_ms": percentile(&refused, 0.5), "503_p99_ms": percentile(&refused, 0.99),
                         "503_max_ms": percentile(&refused, 1.0),
+                        "connect_p50_ms": percentile(&connect, 0.5), "connect_p99_ms": percentile(&connect, 0.99),
+                        "after_connect_p50_ms": percentile(&after, 0.5), "after_connect_p99_ms": percentile(&after, 0.99),
                     })
                 );
                 Ok(())
+            }
+            Cmd::Refuse {
+                listen,
+                worker_threads,
+                hold,
+            } => {
+                tokio::task::spawn_blocking(move || refuse_server(listen, worker_threads, hold))
+                    .await?
             }
             Cmd::SlowAdmin {
                 target,
