@@ -5,8 +5,10 @@
 //! health check wakes nothing; a real PostgreSQL (Debian's server programs as the
 //! `postgres` image, initdb in the pod's start command) woken by `psql`; a TLS server
 //! (`openssl s_server`) asleep behind a port with `appProtocol: https`, woken by curl's
-//! ClientHello and answering it with its own certificate (passthrough). Run by
-//! ./test.sh; only these: `./test.sh tcp`.
+//! ClientHello and answering it with its own certificate (passthrough); a web app that
+//! needs Redis (`spec.needs`) wakes both at once, again when the pair is put to sleep
+//! and woken within seconds of its last wake. Run by ./test.sh; only these:
+//! `./test.sh tcp`.
 
 use std::time::{Duration, Instant};
 
@@ -314,6 +316,140 @@ async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
                 .ok_or(format!("{c:?}"))
         })
         .await;
+    })
+    .await;
+}
+
+/// When each of `names` first asks for a replica (its Deployment's spec), polled every
+/// 20 ms for up to `within`: the moment the operator's scale patch is seen.
+async fn first_scaled_up(
+    deploys: &Api<Deployment>,
+    names: &[&str],
+    within: Duration,
+) -> Vec<Option<Instant>> {
+    let mut seen = vec![None; names.len()];
+    let t0 = Instant::now();
+    while seen.iter().any(Option::is_none) && t0.elapsed() < within {
+        for (i, n) in names.iter().enumerate() {
+            if seen[i].is_none() && deployment_replicas(deploys, n).await.unwrap_or(0) > 0 {
+                seen[i] = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+/// Puts `name` to sleep by hand (`snooze.dev/sleep`, as `kubectl snooze sleep` does) and
+/// waits until its Deployment is at zero.
+async fn sleep_now(client: &kube::Client, ns: &str, name: &str, token: &str) {
+    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
+    let patch = json!({"metadata": {"annotations": {snooze_crds::annotations::SLEEP: token}}});
+    ssvcs
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    wait_replicas(&deploys, name, 0, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: ./test.sh"]
+async fn a_group_put_to_sleep_and_woken_again_within_seconds_wakes_together() {
+    ensure_snooze().await;
+    in_namespace("tcp-rewake", |client, ns| async move {
+        // The operator takes one wake signal per cold start (others within 5 s are the
+        // same cold start). A group asleep again a few seconds after its wake starts a
+        // new one: both members are woken by the next request's signal at once, not
+        // later by the reconcile or the tick.
+        redis(&client, &ns, 0).await;
+        app(&client, &ns, "web", 0, &["--startup-delay-ms", "1000"]).await;
+        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
+        let pp = PostParams::default();
+        ssvcs
+            .create(&pp, &scaled("redis", "60s"))
+            .await
+            .unwrap();
+        let mut web = serde_json::to_value(scaled("web", "60s")).unwrap();
+        web["spec"]["needs"] = json!(["redis"]);
+        ssvcs
+            .create(&pp, &serde_json::from_value(web).unwrap())
+            .await
+            .unwrap();
+        let redis_ip = programmed(&client, &ns, "redis", "redis").await;
+        wait_for("web's activators listening", T, || {
+            listening_targets(&client, &ns, "web", "http")
+        })
+        .await;
+        let web_ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
+        wait_for("web's Needs condition", T, || async {
+            let c = needs_condition(&ssvcs, "web").await?;
+            (c.status == "True").then_some(()).ok_or(format!("{c:?}"))
+        })
+        .await;
+        let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+        let url = format!("http://{web_ip}/redis?host={redis_ip}&port=6379");
+        let signal_wakes = || async {
+            let m = leader_metrics(&client).await?;
+            m.lines()
+                .find_map(|l| l.strip_prefix("snooze_operator_wake_to_patch_seconds_count "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| "no snooze_operator_wake_to_patch_seconds_count".to_string())
+        };
+        for round in 1..=2 {
+            let before = wait_for("the leader's metrics", T, signal_wakes).await;
+            let sent = Instant::now();
+            let watch = first_scaled_up(&deploys, &["web", "redis"], Duration::from_secs(20));
+            let (answer, seen) = tokio::join!(http_get(&url, Duration::from_secs(60)), watch);
+            let (status, body) = answer.unwrap();
+            assert_eq!((status, body.as_str()), (200, "+PONG\r\n"), "round {round}: {body}");
+            let (Some(w), Some(r)) = (seen[0], seen[1]) else {
+                panic!("round {round}: a scale-up not seen within 20 s: {seen:?}");
+            };
+            let ms = |t: Instant| t.saturating_duration_since(sent).as_millis();
+            eprintln!("round {round}: web scaled up after {} ms, redis after {} ms", ms(w), ms(r));
+            let gap = if w > r { w - r } else { r - w };
+            assert!(
+                gap < Duration::from_millis(700),
+                "round {round}: web and redis scaled up {gap:?} apart (web {} ms, redis {} ms after the request): not woken together",
+                ms(w),
+                ms(r)
+            );
+            // Both patched on the request's own wake signal (each one observed in
+            // `wake_to_patch`), not by the reconcile or tick catching up: with the
+            // signal ignored the pair still wakes, ~100 ms apart, and this is what
+            // tells the two apart.
+            wait_for("both woken by the signal", Duration::from_secs(10), || async {
+                let now = signal_wakes().await?;
+                (now >= before + 2)
+                    .then_some(())
+                    .ok_or(format!("round {round}: {} signal wakes since the request (want 2)", now - before))
+            })
+            .await;
+            if round == 2 {
+                break;
+            }
+            // Both asleep again (the web app first: Redis is held while it is awake),
+            // their pods gone, and the next cold request within 5 s of this wake.
+            sleep_now(&client, &ns, "web", "round-1").await;
+            sleep_now(&client, &ns, "redis", "round-1").await;
+            wait_for("the pods gone", Duration::from_secs(20), || async {
+                let n = pods.list(&Default::default()).await.map_err(|e| e.to_string())?.items.len();
+                (n == 0).then_some(()).ok_or(format!("{n} pods"))
+            })
+            .await;
+            let since = sent.elapsed();
+            eprintln!("asleep again {since:?} after the first request");
+            assert!(
+                since < Duration::from_secs(5),
+                "the group took {since:?} to sleep again: the second wake is not within 5 s of the first, which this test is about"
+            );
+        }
     })
     .await;
 }
