@@ -542,7 +542,9 @@ mod tests {
             route,
             builders: listeners.builders(),
         });
-        let task = listeners.clone().connection_task(stream, remote, at, permit);
+        let task = listeners
+            .clone()
+            .connection_task(stream, remote, at, permit);
         let size = std::mem::size_of_val(&task);
         eprintln!("a connection's task: {size} bytes");
         assert!(size <= 1536, "a connection's task takes {size} bytes");
