@@ -16,6 +16,7 @@
 # without Snooze's admission; the activator's distance to it is Snooze's share.
 #
 #   bench/burst.sh                      # BURST_ROUNDS=5 BURST_REQUESTS=2000
+#   BURST_ROUNDS=1 BURST_REQUESTS=400 bench/burst.sh   # a short check (./test.sh)
 # Needs the cluster up and Snooze installed with release builds
 # (SNOOZE_PROFILE=release e2e/cluster/cluster.sh up; helm upgrade --install ...); as root.
 set -euo pipefail
@@ -25,7 +26,7 @@ ROUNDS=${BURST_ROUNDS:-5}
 N=${BURST_REQUESTS:-2000}
 ns=burst-bench
 T=${CARGO_TARGET_DIR:-$repo/target}/${SNOOZE_PROFILE:-release}
-[ -x "$T/snooze-bench" ] || cargo build -q --profile "${SNOOZE_PROFILE:-release}" -p snooze-e2e --bin snooze-bench
+cargo build -q --profile "${SNOOZE_PROFILE:-release}" -p snooze-e2e --bin snooze-bench
 work=$(mktemp -d)
 floor_pid=
 cleanup() { [ -z "$floor_pid" ] || kill "$floor_pid" 2>/dev/null || true; rm -rf "$work"; }
