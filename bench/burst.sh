@@ -25,8 +25,10 @@ cd "$repo"
 ROUNDS=${BURST_ROUNDS:-5}
 N=${BURST_REQUESTS:-2000}
 ns=burst-bench
-T=${CARGO_TARGET_DIR:-$repo/target}/${SNOOZE_PROFILE:-release}
-cargo build -q --profile "${SNOOZE_PROFILE:-release}" -p snooze-e2e --bin snooze-bench
+profile=${SNOOZE_PROFILE:-release}
+T=${CARGO_TARGET_DIR:-$repo/target}/$profile
+# cargo's name for the debug directory's profile is "dev".
+cargo build -q --profile "$([ "$profile" = debug ] && echo dev || echo "$profile")" -p snooze-e2e --bin snooze-bench
 work=$(mktemp -d)
 floor_pid=
 cleanup() { [ -z "$floor_pid" ] || kill "$floor_pid" 2>/dev/null || true; rm -rf "$work"; }
