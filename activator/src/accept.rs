@@ -473,8 +473,9 @@ struct Listening {
 /// overflowed it and the dropped SYNs came back a second later.
 const LISTEN_BACKLOG: u32 = 65_535;
 
-/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `bind` sets).
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `bind` sets);
+/// also the burst benchmark's floor server, so that it has the same accept queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -227,37 +227,56 @@ async fn first_pod_created(client: &kube::Client, ns: &str, app: &str) -> i64 {
         .expect("a pod")
 }
 
+/// Redis and the test app `web` (started with `web_args`) asleep, each with a
+/// ScaledService (idle `redis_idle` / `web_idle`), `web.spec.needs: [redis]` resolved:
+/// Redis's managed ClusterIP and web's, once both are programmed.
+async fn web_needing_redis(
+    client: &kube::Client,
+    ns: &str,
+    web_args: &[&str],
+    redis_idle: &str,
+    web_idle: &str,
+) -> (String, String) {
+    redis(client, ns, 0).await;
+    app(client, ns, "web", 0, web_args).await;
+    let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams::default();
+    ssvcs
+        .create(&pp, &scaled("redis", redis_idle))
+        .await
+        .unwrap();
+    let mut web = serde_json::to_value(scaled("web", web_idle)).unwrap();
+    web["spec"]["needs"] = json!(["redis"]);
+    ssvcs
+        .create(&pp, &serde_json::from_value(web).unwrap())
+        .await
+        .unwrap();
+    let redis_ip = programmed(client, ns, "redis", "redis").await;
+    wait_for("web's activators listening", T, || {
+        listening_targets(client, ns, "web", "http")
+    })
+    .await;
+    let web_ip = forwarded_cluster_ip(client, ns, "web-snooze", 80).await;
+    wait_for("web's Needs condition", T, || async {
+        let c = needs_condition(&ssvcs, "web").await?;
+        (c.status == "True" && c.message.contains("redis"))
+            .then_some(())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+    (redis_ip, web_ip)
+}
+
 #[tokio::test]
 #[ignore = "needs the local cluster: ./test.sh"]
 async fn a_web_app_that_needs_redis_wakes_both_at_once_and_holds_redis_awake() {
     ensure_snooze().await;
     in_namespace("tcp-group", |client, ns| async move {
-        redis(&client, &ns, 0).await;
         // The web app takes 4 s to start: woken one after the other, Redis would be
         // woken only by the web app's first query, 4 s after the web app.
-        app(&client, &ns, "web", 0, &["--startup-delay-ms", "4000"]).await;
+        let (redis_ip, web_ip) =
+            web_needing_redis(&client, &ns, &["--startup-delay-ms", "4000"], "3s", "15s").await;
         let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
-        let pp = PostParams::default();
-        ssvcs.create(&pp, &scaled("redis", "3s")).await.unwrap();
-        let mut web = serde_json::to_value(scaled("web", "15s")).unwrap();
-        web["spec"]["needs"] = json!(["redis"]);
-        ssvcs
-            .create(&pp, &serde_json::from_value(web).unwrap())
-            .await
-            .unwrap();
-        let redis_ip = programmed(&client, &ns, "redis", "redis").await;
-        wait_for("web's activators listening", T, || {
-            listening_targets(&client, &ns, "web", "http")
-        })
-        .await;
-        let web_ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
-        wait_for("web's Needs condition", T, || async {
-            let c = needs_condition(&ssvcs, "web").await?;
-            (c.status == "True" && c.message.contains("redis"))
-                .then_some(())
-                .ok_or(format!("{c:?}"))
-        })
-        .await;
 
         // One cold request to the web app, whose answer needs Redis.
         let url = format!("http://{web_ip}/redis?host={redis_ip}&port=6379");
@@ -366,31 +385,8 @@ async fn a_group_put_to_sleep_and_woken_again_within_seconds_wakes_together() {
         // same cold start). A group asleep again a few seconds after its wake starts a
         // new one: both members are woken by the next request's signal at once, not
         // later by the reconcile or the tick.
-        redis(&client, &ns, 0).await;
-        app(&client, &ns, "web", 0, &["--startup-delay-ms", "1000"]).await;
-        let ssvcs: Api<ScaledService> = Api::namespaced(client.clone(), &ns);
-        let pp = PostParams::default();
-        ssvcs
-            .create(&pp, &scaled("redis", "60s"))
-            .await
-            .unwrap();
-        let mut web = serde_json::to_value(scaled("web", "60s")).unwrap();
-        web["spec"]["needs"] = json!(["redis"]);
-        ssvcs
-            .create(&pp, &serde_json::from_value(web).unwrap())
-            .await
-            .unwrap();
-        let redis_ip = programmed(&client, &ns, "redis", "redis").await;
-        wait_for("web's activators listening", T, || {
-            listening_targets(&client, &ns, "web", "http")
-        })
-        .await;
-        let web_ip = forwarded_cluster_ip(&client, &ns, "web-snooze", 80).await;
-        wait_for("web's Needs condition", T, || async {
-            let c = needs_condition(&ssvcs, "web").await?;
-            (c.status == "True").then_some(()).ok_or(format!("{c:?}"))
-        })
-        .await;
+        let (redis_ip, web_ip) =
+            web_needing_redis(&client, &ns, &["--startup-delay-ms", "1000"], "60s", "60s").await;
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
         let url = format!("http://{web_ip}/redis?host={redis_ip}&port=6379");

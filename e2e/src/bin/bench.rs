@@ -659,9 +659,9 @@ async fn burst_clients(
 
 /// `snooze-bench refuse`: accept, read one head (up to 8 KiB), answer 503, close (the
 /// first `hold` connections: hold instead); on its own runtime of `workers` threads (0:
-/// one per core; 1: current-thread, as the activator's flag does), with the
-/// activator's accept queue (65,535 asked: a smaller one drops a burst's SYNs, which
-/// come back a second later). Runs until killed.
+/// one per core; 1: current-thread, as the activator's flag does), on the activator's
+/// own listener (`accept::listen`: its accept queue; tokio's default of 1,024 drops a
+/// burst's SYNs, which come back a second later). Runs until killed.
 fn refuse_server(listen: SocketAddr, workers: usize, hold: usize) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut rt = if workers == 1 {
@@ -674,14 +674,7 @@ fn refuse_server(listen: SocketAddr, workers: usize, hold: usize) -> anyhow::Res
         b
     };
     rt.enable_all().build()?.block_on(async move {
-        let socket = if listen.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(listen)?;
-        let l = socket.listen(65_535)?;
+        let l = snooze_activator::accept::listen(listen)?;
         println!("refusing on {}", l.local_addr()?);
         let mut accepted = 0usize;
         loop {
