@@ -17,6 +17,10 @@
 #
 #   bench/burst.sh                      # BURST_ROUNDS=5 BURST_REQUESTS=2000
 #   BURST_ROUNDS=1 BURST_REQUESTS=400 bench/burst.sh   # a short check (./test.sh)
+#   BURST_PIN=1 bench/burst.sh          # clients on CPU 0, the server (activator or
+#                                       # floor) on CPU 1: is the time the two's contention?
+# Each round also reports the CPU time (user + system, ms) the serving process spent on
+# the burst: the activator's (the one the endpoint belongs to) against the floor's.
 # Needs the cluster up and Snooze installed with release builds
 # (SNOOZE_PROFILE=release e2e/cluster/cluster.sh up; helm upgrade --install ...); as root.
 set -euo pipefail
@@ -31,7 +35,14 @@ T=${CARGO_TARGET_DIR:-$repo/target}/$profile
 cargo build -q --profile "$([ "$profile" = debug ] && echo dev || echo "$profile")" -p snooze-e2e --bin snooze-bench
 work=$(mktemp -d)
 floor_pid=
-cleanup() { [ -z "$floor_pid" ] || kill "$floor_pid" 2>/dev/null || true; rm -rf "$work"; }
+act_pid=
+cleanup() {
+  [ -z "$floor_pid" ] || kill "$floor_pid" 2>/dev/null || true
+  # The activator's threads may run on every CPU again.
+  [ -z "${BURST_PIN:-}" ] || [ -z "$act_pid" ] ||
+    for t in /proc/"$act_pid"/task/*; do taskset -p -c "0-$(( $(nproc) - 1 ))" "${t##*/}" >/dev/null 2>&1 || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 activators=$(k get deployment snooze-activator -n snooze-system -o jsonpath='{.spec.replicas}')
 [ "$activators" = 2 ] || echo "note: $activators activators (the share of the queue is $N / $activators)" >&2
@@ -86,6 +97,17 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 [ -n "$target" ] || { echo "no activator endpoint for cold-snooze after 120 s" >&2; exit 1; }
+# The activator process behind the endpoint (its --listen-address is the pod IP).
+act_pid=$(pgrep -f -- "snooze-activator.* --listen-address=${target%:*} " | head -n 1 || true)
+[ -n "$act_pid" ] || { echo "no activator process listening on ${target%:*}" >&2; exit 1; }
+cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{printf "%d", ($14 + $15) * 1000 / hz}' "/proc/$1/stat"; }
+PIN=${BURST_PIN:-}
+if [ -n "$PIN" ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "BURST_PIN needs two CPUs" >&2; exit 1; }
+  for t in /proc/"$act_pid"/task/*; do taskset -p -c 1 "${t##*/}" >/dev/null; done
+fi
+client_pin=()
+[ -z "$PIN" ] || client_pin=(taskset -c 0)
 floor_addr=${BURST_FLOOR:-127.0.0.1:29999}  # pod IPs sit on the namespace's loopback too
 ulimit -n "$(ulimit -Hn)"
 # A floor process per round: its first N/activators connections are held.
@@ -93,7 +115,13 @@ floor() {
   [ -z "$floor_pid" ] || { kill "$floor_pid" 2>/dev/null || true; wait "$floor_pid" 2>/dev/null || true; }
   ip netns exec "$SNOOZE_NETNS" "$T/snooze-bench" refuse --listen "$floor_addr" --hold $((N / activators)) > "$work/floor.out" 2>&1 &
   floor_pid=$!
-  for _ in $(seq 1 50); do grep -q refusing "$work/floor.out" && return; sleep 0.1; done
+  for _ in $(seq 1 50); do
+    if grep -q refusing "$work/floor.out"; then
+      [ -z "$PIN" ] || for t in /proc/"$floor_pid"/task/*; do taskset -p -c 1 "${t##*/}" >/dev/null; done
+      return
+    fi
+    sleep 0.1
+  done
   echo "the floor server did not start: $(cat "$work/floor.out")" >&2
   exit 1
 }
@@ -101,9 +129,11 @@ echo "activator endpoint $target (one of $activators), floor $floor_addr; $N cli
 : > "$work/results"
 for r in $(seq 1 "$ROUNDS"); do
   for who in floor activator; do
-    addr=$target
-    [ "$who" != floor ] || { floor; addr=$floor_addr; }
-    out=$(in_ns bash -c "ulimit -n \$(ulimit -Hn); exec '$T/snooze-bench' burst --requests $N --target $addr --from-connect")
+    addr=$target; pid=$act_pid
+    [ "$who" != floor ] || { floor; addr=$floor_addr; pid=$floor_pid; }
+    c0=$(cpu_ms "$pid")
+    out=$(in_ns "${client_pin[@]}" bash -c "ulimit -n \$(ulimit -Hn); exec '$T/snooze-bench' burst --requests $N --target $addr --from-connect")
+    out=$(python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d["server_cpu_ms"] = int(sys.argv[2]); print(json.dumps(d))' "$out" "$(( $(cpu_ms "$pid") - c0 ))")
     echo "$who $out" >> "$work/results"
     echo "round $r $who: $out"
     # The held requests' 504s (activation timeout 5 s), the sockets closed.
@@ -114,13 +144,13 @@ python3 - "$work/results" "$N" <<'PY'
 import json, statistics, sys
 rows = [l.split(" ", 1) for l in open(sys.argv[1])]
 n = int(sys.argv[2])
-print(f"\n{'':<10} {'refused':>8} {'503 p50':>8} {'503 p99':>8} {'connect p50':>12} {'connect p99':>12} {'after p50':>10} {'after p99':>10}   (ms, median of rounds)")
+print(f"\n{'':<10} {'refused':>8} {'503 p50':>8} {'503 p99':>8} {'connect p50':>12} {'connect p99':>12} {'after p50':>10} {'after p99':>10} {'server CPU':>11}   (ms, median of rounds)")
 med = {}
 for who in ("floor", "activator"):
     ds = [json.loads(j) for w, j in rows if w == who]
     m = {k: statistics.median(d[k] for d in ds) for k in ds[0] if isinstance(ds[0][k], (int, float))}
     med[who] = m
-    print(f"{who:<10} {m['refused_503']:>8.0f} {m['503_p50_ms']:>8.1f} {m['503_p99_ms']:>8.1f} {m['connect_p50_ms']:>12.1f} {m['connect_p99_ms']:>12.1f} {m['after_connect_p50_ms']:>10.1f} {m['after_connect_p99_ms']:>10.1f}")
+    print(f"{who:<10} {m['refused_503']:>8.0f} {m['503_p50_ms']:>8.1f} {m['503_p99_ms']:>8.1f} {m['connect_p50_ms']:>12.1f} {m['connect_p99_ms']:>12.1f} {m['after_connect_p50_ms']:>10.1f} {m['after_connect_p99_ms']:>10.1f} {m['server_cpu_ms']:>11.0f}")
     per_round = ", ".join("%.1f" % d["503_p99_ms"] for d in ds)
     print(f"{'':<10} 503 p99 per round: {per_round}")
 a, f = med["activator"], med["floor"]
