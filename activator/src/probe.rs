@@ -40,7 +40,8 @@ const FIRST_INTERVAL: Duration = Duration::from_millis(10);
 /// The pace while young pods refuse the check's connection: the kernel answers it
 /// (no process listens on the port yet), so checking often costs the app nothing, and
 /// the first check after it listens comes within this, not within [`FIRST_INTERVAL`]
-/// (a Redis listens ~1 ms after it starts: half the 10 ms pace was most of its wait).
+/// (for a server that starts in milliseconds, like Redis, the wait for the next check
+/// was most of what the activator added to its cold start).
 const REFUSED_INTERVAL: Duration = Duration::from_millis(2);
 /// How long the pace stays at [`FIRST_INTERVAL`] once a new pod appears.
 const EAGER_FOR: Duration = Duration::from_secs(3);
