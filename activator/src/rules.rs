@@ -52,8 +52,14 @@ pub fn method_and_path(head: &[u8]) -> Option<(&str, &str)> {
 
 /// The path of a request target (origin or absolute form), without query or fragment.
 pub fn target_path(target: &str) -> &str {
-    let rest = match target.find("://") {
-        Some(i) if !target.starts_with('/') => {
+    // Origin-form (almost every request) first: no search for a scheme.
+    let scheme = if target.starts_with('/') {
+        None
+    } else {
+        target.find("://")
+    };
+    let rest = match scheme {
+        Some(i) => {
             let after = &target[i + 3..];
             after.find('/').map_or("/", |j| &after[j..])
         }
