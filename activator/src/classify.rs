@@ -41,9 +41,9 @@ pub fn first_request(buf: &[u8], max: usize) -> FirstRequest {
     if H2_PREFACE.starts_with(buf) {
         return FirstRequest::Partial;
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {
             let hosts = req
                 .headers

@@ -43,9 +43,9 @@ pub const MAX_HEADERS: usize = 100;
 /// The method and the path (without the query) of an HTTP/1.x request head, for
 /// matching `answerWhileAsleep`; an absolute-form target gives its path.
 pub fn method_and_path(head: &[u8]) -> Option<(&str, &str)> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    req.parse(head).ok()?;
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    req.parse_with_uninit_headers(head, &mut headers).ok()?;
     let (method, target) = (req.method?, req.path?);
     Some((method, target_path(target)))
 }

@@ -424,7 +424,7 @@ async fn a_group_put_to_sleep_and_woken_again_within_seconds_wakes_together() {
                 let now = signal_wakes().await?;
                 (now >= before + 2)
                     .then_some(())
-                    .ok_or(format!("round {round}: {} signal wakes since the request (want 2)", now - before))
+                    .ok_or(format!("round {round}: {} signal wakes since the request (want 2)", now.saturating_sub(before)))
             })
             .await;
             if round == 2 {
