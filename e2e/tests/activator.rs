@@ -1426,9 +1426,12 @@ async fn h2spec(port: u16) -> (String, Vec<String>) {
         .to_string();
     // The failures are listed again under "Failures:": a section line ("3.5. HTTP/2
     // Connection Preface") and under it "× 2: …" per failed test; named "3.5/2".
-    let mut failures = Vec::new();
+    // Each failure keeps h2spec's own account of it (the "->", "Expected:" and "Actual:"
+    // lines under it), so that a failure in CI says what went wrong in its message.
+    let mut failures: Vec<String> = Vec::new();
     let mut section = String::new();
-    for l in text.split_once("Failures:").map_or("", |(_, f)| f).lines() {
+    let listed = text.split_once("Failures:").map_or("", |(_, f)| f);
+    for l in listed.lines() {
         let l = l.trim();
         if let Some(test) = l.strip_prefix("× ") {
             let n = test.split(':').next().unwrap_or_default();
@@ -1438,9 +1441,19 @@ async fn h2spec(port: u16) -> (String, Vec<String>) {
             && num.chars().all(|c| c.is_ascii_digit() || c == '.')
         {
             section = num.to_string();
+        } else if let Some(last) = failures.last_mut()
+            && (l.starts_with("->") || l.starts_with("Expected:") || l.starts_with("Actual:"))
+        {
+            last.push_str(" | ");
+            last.push_str(l);
         }
     }
-    println!("{text}");
+    // Only the summary and the failures: the whole run (145 tests) would bury the
+    // assertion's message in a CI log's middle.
+    println!("h2spec on port {port}: {summary}\nFailures:{listed}");
+    if !out.status.success() && summary.is_empty() {
+        println!("h2spec's stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
     (summary, failures)
 }
 
