@@ -154,10 +154,15 @@ impl Answer {
 }
 
 /// Counts a response to one request of `svc` — the pod's or the activator's own, on
-/// any path: its status class and its latency from `start`.
-pub fn record(svc: &ServiceEntry, status: u16, start: Instant) {
+/// any path: its status class and its latency from `start`. Returns the moment it
+/// was counted at.
+pub fn record(svc: &ServiceEntry, status: u16, start: Instant) -> Instant {
+    let now = Instant::now();
     svc.metrics.response(status);
-    svc.metrics.latency.observe(start.elapsed().as_secs_f64());
+    svc.metrics
+        .latency
+        .observe(now.saturating_duration_since(start).as_secs_f64());
+    now
 }
 
 /// An answer as HTTP/1.1 bytes: the status line with the status's reason phrase, the

@@ -28,13 +28,15 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::hyper_path::HOP_BY_HOP;
 use super::{Peer, Proxy, Route};
 use crate::activity::Seen;
 use crate::admit::{InFlight, Ticket};
 use crate::answer::{self, Answer};
 use crate::rules::MAX_HEADERS;
 use crate::table::ServiceEntry;
+
+// Which fields of a response head are dropped is kept in a bit per field.
+const _: () = assert!(MAX_HEADERS <= 128);
 
 /// Largest response head taken from a pod.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -122,17 +124,83 @@ enum ParsedRequest {
     Other,
 }
 
-fn is(name: &str, lower: &str) -> bool {
-    name.eq_ignore_ascii_case(lower)
+/// The fields the fast path treats apart, by name (ASCII case-insensitive); one
+/// comparison at most for most names, as only names of the same length are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Host,
+    UserAgent,
+    ContentLength,
+    Connection,
+    TransferEncoding,
+    Upgrade,
+    Expect,
+    Te,
+    XForwardedFor,
+    XForwardedProto,
+    /// The rest of the hyper path's hop-by-hop list (`HOP_BY_HOP`): `Keep-Alive`,
+    /// `Proxy-Connection`, `Proxy-Authenticate`, `Proxy-Authorization`, `Trailer`.
+    HopByHop,
+    Other,
 }
 
-/// Whether a field is hop-by-hop (RFC 9110 §7.6.1): the hyper path's list, and `TE`
-/// unless it is `trailers`.
-fn hop_by_hop(name: &str, value: &[u8]) -> bool {
-    HOP_BY_HOP
+fn field(name: &str) -> Field {
+    let n = name.as_bytes();
+    let is = |lower: &[u8]| named(n, lower);
+    match n.len() {
+        2 if is(b"te") => Field::Te,
+        4 if is(b"host") => Field::Host,
+        6 if is(b"expect") => Field::Expect,
+        7 if is(b"upgrade") => Field::Upgrade,
+        7 if is(b"trailer") => Field::HopByHop,
+        10 if is(b"connection") => Field::Connection,
+        10 if is(b"user-agent") => Field::UserAgent,
+        10 if is(b"keep-alive") => Field::HopByHop,
+        14 if is(b"content-length") => Field::ContentLength,
+        15 if is(b"x-forwarded-for") => Field::XForwardedFor,
+        16 if is(b"proxy-connection") => Field::HopByHop,
+        17 if is(b"transfer-encoding") => Field::TransferEncoding,
+        17 if is(b"x-forwarded-proto") => Field::XForwardedProto,
+        18 if is(b"proxy-authenticate") => Field::HopByHop,
+        19 if is(b"proxy-authorization") => Field::HopByHop,
+        _ => Field::Other,
+    }
+}
+
+/// Whether a field name (token characters, as the parser checked) is `lower` (lowercase
+/// letters, digits and `-`) in any case, eight bytes at a time: setting bit 5 of each
+/// byte lowercases a letter and turns no other token character into a letter, a digit
+/// or `-`.
+fn named(name: &[u8], lower: &[u8]) -> bool {
+    const BIT5: u64 = 0x2020_2020_2020_2020;
+    if name.len() != lower.len() {
+        return false;
+    }
+    let (mut a, mut b) = (name.chunks_exact(8), lower.chunks_exact(8));
+    for (x, y) in (&mut a).zip(&mut b) {
+        let (x, y) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y));
+        if let (Ok(x), Ok(y)) = (x, y)
+            && u64::from_ne_bytes(x) | BIT5 != u64::from_ne_bytes(y)
+        {
+            return false;
+        }
+    }
+    a.remainder()
         .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-        || (is(name, "te") && !crate::rules::te_kept(value))
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
+}
+
+impl Field {
+    /// Whether a field of this name is hop-by-hop (RFC 9110 §7.6.1): the hyper path's
+    /// list, and `TE` unless its `value` is `trailers`.
+    fn hop_by_hop(self, value: &[u8]) -> bool {
+        match self {
+            Field::Connection | Field::TransferEncoding | Field::Upgrade | Field::HopByHop => true,
+            Field::Te => !crate::rules::te_kept(value),
+            _ => false,
+        }
+    }
 }
 
 fn trimmed(v: &[u8]) -> &[u8] {
@@ -168,6 +236,65 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Copies lines of a parsed head to the head we send, each ending in CRLF, and runs of
+/// adjacent lines that already end in CRLF in one copy: a head that passes unchanged
+/// costs one copy, not four per field.
+struct Lines<'b> {
+    buf: &'b [u8],
+    /// The lines taken and not yet copied (without the last one's line end).
+    run: std::ops::Range<usize>,
+}
+
+impl<'b> Lines<'b> {
+    fn new(buf: &'b [u8]) -> Self {
+        Self { buf, run: 0..0 }
+    }
+
+    /// Takes `line` (a range of `buf` without its line end).
+    #[inline(always)]
+    fn take(&mut self, out: &mut Vec<u8>, line: std::ops::Range<usize>) {
+        // Two bytes between the run and the line: a line end, CRLF when the first is CR
+        // (the parser takes CR only before LF).
+        if self.run.start < self.run.end
+            && self.run.end + 2 == line.start
+            && self.buf[self.run.end] == b'\r'
+        {
+            self.run.end = line.end;
+        } else {
+            self.flush(out);
+            self.run = line;
+        }
+    }
+
+    /// Takes a field line: its name as it was, through the end of its value (leading
+    /// whitespace of the value as sent, trailing whitespace removed by the parser).
+    #[inline(always)]
+    fn field(&mut self, out: &mut Vec<u8>, h: &httparse::Header<'b>) {
+        let name = span(self.buf, h.name.as_bytes());
+        // An empty value's slice need not point into the head: the line is the name
+        // and its colon (the parser takes no whitespace before the colon).
+        let end = if h.value.is_empty() {
+            name.end + 1
+        } else {
+            span(self.buf, h.value).end
+        };
+        if end <= self.buf.len() && name.end < end {
+            self.take(out, name.start..end);
+        } else {
+            self.flush(out);
+            header(out, h.name.as_bytes(), h.value);
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        if !self.run.is_empty() {
+            out.extend_from_slice(&self.buf[self.run.clone()]);
+            out.extend_from_slice(b"\r\n");
+            self.run = 0..0;
+        }
+    }
+}
+
 /// Parses a request head; when the fast path takes it, writes the head the pod gets to
 /// `out`: hop-by-hop fields removed (RFC 9110 §7.6.1), `X-Forwarded-For` extended or
 /// added, `X-Forwarded-Proto` added when absent, `Host` and everything else unchanged.
@@ -188,80 +315,102 @@ fn parse_request(buf: &[u8], peer: (&[u8], bool), out: &mut Vec<u8>) -> ParsedRe
     if method == "CONNECT" || !path.starts_with('/') {
         return ParsedRequest::Other;
     }
-    out.clear();
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let (mut body_len, mut close) = (None, false);
-    let (mut xff, mut proto, mut hosts) = (false, false, 0);
     let mut spans = Spans {
         method: span(buf, method.as_bytes()),
         target: span(buf, path.as_bytes()),
         ..Spans::default()
     };
+    out.clear();
+    out.reserve(head_len + forwarded_for.len() + 64);
+    let mut lines = Lines::new(buf);
+    // The request line as sent when it is "METHOD SP target SP HTTP/1.1" (the parser
+    // takes single spaces only).
+    let version_end = spans.target.end + 9;
+    if spans.target.start == spans.method.end + 1
+        && buf.get(spans.target.end..version_end) == Some(b" HTTP/1.1")
+    {
+        lines.take(out, spans.method.start..version_end);
+    } else {
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+    }
+    let (mut body_len, mut close) = (None, false);
+    let (mut xff, mut proto, mut hosts) = (false, false, 0);
     for h in req.headers.iter() {
-        let (name, value) = (h.name, h.value);
-        if is(name, "host") {
-            hosts += 1;
-        } else if is(name, "user-agent") {
-            spans.agent = span(buf, value);
-        }
-        if is(name, "content-length") {
-            if body_len.is_some() {
-                return ParsedRequest::Other;
+        let kind = field(h.name);
+        match kind {
+            Field::Host => hosts += 1,
+            Field::UserAgent => spans.agent = span(buf, h.value),
+            Field::ContentLength => {
+                if body_len.is_some() {
+                    return ParsedRequest::Other;
+                }
+                match parse_length(h.value) {
+                    Some(n) => body_len = Some(n),
+                    None => return ParsedRequest::Other,
+                }
             }
-            match parse_length(value) {
-                Some(n) => body_len = Some(n),
-                None => return ParsedRequest::Other,
-            }
-        } else if is(name, "connection") {
-            match connection_tokens(value) {
-                Some(c) => close |= c,
-                None => return ParsedRequest::Other,
-            }
-            continue;
-        } else if is(name, "transfer-encoding") || is(name, "upgrade") || is(name, "expect") {
-            return ParsedRequest::Other;
-        } else if hop_by_hop(name, value) {
-            continue;
-        } else if is(name, "x-forwarded-for") {
-            if xff {
-                return ParsedRequest::Other;
-            }
-            xff = true;
-            spans.forwarded_for = Some(span(buf, value));
-            // Extended when a trusted proxy sent it; otherwise replaced (below).
-            if trusted {
-                header(
-                    out,
-                    name.as_bytes(),
-                    &crate::rules::forwarded_for(Some(value), forwarded_for),
-                );
-            } else {
-                header(out, b"x-forwarded-for", forwarded_for);
-            }
-            continue;
-        } else if is(name, "x-forwarded-proto") {
-            if !trusted {
+            Field::Connection => {
+                match connection_tokens(h.value) {
+                    Some(c) => close |= c,
+                    None => return ParsedRequest::Other,
+                }
+                lines.flush(out);
                 continue;
             }
-            proto = true;
+            Field::TransferEncoding | Field::Upgrade | Field::Expect => {
+                return ParsedRequest::Other;
+            }
+            Field::XForwardedFor => {
+                if xff {
+                    return ParsedRequest::Other;
+                }
+                xff = true;
+                spans.forwarded_for = Some(span(buf, h.value));
+                // Extended when a trusted proxy sent it; otherwise replaced.
+                lines.flush(out);
+                if trusted {
+                    header(
+                        out,
+                        h.name.as_bytes(),
+                        &crate::rules::forwarded_for(Some(h.value), forwarded_for),
+                    );
+                } else {
+                    header(out, b"x-forwarded-for", forwarded_for);
+                }
+                continue;
+            }
+            Field::XForwardedProto if !trusted => {
+                lines.flush(out);
+                continue;
+            }
+            Field::XForwardedProto => proto = true,
+            _ => {}
         }
-        header(out, name.as_bytes(), value);
+        if kind.hop_by_hop(h.value) {
+            lines.flush(out);
+            continue;
+        }
+        lines.field(out, h);
     }
+    lines.flush(out);
     // A missing or repeated Host is answered 400 on the hyper path (one set of rules:
     // `crate::rules::host_fields`).
     if crate::rules::host_fields(1, hosts).is_err() {
         return ParsedRequest::Other;
     }
     if !xff {
-        header(out, b"x-forwarded-for", forwarded_for);
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(forwarded_for);
+        out.extend_from_slice(b"\r\n");
     }
-    if !proto {
-        header(out, b"x-forwarded-proto", b"http");
-    }
-    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(if proto {
+        b"\r\n"
+    } else {
+        b"x-forwarded-proto: http\r\n\r\n"
+    });
     let Ok(body_len) = usize::try_from(body_len.unwrap_or(0)) else {
         return ParsedRequest::Other;
     };
@@ -350,38 +499,55 @@ fn parse_response(
     let mut named: Vec<&[u8]> = Vec::new();
     let (mut pod_close, mut pod_keep_alive) = (false, false);
     let (mut length, mut chunked, mut coded) = (None, false, false);
-    for h in resp.headers.iter() {
-        if is(h.name, "connection") {
-            for t in h.value.split(|b| *b == b',') {
-                let t = trimmed(t);
-                if t.eq_ignore_ascii_case(b"close") {
-                    pod_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    pod_keep_alive = true;
-                } else if !t.is_empty() {
-                    named.push(t);
-                }
-            }
-        } else if is(h.name, "transfer-encoding") {
-            coded = true;
-            // The final coding decides (RFC 9112 §6.3).
-            chunked = h
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|c| trimmed(c).eq_ignore_ascii_case(b"chunked"));
-        } else if is(h.name, "content-length") {
-            match (parse_length(h.value), length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(m)) if n == m => {}
-                _ => {
-                    return (
-                        ParsedResponse::Invalid("invalid content-length"),
-                        close_client,
-                    );
-                }
-            }
+    // Fields not passed on (by index; at most MAX_HEADERS of them), and the
+    // `Content-Length` fields, dropped when a `Transfer-Encoding` frames the body.
+    let (mut drop, mut lengths) = (0u128, 0u128);
+    for (i, h) in resp.headers.iter().enumerate() {
+        let kind = field(h.name);
+        // The body passes through as it is, so its `Transfer-Encoding` stays.
+        if kind != Field::TransferEncoding && kind.hop_by_hop(h.value) {
+            drop |= 1 << i;
         }
+        match kind {
+            Field::Connection => {
+                for t in h.value.split(|b| *b == b',') {
+                    let t = trimmed(t);
+                    if t.eq_ignore_ascii_case(b"close") {
+                        pod_close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        pod_keep_alive = true;
+                    } else if !t.is_empty() {
+                        named.push(t);
+                    }
+                }
+            }
+            Field::TransferEncoding => {
+                coded = true;
+                // The final coding decides (RFC 9112 §6.3).
+                chunked = h
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|c| trimmed(c).eq_ignore_ascii_case(b"chunked"));
+            }
+            Field::ContentLength => {
+                lengths |= 1 << i;
+                match (parse_length(h.value), length) {
+                    (Some(n), None) => length = Some(n),
+                    (Some(n), Some(m)) if n == m => {}
+                    _ => {
+                        return (
+                            ParsedResponse::Invalid("invalid content-length"),
+                            close_client,
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if coded {
+        drop |= lengths;
     }
     let framing = if is_head || status == 204 || status == 304 {
         Framing::Empty
@@ -399,28 +565,50 @@ fn parse_response(
     close_client |= framing == Framing::Close;
     let reusable = framing != Framing::Close && !pod_close && (version == 1 || pod_keep_alive);
 
-    // The status line as the pod sent it ("HTTP/1.x " checked by the parser), in
-    // HTTP/1.1: no number formatted per response.
-    let line = buf[..head_len]
-        .split(|b| *b == b'\n')
-        .next()
-        .unwrap_or_default();
+    // The status line as the pod sent it ("HTTP/1.x NNN " checked by the parser, single
+    // spaces, after any empty lines it skipped), in HTTP/1.1: no number formatted per
+    // response. It ends where its reason phrase does, when it has one.
+    let reason = span(buf, resp.reason.unwrap_or_default().as_bytes());
+    let line = if reason.start >= 13 && reason.start < reason.end && reason.end <= head_len {
+        reason.start - 13..reason.end
+    } else {
+        let from = buf
+            .iter()
+            .position(|b| *b != b'\r' && *b != b'\n')
+            .unwrap_or_default();
+        let to = buf[from..head_len]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(head_len, |n| from + n);
+        from..if to > from && buf[to - 1] == b'\r' {
+            to - 1
+        } else {
+            to
+        }
+    };
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1");
-    let rest = line.get(8..).unwrap_or_default();
-    out.extend_from_slice(rest.strip_suffix(b"\r").unwrap_or(rest));
-    out.extend_from_slice(b"\r\n");
-    for h in resp.headers.iter() {
-        let n = h.name;
-        // The body passes through as it is, so its `Transfer-Encoding` stays.
-        if (hop_by_hop(n, h.value) && !is(n, "transfer-encoding"))
-            || (coded && is(n, "content-length"))
-            || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes()))
+    out.reserve(head_len + 24);
+    let mut lines = Lines::new(buf);
+    if buf[line.clone()].starts_with(b"HTTP/1.1") {
+        lines.take(out, line);
+    } else {
+        out.extend_from_slice(b"HTTP/1.1");
+        out.extend_from_slice(buf.get(line.start + 8..line.end).unwrap_or_default());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (i, h) in resp.headers.iter().enumerate() {
+        if drop & (1 << i) != 0
+            || (!named.is_empty()
+                && named
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(h.name.as_bytes())))
         {
+            lines.flush(out);
             continue;
         }
-        header(out, n.as_bytes(), h.value);
+        lines.field(out, h);
     }
+    lines.flush(out);
     if close_client {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -585,7 +773,14 @@ fn failed(svc: &ServiceEntry, start: Instant, answer: Answer, close: bool) -> Ve
 /// Writes to the client within the send timeout; false when the write failed or the
 /// client read nothing for that long (counted: the connection is then cut, and with it
 /// the request, so a stalled reader holds neither a pod slot nor its service awake).
-async fn send(client: &mut TcpStream, bytes: &[u8], c: &Inbound<'_>) -> bool {
+async fn send(client: &mut TcpStream, mut bytes: &[u8], c: &Inbound<'_>) -> bool {
+    // Most writes go whole at once: no timer is made for them.
+    match client.try_write(bytes) {
+        Ok(n) if n == bytes.len() => return true,
+        Ok(n) => bytes = &bytes[n..],
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(_) => return false,
+    }
     match tokio::time::timeout(c.send_timeout, client.write_all(bytes)).await {
         Ok(r) => r.is_ok(),
         Err(_) => {
@@ -595,9 +790,38 @@ async fn send(client: &mut TcpStream, bytes: &[u8], c: &Inbound<'_>) -> bool {
     }
 }
 
+/// Writes all of `bytes` to a pod before `deadline`: at once when its socket takes
+/// them (most requests: no waiting, no timer), else as the pod reads them. `None`: the
+/// deadline came first.
+async fn write_within(
+    up: &mut TcpStream,
+    mut bytes: &[u8],
+    deadline: &mut Deadline,
+) -> Result<(), Option<std::io::Error>> {
+    match up.try_write(bytes) {
+        Ok(n) if n == bytes.len() => return Ok(()),
+        Ok(n) => bytes = &bytes[n..],
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(Some(e)),
+    }
+    tokio::select! {
+        biased;
+        r = up.write_all(bytes) => r.map_err(Some),
+        _ = deadline.reached() => Err(None),
+    }
+}
+
 /// Resolves when the client closed its connection; never when it only sent more
 /// (its readiness is left as it is, for the next request's read).
 async fn client_gone(s: &TcpStream) {
+    // Waits in the read direction's own waker slot (no waiter list to join and leave
+    // per request); then asks which readiness it was, already known.
+    if std::future::poll_fn(|cx| s.poll_read_ready(cx))
+        .await
+        .is_err()
+    {
+        return;
+    }
     match s.ready(Interest::READABLE).await {
         Ok(r) if r.is_read_closed() => {}
         Err(_) => {}
@@ -658,15 +882,21 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
     let mut buf = BytesMut::with_capacity(4096);
     let mut ubuf = BytesMut::new();
     let mut out: Vec<u8> = Vec::with_capacity(1024);
-    let now = tokio::time::Instant::now();
-    let mut head_deadline = Deadline::new(now + c.header_read_timeout);
-    let mut response_deadline = Deadline::new(now + c.proxy.response_timeout);
+    // When the last response was sent (or the connection came): the next request head
+    // is due within the header read timeout from then. One clock read per request
+    // serves its deadlines and its latency.
+    let mut idle_since = Instant::now();
+    let at = tokio::time::Instant::from_std(idle_since);
+    let mut head_deadline = Deadline::new(at + c.header_read_timeout);
+    let mut response_deadline = Deadline::new(at + c.proxy.response_timeout);
+    // Made once: a drain ends a connection waiting for its next request.
+    let mut stopped = std::pin::pin!(c.stop.cancelled());
     // The next request goes on a new connection (its last try on a pooled one found
     // it closed).
     let mut fresh_connection = false;
     loop {
         // A complete request head (and its body), within the header read timeout.
-        head_deadline.set(tokio::time::Instant::now() + c.header_read_timeout);
+        head_deadline.set(tokio::time::Instant::from_std(idle_since) + c.header_read_timeout);
         let req = loop {
             if !buf.is_empty() {
                 match parse_request(
@@ -678,15 +908,13 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
                     ParsedRequest::Partial if buf.len() < c.max_header_bytes => {}
                     _ => return Outcome::Fallback(client, buf.freeze()),
                 }
-            } else if c.stop.is_cancelled() {
-                return Outcome::Done;
             }
             room(&mut buf, 4096);
             let read = tokio::select! {
                 biased;
                 r = client.read_buf(&mut buf) => r,
                 _ = head_deadline.reached() => return Outcome::Done,
-                _ = c.stop.cancelled(), if buf.is_empty() => return Outcome::Done,
+                _ = &mut stopped, if buf.is_empty() => return Outcome::Done,
             };
             match read {
                 Ok(0) | Err(_) => return Outcome::Done,
@@ -732,7 +960,8 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
 
         // Counted from here on, and answered whatever happens.
         // (A parked connection's ticket ends here: its request has its pod.)
-        let start = c.ticket.take().map_or_else(Instant::now, |t| t.since);
+        let now = Instant::now();
+        let start = c.ticket.take().map_or(now, |t| t.since);
         let counted = !(svc.has_answers() && asleep_answer(svc, &buf[..req.head_len]));
         let seen = req.spans.seen(&buf[..req.head_len], c.peer);
         let in_flight = InFlight::start(svc.clone(), counted, Some(&seen));
@@ -744,55 +973,57 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
 
         // The request out, then the response head, within the response timeout;
         // informational heads pass.
-        let resp = if let Err(e) = up.write_all(&out).await {
-            Err(if may_resend {
-                Fail::Stale
-            } else {
-                before_answer(e.to_string())
+        response_deadline.set(tokio::time::Instant::from_std(now) + c.proxy.response_timeout);
+        let timed_out = || {
+            Fail::Answer(Answer::PodTimeout {
+                addr,
+                after: c.proxy.response_timeout,
             })
-        } else {
-            response_deadline.set(tokio::time::Instant::now() + c.proxy.response_timeout);
-            ubuf.clear();
-            let mut began = false;
-            loop {
-                let (parsed, close) = if ubuf.is_empty() {
-                    (ParsedResponse::Partial, close_client)
-                } else {
-                    parse_response(&ubuf, req.is_head, close_client, &mut out)
-                };
-                match parsed {
-                    ParsedResponse::Complete(r) => {
-                        close_client = close;
-                        break Ok(r);
-                    }
-                    ParsedResponse::Informational(n) => {
-                        if !send(&mut client, &ubuf[..n], &c).await {
-                            return Outcome::Done;
+        };
+        let resp = match write_within(&mut up, &out, &mut response_deadline).await {
+            Err(Some(_)) if may_resend => Err(Fail::Stale),
+            Err(Some(e)) => Err(before_answer(e.to_string())),
+            Err(None) => Err(timed_out()),
+            Ok(()) => {
+                ubuf.clear();
+                let mut began = false;
+                loop {
+                    let (parsed, close) = if ubuf.is_empty() {
+                        (ParsedResponse::Partial, close_client)
+                    } else {
+                        parse_response(&ubuf, req.is_head, close_client, &mut out)
+                    };
+                    match parsed {
+                        ParsedResponse::Complete(r) => {
+                            close_client = close;
+                            break Ok(r);
                         }
-                        ubuf.advance(n);
-                        continue;
+                        ParsedResponse::Informational(n) => {
+                            if !send(&mut client, &ubuf[..n], &c).await {
+                                return Outcome::Done;
+                            }
+                            ubuf.advance(n);
+                            continue;
+                        }
+                        ParsedResponse::Partial if ubuf.len() < MAX_RESPONSE_HEAD => {}
+                        ParsedResponse::Partial => {
+                            break Err(before_answer("response head too large".into()));
+                        }
+                        ParsedResponse::Invalid(why) => break Err(before_answer(why.to_string())),
                     }
-                    ParsedResponse::Partial if ubuf.len() < MAX_RESPONSE_HEAD => {}
-                    ParsedResponse::Partial => {
-                        break Err(before_answer("response head too large".into()));
+                    room(&mut ubuf, READ_CHUNK);
+                    tokio::select! {
+                        biased;
+                        r = up.read_buf(&mut ubuf) => match r {
+                            Ok(0) | Err(_) if !began && may_resend => break Err(Fail::Stale),
+                            Ok(0) => break Err(before_answer("connection closed before message completed".into())),
+                            Err(e) => break Err(before_answer(e.to_string())),
+                            Ok(_) => began = true,
+                        },
+                        _ = response_deadline.reached() => break Err(timed_out()),
+                        // The client went away: so does the request.
+                        _ = client_gone(&client) => return Outcome::Done,
                     }
-                    ParsedResponse::Invalid(why) => break Err(before_answer(why.to_string())),
-                }
-                room(&mut ubuf, READ_CHUNK);
-                tokio::select! {
-                    biased;
-                    r = up.read_buf(&mut ubuf) => match r {
-                        Ok(0) | Err(_) if !began && may_resend => break Err(Fail::Stale),
-                        Ok(0) => break Err(before_answer("connection closed before message completed".into())),
-                        Err(e) => break Err(before_answer(e.to_string())),
-                        Ok(_) => began = true,
-                    },
-                    _ = response_deadline.reached() => break Err(Fail::Answer(Answer::PodTimeout {
-                        addr,
-                        after: c.proxy.response_timeout,
-                    })),
-                    // The client went away: so does the request.
-                    _ = client_gone(&client) => return Outcome::Done,
                 }
             }
         };
@@ -819,6 +1050,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
                 if !send(&mut client, &r, &c).await || close_client {
                     return Outcome::Done;
                 }
+                idle_since = Instant::now();
                 continue;
             }
         };
@@ -836,7 +1068,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             Ok(t) => t,
             Err(_) => return Outcome::Done,
         };
-        answer::record(svc, resp.status, start);
+        idle_since = answer::record(svc, resp.status, start);
         let ok = if take <= COALESCE {
             out.extend_from_slice(&ubuf[..take]);
             send(&mut client, &out, &c).await
@@ -847,7 +1079,8 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             return Outcome::Done;
         }
         let mut extra = ubuf.len() > take;
-        // The rest of the body as it comes.
+        // The rest of the body as it comes (and the idle time from its end).
+        let streamed = !done && !extra;
         while !done && !extra {
             ubuf.clear();
             room(&mut ubuf, READ_CHUNK);
@@ -873,6 +1106,9 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             }
             extra = ubuf.len() > take;
         }
+        if streamed {
+            idle_since = Instant::now();
+        }
         if resp.reusable && done && !extra {
             c.proxy.pool.put_raw(addr, up);
         }
@@ -892,6 +1128,56 @@ mod tests {
         let mut out = Vec::new();
         let p = parse_request(raw.as_bytes(), (b"10.0.0.9", true), &mut out);
         (p, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn fields_are_classified_as_the_hyper_path_strips_them() {
+        for h in super::super::hyper_path::HOP_BY_HOP.iter() {
+            for name in [h.as_str().to_owned(), h.as_str().to_ascii_uppercase()] {
+                assert!(field(&name).hop_by_hop(b""), "{name}");
+            }
+        }
+        assert!(field("TE").hop_by_hop(b"gzip"));
+        assert!(!field("te").hop_by_hop(b" trailers "));
+        for name in [
+            "x-pod-name",
+            "date",
+            "content-type",
+            "hosts",
+            "tee",
+            "accept",
+            "x",
+        ] {
+            assert_eq!(field(name), Field::Other, "{name}");
+            assert!(!field(name).hop_by_hop(b""), "{name}");
+        }
+        assert_eq!(field("Content-Length"), Field::ContentLength);
+        assert_eq!(field("X-FORWARDED-PROTO"), Field::XForwardedProto);
+    }
+
+    #[test]
+    fn heads_are_copied_with_crlf_line_ends_whatever_they_came_with() {
+        // Bare LFs, trailing whitespace, an empty value and an empty line before the
+        // status line: what goes on has CRLF line ends and no trailing whitespace.
+        let (p, out) = request(
+            "GET /x HTTP/1.1\nHost: a \nX-Empty:\r\nAccept: */*\r\nKeep-Alive: 1\r\nX-B: 2\n\n",
+        );
+        assert!(matches!(p, ParsedRequest::Complete(_)));
+        assert_eq!(
+            out,
+            "GET /x HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nAccept: */*\r\nX-B: 2\r\nx-forwarded-for: 10.0.0.9\r\nx-forwarded-proto: http\r\n\r\n"
+        );
+        let (p, _, out) = response(
+            "\r\nHTTP/1.1 200 OK\nx-a: 1 \r\nx-b:\r\nx-c: 3 \ncontent-length: 0\n\r\n",
+            false,
+        );
+        assert!(matches!(p, ParsedResponse::Complete(_)));
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nx-a: 1\r\nx-b:\r\nx-c: 3\r\ncontent-length: 0\r\n\r\n"
+        );
+        let (_, _, out) = response("HTTP/1.0 200\r\ncontent-length: 0\r\n\r\n", false);
+        assert_eq!(out, "HTTP/1.1 200\r\ncontent-length: 0\r\n\r\n");
     }
 
     #[test]
