@@ -71,6 +71,15 @@ pub fn target_path(target: &str) -> &str {
 
 /// [`target_path`] of a target in bytes (not necessarily UTF-8).
 pub fn target_path_bytes(target: &[u8]) -> &[u8] {
+    // Origin-form (almost every request): the path ends at `?` or `#`, whatever bytes
+    // it holds; no UTF-8 check needed.
+    if target.first() == Some(&b'/') {
+        let end = target
+            .iter()
+            .position(|b| *b == b'?' || *b == b'#')
+            .unwrap_or(target.len());
+        return &target[..end];
+    }
     match std::str::from_utf8(target) {
         Ok(t) => target_path(t).as_bytes(),
         Err(_) => {

@@ -40,8 +40,6 @@ const _: () = assert!(MAX_HEADERS <= 128);
 
 /// Largest response head taken from a pod.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Response body bytes that go out in the same write as the head; more are written apart.
-const COALESCE: usize = 16 * 1024;
 /// Read buffer for a pod's response.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -774,6 +772,9 @@ fn failed(svc: &ServiceEntry, start: Instant, answer: Answer, close: bool) -> Ve
 /// client read nothing for that long (counted: the connection is then cut, and with it
 /// the request, so a stalled reader holds neither a pod slot nor its service awake).
 async fn send(client: &mut TcpStream, mut bytes: &[u8], c: &Inbound<'_>) -> bool {
+    if bytes.is_empty() {
+        return true;
+    }
     // Most writes go whole at once: no timer is made for them.
     match client.try_write(bytes) {
         Ok(n) if n == bytes.len() => return true,
@@ -787,6 +788,22 @@ async fn send(client: &mut TcpStream, mut bytes: &[u8], c: &Inbound<'_>) -> bool
             c.proxy.admit.table.metrics.send_timeouts.inc();
             false
         }
+    }
+}
+
+/// Writes `head` and then `body` to the client as [`send`] does, in one system call
+/// when the socket takes both (the body is not copied behind the head).
+async fn send_both(client: &mut TcpStream, head: &[u8], body: &[u8], c: &Inbound<'_>) -> bool {
+    let parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(body)];
+    let n = match client.try_write_vectored(&parts) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(_) => return false,
+    };
+    if n >= head.len() {
+        send(client, &body[n - head.len()..], c).await
+    } else {
+        send(client, &head[n..], c).await && send(client, body, c).await
     }
 }
 
@@ -1069,13 +1086,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             Err(_) => return Outcome::Done,
         };
         idle_since = answer::record(svc, resp.status, start);
-        let ok = if take <= COALESCE {
-            out.extend_from_slice(&ubuf[..take]);
-            send(&mut client, &out, &c).await
-        } else {
-            send(&mut client, &out, &c).await && send(&mut client, &ubuf[..take], &c).await
-        };
-        if !ok {
+        if !send_both(&mut client, &out, &ubuf[..take], &c).await {
             return Outcome::Done;
         }
         let mut extra = ubuf.len() > take;
