@@ -508,13 +508,12 @@ fn parse_response(
         }
         match kind {
             Field::Connection => {
-                for t in h.value.split(|b| *b == b',') {
-                    let t = trimmed(t);
+                for t in crate::rules::connection_tokens(h.value) {
                     if t.eq_ignore_ascii_case(b"close") {
                         pod_close = true;
                     } else if t.eq_ignore_ascii_case(b"keep-alive") {
                         pod_keep_alive = true;
-                    } else if !t.is_empty() {
+                    } else {
                         named.push(t);
                     }
                 }
