@@ -15,6 +15,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -87,9 +88,34 @@ pub struct Listeners {
     tasks: TaskTracker,
     /// One permit per open client connection (`ServerLimits::max_connections`).
     connections: Arc<tokio::sync::Semaphore>,
-    /// Cancelled when the activator stops accepting (shutdown); open connections
-    /// then finish their requests and close.
-    pub stop_accepting: CancellationToken,
+    /// Started when the activator stops accepting (shutdown); open connections then
+    /// finish their requests and close.
+    pub drain: Drain,
+}
+
+/// The activator's drain as its connections see it: a flag that every request reads
+/// without a lock, and a token to wait on.
+#[derive(Default)]
+pub struct Drain {
+    started: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Drain {
+    pub fn start(&self) {
+        // Set before the waiters wake: a waiter that wakes finds it set.
+        self.started.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Cancelled when the drain starts.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
 }
 
 impl Listeners {
@@ -101,7 +127,7 @@ impl Listeners {
             limits,
             open: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
-            stop_accepting: CancellationToken::new(),
+            drain: Drain::default(),
         })
     }
 
@@ -159,7 +185,7 @@ impl Listeners {
                 Ok(l) => {
                     info!(port, service = %route.service.display, "listening");
                     let (tx, rx) = watch::channel(Some(route));
-                    let cancel = self.stop_accepting.child_token();
+                    let cancel = self.drain.token().child_token();
                     self.open.lock().insert(
                         port,
                         Handle {
@@ -387,7 +413,7 @@ impl Listeners {
                 .any(|n| n.contains(&client)),
         });
         let mut read = Bytes::new();
-        if !h2 && self.limits.fast_path && !self.stop_accepting.is_cancelled() {
+        if !h2 && self.limits.fast_path && !self.drain.started() {
             let inbound = fast::Inbound {
                 proxy: &self.proxy,
                 route: &at.route,
@@ -395,7 +421,7 @@ impl Listeners {
                 header_read_timeout: limit,
                 max_header_bytes: self.limits.max_header_bytes,
                 send_timeout: self.limits.send_timeout,
-                stop: &self.stop_accepting,
+                stop: &self.drain,
                 ticket: &mut ticket,
             };
             match fast::serve(inbound, stream).await {
@@ -420,7 +446,7 @@ impl Listeners {
         let r = if h2 {
             let conn = at.builders.1.serve_connection(io, svc);
             self.serve(conn, |c| c.graceful_shutdown()).await
-        } else if self.stop_accepting.is_cancelled() {
+        } else if self.drain.started() {
             // Draining: answer this connection's request, then close it.
             let mut h1 = at.builders.0.clone();
             h1.keep_alive(false);
@@ -444,7 +470,7 @@ impl Listeners {
         tokio::select! {
             biased;
             r = conn.as_mut() => return r,
-            _ = self.stop_accepting.cancelled() => {}
+            _ = self.drain.token().cancelled() => {}
         }
         shutdown(conn.as_mut());
         conn.await
@@ -453,7 +479,7 @@ impl Listeners {
     /// Stops accepting, asks open connections to finish their requests, and waits for
     /// them up to `grace`. Returns true when all finished in time.
     pub async fn drain(&self, grace: Duration) -> bool {
-        self.stop_accepting.cancel();
+        self.drain.start();
         self.tasks.close();
         // Served and parked connections alike: their requests were accepted.
         tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()

@@ -10,8 +10,8 @@
 //! close), or build an answer's bytes (that is `answer`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::activity::Seen;
@@ -20,11 +20,53 @@ use crate::stats::StatsHub;
 use crate::table::{EndpointSet, ServiceEntry, Slot, Table};
 use crate::waiting::Page;
 
-pub(crate) fn now_ms() -> u64 {
+/// The activator's clock for activity: wall-clock milliseconds (what the operator
+/// compares with its own clock), converted from a monotonic instant the caller has
+/// already read (a request reads the clock once; this is not a second read). The wall
+/// clock is sampled at the first use and again at every stats report
+/// ([`sync_wall_clock`]), so a step of the system clock shows within one report.
+struct WallClock {
+    origin: Instant,
+    /// Wall-clock milliseconds at `origin`, as of the last sample.
+    origin_ms: AtomicU64,
+}
+
+fn wall_clock() -> &'static WallClock {
+    static CLOCK: OnceLock<WallClock> = OnceLock::new();
+    CLOCK.get_or_init(|| {
+        let origin = Instant::now();
+        WallClock {
+            origin,
+            origin_ms: AtomicU64::new(system_ms()),
+        }
+    })
+}
+
+fn system_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Wall-clock milliseconds at `at`.
+pub(crate) fn wall_ms(at: Instant) -> u64 {
+    let c = wall_clock();
+    c.origin_ms.load(Ordering::Relaxed) + at.saturating_duration_since(c.origin).as_millis() as u64
+}
+
+pub(crate) fn now_ms() -> u64 {
+    wall_ms(Instant::now())
+}
+
+/// Samples the wall clock again (see [`WallClock`]).
+pub(crate) fn sync_wall_clock() {
+    let c = wall_clock();
+    let since = Instant::now()
+        .saturating_duration_since(c.origin)
+        .as_millis() as u64;
+    c.origin_ms
+        .store(system_ms().saturating_sub(since), Ordering::Relaxed);
 }
 
 /// The admission of one activator: the services' table (queues, pods) and the wake
@@ -85,14 +127,26 @@ pub enum Parked {
 pub struct InFlight {
     service: Arc<ServiceEntry>,
     pub counted: bool,
+    /// [`InFlight::end`] was called: the drop has nothing left to do.
+    ended: bool,
 }
 
 impl InFlight {
     /// `seen`: who sent it, for the summary of who keeps the service awake (counted
     /// requests only).
     pub fn start(service: Arc<ServiceEntry>, counted: bool, seen: Option<&Seen>) -> Self {
+        Self::start_at(service, counted, seen, Instant::now())
+    }
+
+    /// [`InFlight::start`] for a request that came at `at`.
+    pub fn start_at(
+        service: Arc<ServiceEntry>,
+        counted: bool,
+        seen: Option<&Seen>,
+        at: Instant,
+    ) -> Self {
         if counted {
-            let now = now_ms();
+            let now = wall_ms(at);
             service.requests.fetch_add(1, Ordering::Relaxed);
             service.last_request_ms.store(now, Ordering::Relaxed);
             service.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -101,7 +155,31 @@ impl InFlight {
             }
         }
         service.metrics.in_flight.inc();
-        Self { service, counted }
+        Self {
+            service,
+            counted,
+            ended: false,
+        }
+    }
+
+    /// The request's end, at `at` (dropping it ends it now).
+    pub fn end(mut self, at: Instant) {
+        self.finish(at);
+        self.ended = true;
+    }
+
+    fn finish(&self, at: Instant) {
+        self.service.metrics.in_flight.dec();
+        if !self.counted {
+            return;
+        }
+        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // A request's end is activity: idle time runs from the last moment anything
+        // was open (an SSE stream that ends starts the idle clock then, not at its
+        // start).
+        self.service
+            .last_request_ms
+            .fetch_max(wall_ms(at), Ordering::Relaxed);
     }
 
     /// The request was not sent and will be again (a stale pooled connection): it is
@@ -115,17 +193,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.service.metrics.in_flight.dec();
-        if !self.counted {
-            return;
+        if !self.ended {
+            self.finish(Instant::now());
         }
-        self.service.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // A request's end is activity: idle time runs from the last moment anything
-        // was open (an SSE stream that ends starts the idle clock then, not at its
-        // start).
-        self.service
-            .last_request_ms
-            .fetch_max(now_ms(), Ordering::Relaxed);
     }
 }
 

@@ -62,6 +62,7 @@ impl StatsHub {
         wake: Vec<ServiceRef>,
         listening: Option<Vec<u16>>,
     ) -> Bytes {
+        crate::admit::sync_wall_clock();
         let services = self.table.services();
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(services.len());

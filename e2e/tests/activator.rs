@@ -971,6 +971,71 @@ async fn bad_input_gets_400_431_and_slow_headers_are_cut() {
     assert_eq!(get(&a.url("/")).await.0, 200);
 }
 
+/// Reads until the activator closes the connection; how long that took.
+async fn closed_within(conn: &mut tokio::net::TcpStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(limit, conn.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("connection still open after {limit:?}"))
+        .ok();
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_is_cut_after_the_header_timeout_and_at_once_on_drain() {
+    let a = activator_with(
+        Settings::default(),
+        ServerLimits {
+            header_read_timeout: Duration::from_millis(500),
+            ..Default::default()
+        },
+        false,
+        20_000,
+    )
+    .await;
+    let b = backend(&[]).await;
+    a.set_backends(&[&b]);
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", a.port));
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Requests served on the fast path, then half of a next head: cut after the
+    // header timeout, counted from the last response.
+    let mut slow = connect().await.unwrap();
+    for _ in 0..3 {
+        slow.write_all(req).await.unwrap();
+        assert!(read_response(&mut slow).await.starts_with("HTTP/1.1 200"));
+    }
+    slow.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+    let took = closed_within(&mut slow, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(400), "cut after {took:?}");
+    // A connection that sends nothing after its response is cut the same way.
+    let mut idle = connect().await.unwrap();
+    idle.write_all(req).await.unwrap();
+    assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let took = closed_within(&mut idle, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(400), "cut after {took:?}");
+    assert!(a.fast_path_requests() >= 4, "{}", a.fast_path_requests());
+
+    // Between requests when the drain starts: closed at once, and the drain ends.
+    let mut waiting = connect().await.unwrap();
+    for _ in 0..3 {
+        waiting.write_all(req).await.unwrap();
+        assert!(
+            read_response(&mut waiting)
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+    }
+    let drain = tokio::spawn({
+        let l = a.listeners.clone();
+        async move { l.drain(Duration::from_secs(5)).await }
+    });
+    let took = closed_within(&mut waiting, Duration::from_millis(300)).await;
+    assert!(took < Duration::from_millis(300), "closed after {took:?}");
+    assert!(drain.await.unwrap(), "the drain did not finish in time");
+}
+
 #[tokio::test]
 async fn per_pod_concurrency_limit_queues_the_excess() {
     let a = activator(Settings {

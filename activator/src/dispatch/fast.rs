@@ -25,10 +25,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{Peer, Proxy, Route};
+use crate::accept::Drain;
 use crate::activity::Seen;
 use crate::admit::{InFlight, Ticket};
 use crate::answer::{self, Answer};
@@ -42,6 +42,8 @@ const _: () = assert!(MAX_HEADERS <= 128);
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read buffer for a pod's response.
 const READ_CHUNK: usize = 16 * 1024;
+/// Most body bytes copied behind a response head for one plain write (see `send_both`).
+const COPIED_BODY: usize = 2048;
 
 /// How a connection left the fast path.
 pub enum Outcome {
@@ -62,8 +64,8 @@ pub struct Inbound<'a> {
     pub max_header_bytes: usize,
     /// Longest a write to the client may wait for it to read (a stalled reader is cut).
     pub send_timeout: Duration,
-    /// Cancelled when the activator drains: finish the request in progress, then close.
-    pub stop: &'a CancellationToken,
+    /// Started when the activator drains: finish the request in progress, then close.
+    pub stop: &'a Drain,
     /// The first request's admission, if the connection was parked (see
     /// `admit::Ticket`).
     pub ticket: &'a mut Option<Ticket>,
@@ -791,8 +793,19 @@ async fn send(client: &mut TcpStream, mut bytes: &[u8], c: &Inbound<'_>) -> bool
 }
 
 /// Writes `head` and then `body` to the client as [`send`] does, in one system call
-/// when the socket takes both (the body is not copied behind the head).
-async fn send_both(client: &mut TcpStream, head: &[u8], body: &[u8], c: &Inbound<'_>) -> bool {
+/// when the socket takes both: a small body is copied behind the head (one buffer is
+/// the cheapest write there is), a larger one goes as a second buffer of one vectored
+/// write (copying it would cost more than the vector does).
+async fn send_both(
+    client: &mut TcpStream,
+    head: &mut Vec<u8>,
+    body: &[u8],
+    c: &Inbound<'_>,
+) -> bool {
+    if body.len() <= COPIED_BODY {
+        head.extend_from_slice(body);
+        return send(client, head, c).await;
+    }
     let parts = [std::io::IoSlice::new(head), std::io::IoSlice::new(body)];
     let n = match client.try_write_vectored(&parts) {
         Ok(n) => n,
@@ -849,9 +862,16 @@ async fn client_gone(s: &TcpStream) {
 /// an earlier instant and, when it fires before the current deadline, is set again
 /// to it, so moving the deadline later costs no timer operation (two per request
 /// otherwise, about a tenth of the fast path's instructions).
+///
+/// Once the timer holds the waker of the task that waits, waiting again with the same
+/// waker only reads whether it fired (the timer wakes that task when it does); the
+/// timer is polled, and the waker given to it, only when it is new or fired, or when
+/// another waker waits.
 struct Deadline {
     at: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The waker the timer holds, while it is registered and has not fired.
+    registered: Option<std::task::Waker>,
 }
 
 impl Deadline {
@@ -859,6 +879,7 @@ impl Deadline {
         Self {
             at,
             timer: Box::pin(tokio::time::sleep_until(at)),
+            registered: None,
         }
     }
 
@@ -866,19 +887,43 @@ impl Deadline {
         self.at = at;
         if self.timer.deadline() > at {
             self.timer.as_mut().reset(at);
+            self.registered = None;
         }
     }
 
     async fn reached(&mut self) {
         loop {
-            self.timer.as_mut().await;
+            std::future::poll_fn(|cx| {
+                let fired = self.timer.is_elapsed();
+                poll_registered(&mut self.registered, fired, self.timer.as_mut(), cx)
+            })
+            .await;
             if tokio::time::Instant::now() >= self.at {
                 return;
             }
             let at = self.at;
             self.timer.as_mut().reset(at);
+            self.registered = None;
         }
     }
+}
+
+/// Polls `fut`, a future that wakes its task when it completes, unless it already
+/// holds this task's waker (`registered`) and has not `fired`: then there is nothing
+/// to learn from polling it again (each poll of a timer or a drain token takes a lock
+/// or more, and a connection's task polls them on every request).
+fn poll_registered<F: Future>(
+    registered: &mut Option<std::task::Waker>,
+    fired: bool,
+    fut: Pin<&mut F>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<F::Output> {
+    if !fired && registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        return std::task::Poll::Pending;
+    }
+    let r = fut.poll(cx);
+    *registered = r.is_pending().then(|| cx.waker().clone());
+    r
 }
 
 fn room(buf: &mut BytesMut, n: usize) {
@@ -906,7 +951,8 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
     let mut head_deadline = Deadline::new(at + c.header_read_timeout);
     let mut response_deadline = Deadline::new(at + c.proxy.response_timeout);
     // Made once: a drain ends a connection waiting for its next request.
-    let mut stopped = std::pin::pin!(c.stop.cancelled());
+    let mut stopped = std::pin::pin!(c.stop.token().cancelled());
+    let mut stop_waker = None;
     // The next request goes on a new connection (its last try on a pooled one found
     // it closed).
     let mut fresh_connection = false;
@@ -930,7 +976,9 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
                 biased;
                 r = client.read_buf(&mut buf) => r,
                 _ = head_deadline.reached() => return Outcome::Done,
-                _ = &mut stopped, if buf.is_empty() => return Outcome::Done,
+                _ = std::future::poll_fn(|cx| {
+                    poll_registered(&mut stop_waker, c.stop.started(), stopped.as_mut(), cx)
+                }), if buf.is_empty() => return Outcome::Done,
             };
             match read {
                 Ok(0) | Err(_) => return Outcome::Done,
@@ -980,7 +1028,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
         let start = c.ticket.take().map_or(now, |t| t.since);
         let counted = !(svc.has_answers() && asleep_answer(svc, &buf[..req.head_len]));
         let seen = req.spans.seen(&buf[..req.head_len], c.peer);
-        let in_flight = InFlight::start(svc.clone(), counted, Some(&seen));
+        let in_flight = InFlight::start_at(svc.clone(), counted, Some(&seen), now);
         out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
         // The request stays in `buf` until an answer has begun (see `may_resend`).
         let consumed = req.head_len + req.body_len;
@@ -1070,7 +1118,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
                 continue;
             }
         };
-        if c.stop.is_cancelled() && !close_client {
+        if c.stop.started() && !close_client {
             // Draining: this response is the connection's last.
             close_client = true;
             out.truncate(out.len() - 2);
@@ -1085,7 +1133,7 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
             Err(_) => return Outcome::Done,
         };
         idle_since = answer::record(svc, resp.status, start);
-        if !send_both(&mut client, &out, &ubuf[..take], &c).await {
+        if !send_both(&mut client, &mut out, &ubuf[..take], &c).await {
             return Outcome::Done;
         }
         let mut extra = ubuf.len() > take;
@@ -1122,7 +1170,8 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
         if resp.reusable && done && !extra {
             c.proxy.pool.put_raw(addr, up);
         }
-        drop((in_flight, slot));
+        in_flight.end(idle_since);
+        drop(slot);
         if close_client {
             let _ = client.shutdown().await;
             return Outcome::Done;
