@@ -926,8 +926,11 @@ fn poll_registered<F: Future>(
     r
 }
 
+/// Makes room to read into `buf`: `n` bytes when it is empty (a cleared buffer takes
+/// back the space its consumed bytes held, without copying or allocating, so a whole
+/// response fits the one read it came in), else at least a quarter of `n`.
 fn room(buf: &mut BytesMut, n: usize) {
-    if buf.capacity() - buf.len() < n / 4 {
+    if buf.is_empty() || buf.capacity() - buf.len() < n / 4 {
         buf.reserve(n);
     }
 }
