@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::RwLock;
@@ -88,6 +88,8 @@ pub struct ServiceEntry {
     /// What the activator answers itself while no pod is ready
     /// (`activation.answerWhileAsleep`); never counted as activity.
     answers: RwLock<Arc<Vec<AsleepAnswer>>>,
+    /// Whether `answers` has any entry: read on every request without the lock.
+    any_answers: AtomicBool,
     /// The page for browsers (`activation.waitingPage`), when opted in.
     waiting_page: RwLock<Option<Arc<crate::waiting::Page>>>,
     pub metrics: ServiceMetrics,
@@ -150,6 +152,7 @@ impl ServiceEntry {
             timeouts: AtomicU64::new(0),
             activity: parking_lot::Mutex::new(Default::default()),
             answers: RwLock::new(Arc::new(Vec::new())),
+            any_answers: AtomicBool::new(false),
             waiting_page: RwLock::new(None),
             metrics,
             pods: parking_lot::Mutex::new(BackendState::default()),
@@ -203,6 +206,8 @@ impl ServiceEntry {
     pub fn set_answers(&self, answers: &[AsleepAnswer]) {
         if self.answers.read().as_slice() != answers {
             *self.answers.write() = Arc::new(answers.to_vec());
+            self.any_answers
+                .store(!answers.is_empty(), Ordering::Release);
         }
     }
 
@@ -233,7 +238,7 @@ impl ServiceEntry {
     /// Whether any `answerWhileAsleep` entry is set (most services have none, and the
     /// fast path then skips looking).
     pub fn has_answers(&self) -> bool {
-        !self.answers.read().is_empty()
+        self.any_answers.load(Ordering::Acquire)
     }
 
     /// Counts a request (or connection) that is activity in the summary of who keeps

@@ -926,11 +926,13 @@ fn poll_registered<F: Future>(
     r
 }
 
-/// Makes room to read into `buf`: `n` bytes when it is empty (a cleared buffer takes
-/// back the space its consumed bytes held, without copying or allocating, so a whole
-/// response fits the one read it came in), else at least a quarter of `n`.
+/// Makes room to read into `buf`: nearly `n` bytes when it is empty (a cleared
+/// buffer takes back the space its consumed bytes held, without copying or allocating,
+/// so a whole response fits the one read it came in; done once the consumed part
+/// passes an eighth of `n`, not on every request), else at least a quarter of `n`.
 fn room(buf: &mut BytesMut, n: usize) {
-    if buf.is_empty() || buf.capacity() - buf.len() < n / 4 {
+    let spare = buf.capacity() - buf.len();
+    if spare < n / 4 || (buf.is_empty() && spare < n - n / 8) {
         buf.reserve(n);
     }
 }
@@ -959,6 +961,10 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
     // The next request goes on a new connection (its last try on a pooled one found
     // it closed).
     let mut fresh_connection = false;
+    // The listener's route, read again only when it changed (a version number compared
+    // per request instead of a lock taken).
+    let mut routes = c.route.clone();
+    let mut current = routes.borrow_and_update().clone();
     loop {
         // A complete request head (and its body), within the header read timeout.
         head_deadline.set(tokio::time::Instant::from_std(idle_since) + c.header_read_timeout);
@@ -991,7 +997,10 @@ pub async fn serve(c: Inbound<'_>, mut client: TcpStream) -> Outcome {
 
         // A pod with room, and a connection to it; otherwise hyper's path waits,
         // retries or answers.
-        let Some(route) = c.route.borrow().clone() else {
+        if routes.has_changed().unwrap_or(true) {
+            current = routes.borrow_and_update().clone();
+        }
+        let Some(route) = current.as_ref() else {
             return Outcome::Fallback(client, buf.freeze());
         };
         if route.h2c {
