@@ -22,8 +22,8 @@ use crate::waiting::Page;
 
 /// The activator's clock for activity: wall-clock milliseconds (what the operator
 /// compares with its own clock), converted from a monotonic instant the caller has
-/// already read (a request reads the clock once; this is not a second read). The wall
-/// clock is sampled at the first use and again at every stats report
+/// already read (on the fast path a request's stamps add no clock read of their
+/// own). The wall clock is sampled at the first use and again at every stats report
 /// ([`sync_wall_clock`]), so a step of the system clock shows within one report.
 struct WallClock {
     origin: Instant,

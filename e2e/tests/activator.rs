@@ -984,16 +984,11 @@ async fn closed_within(conn: &mut tokio::net::TcpStream, limit: Duration) -> Dur
 
 #[tokio::test]
 async fn a_kept_alive_connection_is_cut_after_the_header_timeout_and_at_once_on_drain() {
-    let a = activator_with(
-        Settings::default(),
-        ServerLimits {
-            header_read_timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
-        false,
-        20_000,
-    )
-    .await;
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let a = activator_with(Settings::default(), limits, false, 20_000).await;
     let b = backend(&[]).await;
     a.set_backends(&[&b]);
     let connect = || tokio::net::TcpStream::connect(("127.0.0.1", a.port));
