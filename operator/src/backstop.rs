@@ -1,7 +1,8 @@
 //! A follower's wakes: the backstop for a leader that cannot act. While another
 //! replica leads, a follower keeps its own stats stream from every activator and takes
-//! their wake signals too. It waits `delay` (the leader patches within milliseconds),
-//! then reads the workload's replicas: still at zero means no leader acted (it crashed
+//! their wake signals too. It reads the workload's replicas at once (above zero: pods
+//! are starting, nothing to back up), waits `delay` (the leader patches within
+//! milliseconds) and reads them again: still at zero means no leader acted (it crashed
 //! and its lease has not expired yet), and the follower wakes it — and the services it
 //! needs — through the one door (`replicas::apply`: the write holds only while the replicas
 //! are the zero read, so a leader's or another follower's wake meanwhile turns this one into a no-op).
@@ -104,10 +105,7 @@ pub async fn run(client: Client, args: Args, metrics: Arc<Metrics>, stop: Cancel
                     }
                     recent.insert(key.clone(), Instant::now());
                     let b = b.clone();
-                    running.spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        b.wake(&key, received).await;
-                    });
+                    running.spawn(async move { b.wake(&key, received, delay).await });
                 }
                 Some(_) = running.join_next() => {}
             }
@@ -133,17 +131,27 @@ impl Backstop {
     }
 
     /// Checks one wake signal: wakes the service, and every service it needs, where
-    /// still at zero.
-    async fn wake(&self, key: &ServiceRef, received: Instant) {
+    /// it was at zero when the signal came and still is `delay` later.
+    async fn wake(&self, key: &ServiceRef, received: Instant, delay: Duration) {
         let api: Api<ScaledService> = Api::namespaced(self.client.clone(), &key.namespace);
         // The common case first: a leader acted and the workload is up. Two GETs (the
         // ScaledService, its /scale) answer that; the namespace's list, for the needs
         // and the claimants, only when it is still at zero (100 wakes in a namespace of
-        // 1,000 ScaledServices were 100 lists of 1,000 objects).
-        match self.acted(&api, key).await {
-            Ok(true) => return self.count("awake"),
-            Ok(false) => {}
-            Err(why) => return self.failed(key, &why),
+        // 1,000 ScaledServices were 100 lists of 1,000 objects). Read once at once: a
+        // workload above zero when the signal came (its pods still starting: a request
+        // waits for them, which is what the signal says) has nothing to back up, and
+        // reading it only after the delay took a leader's sleep within that delay (a
+        // sleep by hand right after the request) for a wake no leader made, and woke
+        // it again.
+        for again in [false, true] {
+            if again {
+                tokio::time::sleep(delay.saturating_sub(received.elapsed())).await;
+            }
+            match self.acted(&api, key).await {
+                Ok(true) => return self.count("awake"),
+                Ok(false) => {}
+                Err(why) => return self.failed(key, &why),
+            }
         }
         let list =
             match tokio::time::timeout(self.api_timeout, api.list(&ListParams::default())).await {
